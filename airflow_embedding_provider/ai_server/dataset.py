@@ -1,0 +1,205 @@
+"""Load the ``.pkl`` once into columns, ordered by id, with the vectors as one float32 matrix.
+
+Whole-file problems (not readable, not a DataFrame, a column missing, a column of the wrong
+kind, no rows, a value the wire cannot carry such as ``Exp Years`` = "senior") raise
+:class:`DatasetError` with one line that says what to fix. Problems of single rows that the wire
+can carry (an id that is not a UUID, a vector of another length, NaN in a vector) do not stop the
+server: those rows are served as they are, and the batch side puts them in its dead letter queue
+with the reason.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from airflow_embedding_provider.rows import PKL_COLUMNS, FloatMatrix
+from airflow_embedding_provider.wire.codec import encode_rows
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+
+INT32_MAX = 2**31 - 1
+# Experience values as recruiting data writes them: "3", "3y", "3 yrs", "3 years".
+_YEARS = re.compile(r"^\s*(\d{1,9})\s*(?:y|yr|yrs|year|years)?\s*$", re.IGNORECASE)
+
+
+class DatasetError(ValueError):
+    """The file cannot be served at all; the message is one line for the user."""
+
+
+@dataclass
+class EmbeddingDataset:
+    """Rows in id order. Rows whose id is not a UUID come first, in file order, and are served
+    only to a stream that starts from the beginning (they cannot be placed after any UUID).
+
+    :param keys: 16-byte big-endian UUID keys of the rows after the invalid-id prefix, sorted;
+        PostgreSQL orders ``uuid`` the same way, so checkpoints agree with the server's order.
+    :param vectors: float32 matrix of the rows whose vector has ``dimension`` values.
+    :param odd_vectors: raw float32 bytes for rows whose vector has another length.
+    """
+
+    ids: list[str]
+    keys: np.ndarray
+    invalid_prefix: int
+    company_name: list[str | None]
+    exp_years: list[int | None]
+    english_level: list[str | None]
+    primary_keyword: list[str | None]
+    vectors: FloatMatrix
+    odd_vectors: dict[int, bytes] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def start_after(self, last_processed_uuid: str) -> int:
+        """Index of the first row strictly after ``last_processed_uuid`` ('' = the first row)."""
+        if not last_processed_uuid:
+            return 0
+        key = np.frombuffer(uuid.UUID(last_processed_uuid).bytes, dtype="S16")[0]
+        return self.invalid_prefix + int(np.searchsorted(self.keys, key, side="right"))
+
+    def chunk(self, start: int, stop: int) -> RowChunkBytes:
+        vectors = self.vectors[start:stop]
+        message = encode_rows(self.ids[start:stop], self.company_name[start:stop], self.exp_years[start:stop],
+                              self.english_level[start:stop], self.primary_keyword[start:stop], vectors)
+        for i in range(start, stop):
+            if i in self.odd_vectors:
+                message.rows[i - start].vector = self.odd_vectors[i]
+        return message
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: the file is empty, expected a pickled pandas DataFrame")
+    try:
+        frame = pd.read_pickle(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            ModuleNotFoundError, IndexError, KeyError) as exc:
+        raise DatasetError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise DatasetError(f"{path}: holds a {type(frame).__name__}, expected a pandas DataFrame "
+                           f"with columns {', '.join(PKL_COLUMNS)}")
+    missing = [c for c in PKL_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                           f"found {', '.join(map(repr, map(str, frame.columns)))}")
+    if len(frame) == 0:
+        raise DatasetError(f"{path}: the DataFrame has no rows")
+    return frame
+
+
+def _text(values: pd.Series, column: str, path: Path) -> list[str | None]:
+    out: list[str | None] = []
+    for i, v in enumerate(values.tolist()):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append(None)
+        elif isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out.append(str(v))  # a numeric keyword such as 1C stays text
+        else:
+            raise DatasetError(f"{path}: column {column!r} row {i} holds a {type(v).__name__}, expected text")
+    return out
+
+
+def _years(values: pd.Series, path: Path) -> list[int | None]:
+    out: list[int | None] = []
+    for i, v in enumerate(values.tolist()):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append(None)
+            continue
+        years: int | None = None
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            years = int(v)
+        elif isinstance(v, (float, np.floating)) and float(v).is_integer():
+            years = int(v)
+        elif isinstance(v, str) and (m := _YEARS.match(v)):
+            years = int(m.group(1))
+        if years is None or not -INT32_MAX <= years <= INT32_MAX:
+            raise DatasetError(f"{path}: column 'Exp Years' row {i} holds {v!r}, expected a whole number "
+                               "of years (3, 3.0, '3y' and '3 years' are accepted)")
+        out.append(years)
+    return out
+
+
+def _vectors(values: pd.Series, path: Path) -> tuple[FloatMatrix, dict[int, bytes], np.ndarray]:
+    """The common-length vectors as a matrix, other lengths as raw bytes."""
+    raw = values.tolist()
+    try:
+        matrix = np.asarray(np.stack(raw), dtype=np.float32)  # fast path: all one length
+        if matrix.ndim == 2 and matrix.shape[1] > 0:
+            return np.ascontiguousarray(matrix), {}, np.ones(len(raw), dtype=bool)
+    except (ValueError, TypeError):
+        pass
+    arrays: list[np.ndarray] = []
+    for i, v in enumerate(raw):
+        try:
+            a = np.asarray(v if v is not None else [], dtype=np.float32).ravel()
+        except (ValueError, TypeError):
+            raise DatasetError(f"{path}: column 'job_post_vectors' row {i} holds {type(v).__name__} "
+                               f"{str(v)[:40]!r}, expected a list of floats") from None
+        arrays.append(a)
+    dimension = Counter(a.size for a in arrays if a.size).most_common(1)
+    if not dimension:
+        raise DatasetError(f"{path}: column 'job_post_vectors' has no non-empty vector")
+    dim = dimension[0][0]
+    fits = np.array([a.size == dim for a in arrays])
+    matrix = np.zeros((len(arrays), dim), dtype=np.float32)
+    odd: dict[int, bytes] = {}
+    for i, a in enumerate(arrays):
+        if fits[i]:
+            matrix[i] = a
+        else:
+            odd[i] = a.astype("<f4").tobytes()
+    return matrix, odd, fits
+
+
+def _key(raw: Any) -> bytes | None:
+    try:
+        return uuid.UUID(str(raw)).bytes if raw is not None else None
+    except ValueError:
+        return None
+
+
+def load_dataset(path: str | Path) -> EmbeddingDataset:
+    """Read and order the file; raises :class:`DatasetError` when it cannot be served."""
+    path = Path(path)
+    frame = _read(path)
+    company = _text(frame["Company Name"], "Company Name", path)
+    english = _text(frame["English Level"], "English Level", path)
+    keyword = _text(frame["Primary Keyword"], "Primary Keyword", path)
+    years = _years(frame["Exp Years"], path)
+    matrix, odd, _ = _vectors(frame["job_post_vectors"], path)
+    raw_ids = frame["id"].tolist()
+    keys = [_key(v) for v in raw_ids]
+    invalid = [i for i, k in enumerate(keys) if k is None]
+    valid = [i for i, k in enumerate(keys) if k is not None]
+    valid_keys = np.array([keys[i] for i in valid], dtype="S16")
+    order = invalid + [valid[j] for j in np.argsort(valid_keys, kind="stable")]
+    ids = [("" if raw_ids[i] is None else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
+           for i in order]
+    position = {old: new for new, old in enumerate(order)}
+    return EmbeddingDataset(
+        ids=ids,
+        keys=np.sort(valid_keys, kind="stable"),
+        invalid_prefix=len(invalid),
+        company_name=[company[i] for i in order],
+        exp_years=[years[i] for i in order],
+        english_level=[english[i] for i in order],
+        primary_keyword=[keyword[i] for i in order],
+        vectors=np.ascontiguousarray(matrix[np.asarray(order, dtype=np.intp)]),
+        odd_vectors={position[i]: b for i, b in odd.items()},
+    )

@@ -1,0 +1,110 @@
+"""``EmbeddingStreamService`` over a loaded :class:`EmbeddingDataset`, with health checking."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
+DEFAULT_CHUNK_SIZE = 300
+#: gRPC refuses messages over 4 MiB by default; stay well under it whatever the dimension.
+MAX_MESSAGE_BYTES = 3 * 1024 * 1024
+
+
+def max_chunk_size(dimension: int) -> int:
+    """The largest chunk whose message stays under :data:`MAX_MESSAGE_BYTES` (1 KiB of text a row)."""
+    return max(1, MAX_MESSAGE_BYTES // (4 * dimension + 1024))
+
+
+class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer):
+    """Serves ``GetEmbeddings``; ``UploadEmbeddings`` belongs to the batch side's upload server."""
+
+    def __init__(self, dataset: EmbeddingDataset) -> None:
+        self._dataset = dataset
+        self._max_chunk = max_chunk_size(dataset.dimension)
+
+    def GetEmbeddings(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.StreamEmbeddingRequest, context: grpc.ServicerContext
+    ) -> Iterator[RowChunkBytes]:
+        size = request.chunk_size or DEFAULT_CHUNK_SIZE
+        if not 1 <= size <= self._max_chunk:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"chunk_size {size} is out of range: 1..{self._max_chunk} rows keep a message "
+                          f"under {MAX_MESSAGE_BYTES // 2**20} MiB at dimension {self._dataset.dimension}")
+        try:
+            start = self._dataset.start_after(request.last_processed_uuid)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"last_processed_uuid {request.last_processed_uuid[:64]!r} is not a UUID")
+        total = len(self._dataset)
+        began, sent = time.monotonic(), 0
+        peer = context.peer()
+        try:
+            for offset in range(start, total, size):
+                if not context.is_active():
+                    break
+                stop = min(offset + size, total)
+                yield self._dataset.chunk(offset, stop)
+                sent += stop - offset
+        finally:
+            elapsed = max(time.monotonic() - began, 1e-9)
+            log.info("GetEmbeddings peer=%s after=%s chunk_size=%d rows=%d seconds=%.2f rows/s=%.0f%s",
+                     peer, request.last_processed_uuid or "-", size, sent, elapsed, sent / elapsed,
+                     "" if start + sent >= total else " (ended early)")
+
+
+def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
+    """A started-to-be server bound to ``host:port`` (0 = a free port); returns it and the port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ai-server"),
+        options=[("grpc.max_send_message_length", 4 * 1024 * 1024),
+                 ("grpc.keepalive_permit_without_calls", 1),
+                 ("grpc.http2.min_ping_interval_without_data_ms", 5000)],
+    )
+    servicer = EmbeddingStreamServicer(dataset)
+    # Send through the bytes view: identical wire format, no float-by-float encoding.
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "GetEmbeddings": grpc.unary_stream_rpc_method_handler(
+            servicer.GetEmbeddings,
+            request_deserializer=embedding_pb2.StreamEmbeddingRequest.FromString,
+            response_serializer=RowChunkBytes.SerializeToString,
+        ),
+    })
+    server.add_generic_rpc_handlers((handler,))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+def serve(dataset: EmbeddingDataset, *, host: str, port: int, ready: threading.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight streams for up to 10 s."""
+    server, bound = build_server(dataset, host=host, port=port)
+    server.start()
+    log.info("AI server listening on %s:%d: %d rows, dimension %d", host, bound, len(dataset), dataset.dimension)
+    print(f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.info("shutting down")
+    server.stop(grace=10).wait()

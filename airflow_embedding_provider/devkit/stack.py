@@ -1,0 +1,123 @@
+"""Start the pieces of a local run as real processes: the AI server and Airflow commands.
+
+Shared by ``make demo``, the integration tests and the benchmarks, so that all three run the
+system the same way a deployment does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from airflow_embedding_provider.devkit.embedded_postgres import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = REPO_ROOT / "dags"
+
+
+def wait_healthy(target: str, *, timeout: float = 60, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Poll the gRPC health service at ``target`` until it answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server process exited with {proc.returncode} before it was healthy")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no healthy gRPC server at {target} after {timeout:g} s")
+            time.sleep(0.1)
+
+
+class ServerProcess:
+    """A CLI server (``airflow-embedding <command> ...``) as a child process on 127.0.0.1."""
+
+    def __init__(self, command: Sequence[str], *, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.command = [sys.executable, "-m", "airflow_embedding_provider.cli", *command,
+                        "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> ServerProcess:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        wait_healthy(self.target, timeout=timeout, proc=self.proc)
+        return self
+
+    def stop(self, *, kill: bool = False) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill() if kill else proc.terminate()
+        return proc.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def airflow_env(airflow_home: Path, *, postgres_dsn: str, embedding_target: str,
+                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for an Airflow command in a throwaway ``AIRFLOW_HOME`` with our connections."""
+    host, port = embedding_target.rsplit(":", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
+    env.update({
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW_CONN_POSTGRES_DEFAULT": postgres_dsn,
+        "AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT": json.dumps(
+            {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 30}}),
+        "RECRUIT_EMBEDDING_SCHEDULE": "none",
+    })
+    env.update(extra or {})
+    return env
+
+
+def airflow(args: Sequence[str], env: Mapping[str, str], *, check: bool = True,
+            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run ``airflow <args>`` with ``env``; output captured as text."""
+    airflow_bin = Path(sys.executable).with_name("airflow")
+    result = subprocess.run([str(airflow_bin), *args], env=dict(env), capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} exited {result.returncode}:\n"
+                           f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def prepare_airflow_home(env: Mapping[str, str]) -> None:
+    """Create the metadata database (SQLite) of a throwaway ``AIRFLOW_HOME``."""
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    airflow(["db", "migrate"], env)
+
+
+def dags_test(dag_id: str, env: Mapping[str, str], *, conf: Mapping[str, Any] | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    args = ["dags", "test", dag_id]
+    if conf:
+        args += ["--conf", json.dumps(conf)]
+    return airflow(args, env, check=check)

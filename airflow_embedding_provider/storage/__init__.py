@@ -1,0 +1,1 @@
+"""The storage layer: the schema, the chunk writer (metadata, embedding, DLQ, checkpoint)."""

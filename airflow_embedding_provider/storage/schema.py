@@ -1,0 +1,99 @@
+"""Apply ``include/sql/schema.sql`` and check the vector dimension of an existing table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+SCHEMA_FILE = "schema.sql"
+# Any constant works; it serialises concurrent schema set-up (parallel mapped tasks).
+_SCHEMA_LOCK = 0x7265637275697401
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database holds a table that does not fit the configuration."""
+
+
+@dataclass(frozen=True)
+class TableNames:
+    """The tables the provider writes; defaults are the design's names."""
+
+    metadata: str = "recruit_metadata"
+    embedding: str = "recruit_embedding"
+    dlq: str = "recruit_embedding_dlq"
+    checkpoint: str = "embedding_batch_checkpoint"
+
+    def identifiers(self) -> dict[str, sql.Composable]:
+        return {
+            "metadata": sql.Identifier(self.metadata),
+            "embedding": sql.Identifier(self.embedding),
+            "dlq": sql.Identifier(self.dlq),
+            "checkpoint": sql.Identifier(self.checkpoint),
+            "dlq_id_index": sql.Identifier(f"{self.dlq}_id_idx"),
+            "checkpoint_stream_index": sql.Identifier(f"{self.checkpoint}_stream_name_key"),
+            "ann_index": sql.Identifier(f"{self.embedding}_ivfflat"),
+        }
+
+
+def schema_text() -> str:
+    """The schema file: packaged into the wheel under ``sql/``, or ``include/sql`` in a checkout."""
+    packaged = resources.files("airflow_embedding_provider").joinpath("sql", SCHEMA_FILE)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "include" / "sql" / SCHEMA_FILE).read_text(encoding="utf-8")
+
+
+def vector_dimension(conn: psycopg.Connection, table: str) -> int | None:
+    """The declared dimension of ``table.vector``, or ``None`` when the table does not exist."""
+    row = conn.execute(
+        "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'vector'",
+        (sql.Identifier(table).as_string(conn),),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = TableNames()) -> None:
+    """Create what is missing; stop with :class:`SchemaMismatchError` on a dimension change.
+
+    A dimension change means the model upstream changed: the stored vectors cannot be compared with
+    new ones, so the run stops instead of mixing them (SEED.md 4.3). Re-embed or migrate first.
+    """
+    if not 1 <= dimension <= 16000:
+        raise ValueError(f"dimension {dimension} is out of range 1..16000 (pgvector's limit)")
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        existing = vector_dimension(conn, tables.embedding)
+        if existing is not None and existing != dimension:
+            raise SchemaMismatchError(
+                f"table {tables.embedding} stores vector({existing}) but the configured dimension is "
+                f"{dimension}: the embedding model changed. Re-create or migrate the table, or set the "
+                f"dimension back to {existing}.")
+        statement = sql.SQL(schema_text()).format(dimension=sql.Literal(dimension), **tables.identifiers())  # type: ignore[arg-type]
+        conn.execute(statement)
+
+
+def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = TableNames()) -> bool:
+    """Build the ivfflat index once the table has rows; ``lists`` from the row count.
+
+    ivfflat learns its lists from the rows present when it is built, so an index built on an empty
+    table serves searches badly: build it after the first load (pgvector: lists = rows / 1000).
+    Returns ``True`` when this call built it.
+    """
+    ids = tables.identifiers()
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        exists = conn.execute("SELECT to_regclass(%s)", (ids["ann_index"].as_string(conn),)).fetchone()
+        if exists and exists[0] is not None:
+            return False
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
+        rows = int(count[0]) if count else 0
+        if rows == 0:
+            return False
+        lists = max(1, min(rows // 1000, 4000))
+        conn.execute(sql.SQL("CREATE INDEX {} ON {} USING ivfflat (vector vector_l2_ops) WITH (lists = {})").format(
+            ids["ann_index"], ids["embedding"], sql.Literal(lists)))
+    return True

@@ -1,0 +1,159 @@
+"""Write one chunk: metadata, then embeddings, then DLQ rows and the checkpoint, in one transaction.
+
+One transaction a chunk means a crash keeps either all of a chunk (good rows, rejected rows and
+the checkpoint that covers them) or none of it; re-running then re-sends the chunk and the upserts
+make that harmless (SEED.md 2, 7.3, 8).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
+from airflow_embedding_provider.storage.schema import TableNames
+from airflow_embedding_provider.validation import Rejected
+
+DEFAULT_STREAM = "recruit"
+
+_STAGE_META = sql.Identifier("_embedding_stage_metadata")
+_STAGE_VEC = sql.Identifier("_embedding_stage_vector")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one chunk did. ``unchanged`` rows matched what was stored and were not rewritten;
+    ``duplicates`` are earlier occurrences of an id in the chunk that a later one replaced."""
+
+    inserted: int
+    updated: int
+    unchanged: int
+    duplicates: int
+    rejected: int
+
+    @property
+    def stored(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
+
+def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
+    """The batch with each id once, its last occurrence winning (SEED.md 10.4); and how many went.
+
+    One ``INSERT ... ON CONFLICT`` cannot touch the same row twice, so this also keeps a chunk
+    that repeats an id from failing as a whole.
+    """
+    last = {row_id: i for i, row_id in enumerate(batch.ids)}
+    if len(last) == len(batch):
+        return batch, 0
+    return batch.take(sorted(last.values())), len(batch) - len(last)
+
+
+class ChunkWriter:
+    """Upserts chunks into the design's tables over one psycopg 3 connection.
+
+    :param conn: a connection this writer may run transactions on (autocommit off).
+    :param dimension: the configured vector dimension; the staging table is declared with it.
+    :param tables: table names; the design's by default.
+    :param stream_name: the checkpoint row this writer advances.
+    """
+
+    def __init__(self, conn: psycopg.Connection, *, dimension: int, tables: TableNames = TableNames(),
+                 stream_name: str = DEFAULT_STREAM) -> None:
+        self._conn = conn
+        self._dimension = dimension
+        self._tables = tables
+        self._stream = stream_name
+        self._ids = tables.identifiers()
+        self._staged = False
+
+    def _ensure_stage(self) -> None:
+        if self._staged:
+            return
+        with self._conn.transaction():
+            self._conn.execute(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, company_name text, exp_years int4, "
+                "english_level text, primary_keyword text) ON COMMIT DELETE ROWS").format(_STAGE_META))
+            self._conn.execute(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, vector vector({})) ON COMMIT DELETE ROWS"
+            ).format(_STAGE_VEC, sql.Literal(self._dimension)))
+        self._staged = True
+
+    def write(self, batch: RowBatch, rejected: Sequence[Rejected] = (), *, checkpoint: str | None = None,
+              origin: Mapping[str, Any] | None = None) -> WriteResult:
+        """Store ``batch`` and ``rejected`` and advance the checkpoint to ``checkpoint``, atomically."""
+        if batch.dimension != self._dimension and len(batch):
+            raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
+        self._ensure_stage()
+        batch, duplicates = keep_last_occurrence(batch)
+        inserted = updated = 0
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            if len(batch):
+                inserted, updated = self._upsert(cur, batch)
+            if rejected:
+                self._dead_letter(cur, rejected, origin or {})
+            if checkpoint is not None:
+                advance_checkpoint(cur, self._tables, self._stream, checkpoint)
+        return WriteResult(inserted=inserted, updated=updated, unchanged=len(batch) - inserted - updated,
+                           duplicates=duplicates, rejected=len(rejected))
+
+    def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
+        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_META)) as copy:
+            copy.set_types(["uuid", "text", "int4", "text", "text"])
+            for i in range(len(batch)):
+                copy.write_row((uuid.UUID(batch.ids[i]), batch.company_name[i], batch.exp_years[i],
+                                batch.english_level[i], batch.primary_keyword[i]))
+        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_VEC)) as copy:
+            copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+        # Metadata first: the embedding's foreign key needs it (SEED.md 7.3). Unchanged rows are
+        # skipped by the WHERE clauses, so a re-run rewrites nothing and keeps updated_at.
+        meta = cur.execute(sql.SQL(
+            "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword) "
+            "SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
+            "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = EXCLUDED.exp_years, "
+            "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, updated_at = now() "
+            "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
+            "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
+            "RETURNING id, xmax = 0 AS inserted) "
+            "SELECT count(*) FILTER (WHERE inserted), coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') "
+            "FROM up"
+        ).format(m=self._ids["metadata"], s=_STAGE_META)).fetchone()
+        emb = cur.execute(sql.SQL(
+            "WITH up AS (INSERT INTO {e} AS t (id, vector) SELECT id, vector FROM {s} "
+            "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
+            "WHERE t.vector IS DISTINCT FROM EXCLUDED.vector RETURNING id, xmax = 0 AS inserted) "
+            "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
+        ).format(e=self._ids["embedding"], s=_STAGE_VEC)).fetchone()
+        assert meta is not None and emb is not None
+        # New rows are new in both tables; an existing row is updated when either table changed.
+        return int(meta[0]), len(set(meta[1]) | set(emb[0]))
+
+    def _dead_letter(self, cur: psycopg.Cursor, rejected: Sequence[Rejected], origin: Mapping[str, Any]) -> None:
+        cur.executemany(
+            sql.SQL("INSERT INTO {} (id, error_kind, error_message, payload) VALUES (%s, %s, %s, %s)").format(
+                self._ids["dlq"]),
+            [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)})) for r in rejected],
+        )
+
+
+def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:
+    """Move the stream's checkpoint forward; ``GREATEST`` keeps it from ever moving back."""
+    cur.execute(sql.SQL(
+        "INSERT INTO {c} AS c (stream_name, last_processed_uuid, updated_at) VALUES (%s, %s, now()) "
+        "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
+        "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
+    ).format(c=tables.identifiers()["checkpoint"]), (stream_name, last_processed_uuid))
+
+
+def read_checkpoint(conn: psycopg.Connection, tables: TableNames = TableNames(),
+                    stream_name: str = DEFAULT_STREAM) -> str | None:
+    row = conn.execute(sql.SQL("SELECT last_processed_uuid FROM {} WHERE stream_name = %s").format(
+        tables.identifiers()["checkpoint"]), (stream_name,)).fetchone()
+    conn.commit()
+    return None if row is None or row[0] is None else str(row[0])

@@ -1,0 +1,117 @@
+"""Per-row validation of received rows: what passes becomes a :class:`RowBatch`, the rest a
+:class:`Rejected` row for the dead letter queue with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
+
+#: PostgreSQL ``text`` cannot hold NUL; longer values than this are treated as garbage input.
+MAX_TEXT_LENGTH = 10_000
+TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A row that must not be written, with the reason and the whole row as received.
+
+    :param id: the canonical UUID when the id was valid, else ``None``.
+    :param kind: a short machine-readable reason (``dimension_mismatch``, ``invalid_id``, ...).
+    :param message: what is wrong, which field, expected versus found.
+    :param payload: the row as received, vector included, JSON-able.
+    """
+
+    id: str | None
+    kind: str
+    message: str
+    payload: dict[str, Any] = field(repr=False)
+
+
+def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:
+    raw = chunk.vectors[i]
+    vector: Any
+    if len(raw) % 4 == 0:
+        vector = np.frombuffer(raw, dtype=FLOAT32_LE).astype(float).tolist()
+        # JSON has no NaN/Infinity: keep such values as strings so the payload stays lossless.
+        vector = [v if np.isfinite(v) else str(v) for v in vector]
+    else:
+        vector = {"base64": base64.b64encode(raw).decode()}
+    return {
+        "id": chunk.ids[i],
+        "company_name": chunk.company_name[i],
+        "exp_years": chunk.exp_years[i],
+        "english_level": chunk.english_level[i],
+        "primary_keyword": chunk.primary_keyword[i],
+        "vector": vector,
+    }
+
+
+def _check_row(chunk: WireChunk, i: int, dimension: int) -> tuple[str, str] | None:
+    raw_id = chunk.ids[i]
+    if not raw_id:
+        return "missing_id", "id is missing"
+    try:
+        uuid.UUID(raw_id)
+    except ValueError:
+        return "invalid_id", f"id {raw_id[:80]!r} is not a UUID"
+    for name in TEXT_FIELDS:
+        value = getattr(chunk, name)[i]
+        if value is None:
+            continue
+        if "\x00" in value:
+            return "nul_byte", f"{name} contains a NUL byte, which PostgreSQL text cannot store"
+        if len(value) > MAX_TEXT_LENGTH:
+            return "text_too_long", f"{name} has {len(value)} characters, at most {MAX_TEXT_LENGTH} allowed"
+    years = chunk.exp_years[i]
+    if years is not None and years < 0:
+        return "exp_years_out_of_range", f"exp_years is {years}, expected 0 or more"
+    raw = chunk.vectors[i]
+    if not raw:
+        return "missing_vector", "vector is missing or empty"
+    if len(raw) % 4:
+        return "bad_vector_bytes", f"vector has {len(raw)} bytes, not a whole number of float32 values"
+    if len(raw) != 4 * dimension:
+        return "dimension_mismatch", f"vector has {len(raw) // 4} dimensions, expected {dimension}"
+    return None
+
+
+def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rejected]]:
+    """Split a received chunk into rows fit to store and rejected rows, keeping stream order."""
+    good: list[int] = []
+    rejected: list[Rejected] = []
+    for i in range(len(chunk)):
+        problem = _check_row(chunk, i, dimension)
+        if problem is None:
+            good.append(i)
+        else:
+            rejected.append(Rejected(None if problem[0] in ("missing_id", "invalid_id") else str(uuid.UUID(chunk.ids[i])),
+                                     problem[0], problem[1], _payload(chunk, i)))
+    vectors = np.frombuffer(b"".join(chunk.vectors[i] for i in good), dtype=FLOAT32_LE)
+    vectors = vectors.reshape(len(good), dimension).astype(np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        for pos in np.flatnonzero(~finite):
+            i = good[pos]
+            bad = np.flatnonzero(~np.isfinite(vectors[pos]))
+            rejected.append(Rejected(str(uuid.UUID(chunk.ids[i])), "non_finite_vector",
+                                     f"vector has non-finite values (NaN or infinity) at positions "
+                                     f"{bad[:5].tolist()}{'...' if bad.size > 5 else ''}", _payload(chunk, i)))
+        good = [i for i, ok in zip(good, finite, strict=True) if ok]
+        vectors = vectors[finite]
+    batch = RowBatch(
+        ids=[str(uuid.UUID(chunk.ids[i])) for i in good],
+        company_name=[chunk.company_name[i] for i in good],
+        exp_years=[chunk.exp_years[i] for i in good],
+        english_level=[chunk.english_level[i] for i in good],
+        primary_keyword=[chunk.primary_keyword[i] for i in good],
+        vectors=np.ascontiguousarray(vectors),
+    )
+    return batch, rejected

@@ -1,0 +1,1 @@
+"""The wire contract: generated protobuf/gRPC code (from ``proto/``) and the vector codec."""

@@ -1,0 +1,59 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StreamEmbeddingRequest(_message.Message):
+    __slots__ = ("last_processed_uuid", "chunk_size")
+    LAST_PROCESSED_UUID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    last_processed_uuid: str
+    chunk_size: int
+    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class UploadResult(_message.Message):
+    __slots__ = ("success", "total_rows", "message")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    total_rows: int
+    message: str
+    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RowChunk(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[RecruitRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ...) -> None: ...
+
+class RecruitRow(_message.Message):
+    __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMPANY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXP_YEARS_FIELD_NUMBER: _ClassVar[int]
+    ENGLISH_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_KEYWORD_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    company_name: str
+    exp_years: int
+    english_level: str
+    primary_keyword: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., company_name: _Optional[str] = ..., exp_years: _Optional[int] = ..., english_level: _Optional[str] = ..., primary_keyword: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CacheInvalidateRequest(_message.Message):
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    def __init__(self, target: _Optional[str] = ...) -> None: ...
+
+class CacheInvalidateResponse(_message.Message):
+    __slots__ = ("success",)
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    def __init__(self, success: _Optional[bool] = ...) -> None: ...

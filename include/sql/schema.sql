@@ -1,0 +1,40 @@
+-- The storage schema (SEED.md 4.2-4.4, 8), applied idempotently by the provider before each run.
+-- Placeholders in braces are filled with psycopg.sql: identifiers quoted, the dimension a literal.
+-- Columns beyond the design's are additive and nullable or defaulted, so the design's own tables
+-- are upgraded in place.
+CREATE EXTENSION IF NOT EXISTS vector;
+
+CREATE TABLE IF NOT EXISTS {metadata} (
+    id UUID PRIMARY KEY,
+    company_name TEXT,
+    exp_years INT,
+    english_level TEXT,
+    primary_keyword TEXT,
+    updated_at TIMESTAMP DEFAULT NOW()
+);
+
+CREATE TABLE IF NOT EXISTS {embedding} (
+    id UUID PRIMARY KEY REFERENCES {metadata}(id) ON DELETE CASCADE,
+    vector VECTOR({dimension}),
+    updated_at TIMESTAMP DEFAULT NOW()
+);
+
+CREATE TABLE IF NOT EXISTS {dlq} (
+    id UUID,
+    error_message TEXT,
+    payload JSONB,
+    created_at TIMESTAMP DEFAULT NOW()
+);
+-- error_kind: a short reason (dimension_mismatch, invalid_id, ...) to scope replays by.
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS error_kind TEXT;
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS dlq_id BIGSERIAL;
+CREATE INDEX IF NOT EXISTS {dlq_id_index} ON {dlq} (id);
+
+CREATE TABLE IF NOT EXISTS {checkpoint} (
+    id SERIAL PRIMARY KEY,
+    last_processed_uuid UUID,
+    updated_at TIMESTAMP DEFAULT NOW()
+);
+-- One row a stream, updated in place and never moved backwards (see storage/checkpoint.py).
+ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS stream_name TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS {checkpoint_stream_index} ON {checkpoint} (stream_name);
