@@ -8,16 +8,31 @@ from airflow_embedding_provider import __version__
 
 _GRPC_FIELDS: dict[str, Any] = {
     "use_tls": {"label": "Use TLS", "schema": {"type": ["boolean", "null"], "default": False}},
-    "ca_cert": {"label": "CA certificate path", "description": "PEM file that verifies the server (TLS)",
-                "schema": {"type": ["string", "null"]}},
-    "client_cert": {"label": "Client certificate path", "description": "PEM file for mutual TLS",
-                    "schema": {"type": ["string", "null"]}},
-    "client_key": {"label": "Client key path", "description": "PEM private key for mutual TLS",
-                   "schema": {"type": ["string", "null"]}},
-    "token": {"label": "Auth token", "description": "Sent as 'authorization: Bearer <token>'",
-              "schema": {"type": ["string", "null"], "format": "password"}},
-    "timeout": {"label": "Timeout (s)", "description": "Deadline for unary calls and for connecting",
-                "schema": {"type": ["number", "null"], "default": 30, "minimum": 0}},
+    "ca_cert": {
+        "label": "CA certificate path",
+        "description": "PEM file that verifies the server (TLS)",
+        "schema": {"type": ["string", "null"]},
+    },
+    "client_cert": {
+        "label": "Client certificate path",
+        "description": "PEM file for mutual TLS",
+        "schema": {"type": ["string", "null"]},
+    },
+    "client_key": {
+        "label": "Client key path",
+        "description": "PEM private key for mutual TLS",
+        "schema": {"type": ["string", "null"]},
+    },
+    "token": {
+        "label": "Auth token",
+        "description": "Sent as 'authorization: Bearer <token>'",
+        "schema": {"type": ["string", "null"], "format": "password"},
+    },
+    "timeout": {
+        "label": "Timeout (s)",
+        "description": "Deadline for unary calls and for connecting",
+        "schema": {"type": ["number", "null"], "default": 30, "minimum": 0},
+    },
 }
 _GRPC_BEHAVIOUR: dict[str, Any] = {
     "hidden-fields": ["schema", "login", "password"],
@@ -31,18 +46,28 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": "airflow-embedding-provider",
         "name": "Embedding Stream",
         "description": "Streams embeddings from a Python AI server over gRPC into PostgreSQL/pgvector, "
-                       "with a dead letter queue, checkpoints and cache invalidation.",
+        "with a dead letter queue, checkpoints and cache invalidation.",
         "versions": [__version__],
         "integrations": [{"integration-name": "Embedding gRPC", "tags": ["software"]}],
-        "hooks": [{"integration-name": "Embedding gRPC",
-                   "python-modules": ["airflow_embedding_provider.hooks.grpc_embedding"]}],
-        "operators": [{"integration-name": "Embedding gRPC",
-                       "python-modules": ["airflow_embedding_provider.operators.embedding_stream"]}],
-        "connection-types": [{
-            "connection-type": "embedding_grpc",
-            "hook-class-name": "airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook",
-            "hook-name": "Embedding gRPC",
-            "conn-fields": _GRPC_FIELDS,
-            "ui-field-behaviour": _GRPC_BEHAVIOUR,
-        }],
+        "hooks": [
+            {
+                "integration-name": "Embedding gRPC",
+                "python-modules": ["airflow_embedding_provider.hooks.grpc_embedding"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "Embedding gRPC",
+                "python-modules": ["airflow_embedding_provider.operators.embedding_stream"],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "embedding_grpc",
+                "hook-class-name": "airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook",
+                "hook-name": "Embedding gRPC",
+                "conn-fields": _GRPC_FIELDS,
+                "ui-field-behaviour": _GRPC_BEHAVIOUR,
+            }
+        ],
     }

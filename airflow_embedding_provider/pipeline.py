@@ -72,7 +72,7 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
                 if stop.is_set():
                     return
             buffer.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
+        except BaseException as exc:
             buffer.put(exc)
 
     thread = threading.Thread(target=pump, name="chunk-prefetch", daemon=True)
@@ -90,8 +90,14 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
         thread.join(timeout=5)
 
 
-def ingest_chunks(chunks: Iterable[WireChunk], writer: ChunkWriter, *, dimension: int,
-                  origin: Mapping[str, Any] | None = None, log_every: int = 50) -> IngestStats:
+def ingest_chunks(
+    chunks: Iterable[WireChunk],
+    writer: ChunkWriter,
+    *,
+    dimension: int,
+    origin: Mapping[str, Any] | None = None,
+    log_every: int = 50,
+) -> IngestStats:
     """Validate and store every chunk, one transaction a chunk, advancing the checkpoint each time.
 
     The checkpoint of a chunk is the highest valid id in it (the server sends ids in order); rows
@@ -117,11 +123,22 @@ def ingest_chunks(chunks: Iterable[WireChunk], writer: ChunkWriter, *, dimension
         if rejected:
             for kind, count in Counter(r.kind for r in rejected).items():
                 level = logging.ERROR if kind == "dimension_mismatch" else logging.WARNING
-                log.log(level, "chunk %d: %d row(s) to the DLQ: %s (e.g. %s)", number, count, kind,
-                        next(r.message for r in rejected if r.kind == kind))
+                log.log(
+                    level,
+                    "chunk %d: %d row(s) to the DLQ: %s (e.g. %s)",
+                    number,
+                    count,
+                    kind,
+                    next(r.message for r in rejected if r.kind == kind),
+                )
         if log_every and stats.chunks % log_every == 0:
             elapsed = time.monotonic() - began
-            log.info("%d chunks, %d rows, %.0f rows/s, checkpoint %s", stats.chunks, stats.rows_received,
-                     stats.rows_received / max(elapsed, 1e-9), stats.last_processed_uuid)
+            log.info(
+                "%d chunks, %d rows, %.0f rows/s, checkpoint %s",
+                stats.chunks,
+                stats.rows_received,
+                stats.rows_received / max(elapsed, 1e-9),
+                stats.last_processed_uuid,
+            )
     stats.seconds = time.monotonic() - began
     return stats

@@ -40,8 +40,13 @@ class RowBatch:
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        lengths = {len(self.company_name), len(self.exp_years), len(self.english_level),
-                   len(self.primary_keyword), self.vectors.shape[0]}
+        lengths = {
+            len(self.company_name),
+            len(self.exp_years),
+            len(self.english_level),
+            len(self.primary_keyword),
+            self.vectors.shape[0],
+        }
         if lengths != {n}:
             raise ValueError(f"columns of a RowBatch differ in length: ids={n}, others={sorted(lengths)}")
         if self.vectors.ndim != 2 or self.vectors.dtype != np.float32:

@@ -92,8 +92,14 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
         if problem is None:
             good.append(i)
         else:
-            rejected.append(Rejected(None if problem[0] in ("missing_id", "invalid_id") else str(uuid.UUID(chunk.ids[i])),
-                                     problem[0], problem[1], _payload(chunk, i)))
+            rejected.append(
+                Rejected(
+                    None if problem[0] in ("missing_id", "invalid_id") else str(uuid.UUID(chunk.ids[i])),
+                    problem[0],
+                    problem[1],
+                    _payload(chunk, i),
+                )
+            )
     vectors = np.frombuffer(b"".join(chunk.vectors[i] for i in good), dtype=FLOAT32_LE)
     vectors = vectors.reshape(len(good), dimension).astype(np.float32)
     finite = np.isfinite(vectors).all(axis=1)
@@ -101,10 +107,16 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
         for pos in np.flatnonzero(~finite):
             i = good[pos]
             bad = np.flatnonzero(~np.isfinite(vectors[pos]))
-            rejected.append(Rejected(str(uuid.UUID(chunk.ids[i])), "non_finite_vector",
-                                     f"vector has non-finite values (NaN or infinity) at positions "
-                                     f"{bad[:5].tolist()}{'...' if bad.size > 5 else ''}", _payload(chunk, i)))
-        good = [i for i, ok in zip(good, finite, strict=True) if ok]
+            rejected.append(
+                Rejected(
+                    str(uuid.UUID(chunk.ids[i])),
+                    "non_finite_vector",
+                    f"vector has non-finite values (NaN or infinity) at positions "
+                    f"{bad[:5].tolist()}{'...' if bad.size > 5 else ''}",
+                    _payload(chunk, i),
+                )
+            )
+        good = [good[pos] for pos in np.flatnonzero(finite)]
         vectors = vectors[finite]
     batch = RowBatch(
         ids=[str(uuid.UUID(chunk.ids[i])) for i in good],

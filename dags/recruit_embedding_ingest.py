@@ -8,6 +8,7 @@ resume after a given id instead.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param
@@ -17,6 +18,7 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
+RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 
 with DAG(
     dag_id="recruit_embedding_ingest",
@@ -25,11 +27,16 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["embedding", "pgvector"],
+    # A retry resumes after the stored checkpoint, so it re-sends only what was not committed.
+    default_args={"retries": RETRIES, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
     params={
-        "last_processed_uuid": Param(None, type=["null", "string"], format="uuid",
-                                     description="Resume strictly after this id; empty = the stored checkpoint."),
-        "chunk_size": Param(300, type="integer", minimum=1, maximum=2500,
-                            description="Rows a gRPC message."),
+        "last_processed_uuid": Param(
+            None,
+            type=["null", "string"],
+            format="uuid",
+            description="Resume strictly after this id; empty = the stored checkpoint.",
+        ),
+        "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
     },
     doc_md=__doc__,
 ) as dag:

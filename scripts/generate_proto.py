@@ -8,7 +8,6 @@ protoc emit absolute imports (``from airflow_embedding_provider.wire import ...`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -16,8 +15,13 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
 PACKAGE_PATH = "airflow_embedding_provider/wire"
-GENERATED = ("embedding_pb2.py", "embedding_pb2.pyi", "embedding_pb2_grpc.py",
-             "embedding_bytes_view_pb2.py", "embedding_bytes_view_pb2.pyi")
+GENERATED = (
+    "embedding_pb2.py",
+    "embedding_pb2.pyi",
+    "embedding_pb2_grpc.py",
+    "embedding_bytes_view_pb2.py",
+    "embedding_bytes_view_pb2.pyi",
+)
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -50,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

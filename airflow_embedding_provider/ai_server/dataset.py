@@ -71,8 +71,14 @@ class EmbeddingDataset:
 
     def chunk(self, start: int, stop: int) -> RowChunkBytes:
         vectors = self.vectors[start:stop]
-        message = encode_rows(self.ids[start:stop], self.company_name[start:stop], self.exp_years[start:stop],
-                              self.english_level[start:stop], self.primary_keyword[start:stop], vectors)
+        message = encode_rows(
+            self.ids[start:stop],
+            self.company_name[start:stop],
+            self.exp_years[start:stop],
+            self.english_level[start:stop],
+            self.primary_keyword[start:stop],
+            vectors,
+        )
         for i in range(start, stop):
             if i in self.odd_vectors:
                 message.rows[i - start].vector = self.odd_vectors[i]
@@ -86,16 +92,28 @@ def _read(path: Path) -> pd.DataFrame:
         raise DatasetError(f"{path}: the file is empty, expected a pickled pandas DataFrame")
     try:
         frame = pd.read_pickle(path)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-            ModuleNotFoundError, IndexError, KeyError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        ModuleNotFoundError,
+        IndexError,
+        KeyError,
+    ) as exc:
         raise DatasetError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(frame, pd.DataFrame):
-        raise DatasetError(f"{path}: holds a {type(frame).__name__}, expected a pandas DataFrame "
-                           f"with columns {', '.join(PKL_COLUMNS)}")
+        raise DatasetError(
+            f"{path}: holds a {type(frame).__name__}, expected a pandas DataFrame with columns {', '.join(PKL_COLUMNS)}"
+        )
     missing = [c for c in PKL_COLUMNS if c not in frame.columns]
     if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                           f"found {', '.join(map(repr, map(str, frame.columns)))}")
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+            f"found {', '.join(map(repr, map(str, frame.columns)))}"
+        )
     if len(frame) == 0:
         raise DatasetError(f"{path}: the DataFrame has no rows")
     return frame
@@ -122,15 +140,17 @@ def _years(values: pd.Series, path: Path) -> list[int | None]:
             out.append(None)
             continue
         years: int | None = None
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            years = int(v)
-        elif isinstance(v, (float, np.floating)) and float(v).is_integer():
+        if (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (
+            isinstance(v, (float, np.floating)) and float(v).is_integer()
+        ):
             years = int(v)
         elif isinstance(v, str) and (m := _YEARS.match(v)):
             years = int(m.group(1))
         if years is None or not -INT32_MAX <= years <= INT32_MAX:
-            raise DatasetError(f"{path}: column 'Exp Years' row {i} holds {v!r}, expected a whole number "
-                               "of years (3, 3.0, '3y' and '3 years' are accepted)")
+            raise DatasetError(
+                f"{path}: column 'Exp Years' row {i} holds {v!r}, expected a whole number "
+                "of years (3, 3.0, '3y' and '3 years' are accepted)"
+            )
         out.append(years)
     return out
 
@@ -149,8 +169,10 @@ def _vectors(values: pd.Series, path: Path) -> tuple[FloatMatrix, dict[int, byte
         try:
             a = np.asarray(v if v is not None else [], dtype=np.float32).ravel()
         except (ValueError, TypeError):
-            raise DatasetError(f"{path}: column 'job_post_vectors' row {i} holds {type(v).__name__} "
-                               f"{str(v)[:40]!r}, expected a list of floats") from None
+            raise DatasetError(
+                f"{path}: column 'job_post_vectors' row {i} holds {type(v).__name__} "
+                f"{str(v)[:40]!r}, expected a list of floats"
+            ) from None
         arrays.append(a)
     dimension = Counter(a.size for a in arrays if a.size).most_common(1)
     if not dimension:
@@ -189,8 +211,10 @@ def load_dataset(path: str | Path) -> EmbeddingDataset:
     valid = [i for i, k in enumerate(keys) if k is not None]
     valid_keys = np.array([keys[i] for i in valid], dtype="S16")
     order = invalid + [valid[j] for j in np.argsort(valid_keys, kind="stable")]
-    ids = [("" if raw_ids[i] is None else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
-           for i in order]
+    ids = [
+        ("" if raw_ids[i] is None else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
+        for i in order
+    ]
     position = {old: new for new, old in enumerate(order)}
     return EmbeddingDataset(
         ids=ids,

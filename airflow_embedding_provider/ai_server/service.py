@@ -41,14 +41,18 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
     ) -> Iterator[RowChunkBytes]:
         size = request.chunk_size or DEFAULT_CHUNK_SIZE
         if not 1 <= size <= self._max_chunk:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"chunk_size {size} is out of range: 1..{self._max_chunk} rows keep a message "
-                          f"under {MAX_MESSAGE_BYTES // 2**20} MiB at dimension {self._dataset.dimension}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk_size {size} is out of range: 1..{self._max_chunk} rows keep a message "
+                f"under {MAX_MESSAGE_BYTES // 2**20} MiB at dimension {self._dataset.dimension}",
+            )
         try:
             start = self._dataset.start_after(request.last_processed_uuid)
         except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"last_processed_uuid {request.last_processed_uuid[:64]!r} is not a UUID")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"last_processed_uuid {request.last_processed_uuid[:64]!r} is not a UUID",
+            )
         total = len(self._dataset)
         began, sent = time.monotonic(), 0
         peer = context.peer()
@@ -61,28 +65,40 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
                 sent += stop - offset
         finally:
             elapsed = max(time.monotonic() - began, 1e-9)
-            log.info("GetEmbeddings peer=%s after=%s chunk_size=%d rows=%d seconds=%.2f rows/s=%.0f%s",
-                     peer, request.last_processed_uuid or "-", size, sent, elapsed, sent / elapsed,
-                     "" if start + sent >= total else " (ended early)")
+            log.info(
+                "GetEmbeddings peer=%s after=%s chunk_size=%d rows=%d seconds=%.2f rows/s=%.0f%s",
+                peer,
+                request.last_processed_uuid or "-",
+                size,
+                sent,
+                elapsed,
+                sent / elapsed,
+                "" if start + sent >= total else " (ended early)",
+            )
 
 
 def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
     """A started-to-be server bound to ``host:port`` (0 = a free port); returns it and the port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ai-server"),
-        options=[("grpc.max_send_message_length", 4 * 1024 * 1024),
-                 ("grpc.keepalive_permit_without_calls", 1),
-                 ("grpc.http2.min_ping_interval_without_data_ms", 5000)],
+        options=[
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ],
     )
     servicer = EmbeddingStreamServicer(dataset)
     # Send through the bytes view: identical wire format, no float-by-float encoding.
-    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "GetEmbeddings": grpc.unary_stream_rpc_method_handler(
-            servicer.GetEmbeddings,
-            request_deserializer=embedding_pb2.StreamEmbeddingRequest.FromString,
-            response_serializer=RowChunkBytes.SerializeToString,
-        ),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "GetEmbeddings": grpc.unary_stream_rpc_method_handler(
+                servicer.GetEmbeddings,
+                request_deserializer=embedding_pb2.StreamEmbeddingRequest.FromString,
+                response_serializer=RowChunkBytes.SerializeToString,
+            ),
+        },
+    )
     server.add_generic_rpc_handlers((handler,))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

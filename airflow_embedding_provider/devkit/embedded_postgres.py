@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -30,10 +32,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
-    from pgserver._commands import POSTGRES_BIN_PATH  # the wheel's PostgreSQL build
+def _pgserver() -> Any:
+    """The ``pgserver`` wheel's modules; importing it warns about XDG_RUNTIME_DIR, which we never use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver._commands
+        import pgserver.utils
+    return pgserver
 
-    return str(POSTGRES_BIN_PATH / name)
+
+def _bin(name: str) -> str:
+    return str(_pgserver()._commands.POSTGRES_BIN_PATH / name)
 
 
 class EmbeddedPostgres:
@@ -50,14 +59,13 @@ class EmbeddedPostgres:
         self._proc: subprocess.Popen[bytes] | None = None
         self._user: str | None = None
         if os.geteuid() == 0:
-            from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-            from pgserver._commands import POSTGRES_BIN_PATH
-
-            ensure_user_exists(RUN_AS)
+            pgs = _pgserver()
+            bin_path = pgs._commands.POSTGRES_BIN_PATH
+            pgs.utils.ensure_user_exists(RUN_AS)
             self._user = RUN_AS
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
-            ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+            pgs.utils.ensure_prefix_permissions(bin_path)
+            pgs.utils.ensure_folder_permissions(bin_path, 0o055)
+            pgs.utils.ensure_folder_permissions(bin_path.parent / "lib", 0o044)
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
@@ -69,13 +77,23 @@ class EmbeddedPostgres:
     def _initdb(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._user is not None:
-            from pgserver.utils import ensure_prefix_permissions
-
-            ensure_prefix_permissions(self.data_dir)
+            _pgserver().utils.ensure_prefix_permissions(self.data_dir)
             self._own(self.data_dir)
-        subprocess.run([_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                        "--encoding=UTF8", "--locale=C"],
-                       check=True, capture_output=True, user=self._user)
+        subprocess.run(
+            [
+                _bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            check=True,
+            capture_output=True,
+            user=self._user,
+        )
 
     def _stop_stale(self) -> None:
         """A server left running over this folder (say, by a killed demo) would block the start."""
@@ -100,11 +118,33 @@ class EmbeddedPostgres:
             self._own(self.log_path)
         # Durability settings favour speed: this server holds demo and test data only.
         self._proc = subprocess.Popen(
-            [_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-             "-c", f"unix_socket_directories={self.data_dir}", "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=256MB",
-             "-c", "maintenance_work_mem=512MB"],
-            stdout=log, stderr=subprocess.STDOUT, user=self._user, start_new_session=True,
+            [
+                _bin("postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.data_dir}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "maintenance_work_mem=512MB",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            user=self._user,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -10,12 +10,48 @@ import pandas as pd
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, PKL_COLUMNS
 
 ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
-KEYWORDS = ("Python", "Java", "JavaScript", ".NET", "QA", "Go", "PHP", "iOS", "Android", "DevOps",
-            "Data Science", "C++", "Ruby", "Scala", "Node.js", "React", "SQL", "Rust")
-COMPANIES = ("SoftServe", "EPAM", "GlobalLogic", "Grammarly", "MacPaw", "Ajax Systems", "Preply",
-             "Müller & Söhne GmbH", "Żabka Tech", "Nová Data s.r.o.", "Приватбанк", "Монобанк",
-             "東京ソフトウェア株式会社", "서울데이터", "Café Código", "Ørsted Digital", "İstanbul Yazılım",
-             "Łódź Labs", "Ελληνική Πληροφορική", "Zürich Analytics AG")
+KEYWORDS = (
+    "Python",
+    "Java",
+    "JavaScript",
+    ".NET",
+    "QA",
+    "Go",
+    "PHP",
+    "iOS",
+    "Android",
+    "DevOps",
+    "Data Science",
+    "C++",
+    "Ruby",
+    "Scala",
+    "Node.js",
+    "React",
+    "SQL",
+    "Rust",
+)
+COMPANIES = (
+    "SoftServe",
+    "EPAM",
+    "GlobalLogic",
+    "Grammarly",
+    "MacPaw",
+    "Ajax Systems",
+    "Preply",
+    "Müller & Söhne GmbH",
+    "Żabka Tech",
+    "Nová Data s.r.o.",
+    "Приватбанк",
+    "Монобанк",
+    "東京ソフトウェア株式会社",
+    "서울데이터",
+    "Café Código",
+    "Ørsted Digital",
+    "İstanbul Yazılım",
+    "Łódź Labs",
+    "Ελληνική Πληροφορική",
+    "Zürich Analytics AG",
+)
 EPOCH_MS = 1_765_411_200_000  # 2025-12-11, the design's date
 
 
@@ -28,7 +64,7 @@ def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS
     raw = np.stack([hi, lo], axis=1).astype(">u8").tobytes()
     out = []
     for i in range(count):
-        h = raw[16 * i: 16 * i + 16].hex()
+        h = raw[16 * i : 16 * i + 16].hex()
         out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
     return out
 
@@ -42,14 +78,16 @@ def make_sample(rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7)
     vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(rows)  # the server must order by id itself
-    frame = pd.DataFrame({
-        "id": [ids[i] for i in order],
-        "Company Name": rng.choice(np.array(COMPANIES, dtype=object), size=rows),
-        "Exp Years": rng.integers(0, 16, size=rows).astype(np.int64),
-        "English Level": rng.choice(np.array(ENGLISH_LEVELS, dtype=object), size=rows),
-        "Primary Keyword": rng.choice(np.array(KEYWORDS, dtype=object), size=rows),
-        "job_post_vectors": list(vectors[order]),
-    })
+    frame = pd.DataFrame(
+        {
+            "id": [ids[i] for i in order],
+            "Company Name": rng.choice(np.array(COMPANIES, dtype=object), size=rows),
+            "Exp Years": rng.integers(0, 16, size=rows).astype(np.int64),
+            "English Level": rng.choice(np.array(ENGLISH_LEVELS, dtype=object), size=rows),
+            "Primary Keyword": rng.choice(np.array(KEYWORDS, dtype=object), size=rows),
+            "job_post_vectors": list(vectors[order]),
+        }
+    )
     return frame[list(PKL_COLUMNS)]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,7 +34,10 @@ def wait_healthy(target: str, *, timeout: float = 60, proc: subprocess.Popen[Any
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server process exited with {proc.returncode} before it was healthy")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -47,8 +51,16 @@ class ServerProcess:
 
     def __init__(self, command: Sequence[str], *, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
-        self.command = [sys.executable, "-m", "airflow_embedding_provider.cli", *command,
-                        "--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "airflow_embedding_provider.cli",
+            *command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,35 +89,42 @@ class ServerProcess:
         self.stop()
 
 
-def airflow_env(airflow_home: Path, *, postgres_dsn: str, embedding_target: str,
-                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def airflow_env(
+    airflow_home: Path, *, postgres_dsn: str, embedding_target: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment for an Airflow command in a throwaway ``AIRFLOW_HOME`` with our connections."""
     host, port = embedding_target.rsplit(":", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
-    env.update({
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW_CONN_POSTGRES_DEFAULT": postgres_dsn,
-        "AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT": json.dumps(
-            {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 30}}),
-        "RECRUIT_EMBEDDING_SCHEDULE": "none",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_POSTGRES_DEFAULT": postgres_dsn,
+            "AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT": json.dumps(
+                {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 30}}
+            ),
+            "RECRUIT_EMBEDDING_SCHEDULE": "none",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def airflow(args: Sequence[str], env: Mapping[str, str], *, check: bool = True,
-            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def airflow(
+    args: Sequence[str], env: Mapping[str, str], *, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
     """Run ``airflow <args>`` with ``env``; output captured as text."""
     airflow_bin = Path(sys.executable).with_name("airflow")
-    result = subprocess.run([str(airflow_bin), *args], env=dict(env), capture_output=True, text=True,
-                            timeout=timeout, check=False)
+    result = subprocess.run(
+        [str(airflow_bin), *args], env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and result.returncode != 0:
-        raise RuntimeError(f"airflow {' '.join(args)} exited {result.returncode}:\n"
-                           f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise RuntimeError(
+            f"airflow {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -115,9 +134,23 @@ def prepare_airflow_home(env: Mapping[str, str]) -> None:
     airflow(["db", "migrate"], env)
 
 
-def dags_test(dag_id: str, env: Mapping[str, str], *, conf: Mapping[str, Any] | None = None,
-              check: bool = True) -> subprocess.CompletedProcess[str]:
+def dags_test(
+    dag_id: str, env: Mapping[str, str], *, conf: Mapping[str, Any] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     args = ["dags", "test", dag_id]
     if conf:
         args += ["--conf", json.dumps(conf)]
     return airflow(args, env, check=check)
+
+
+def task_result(airflow_home: Path, dag_id: str, task_id: str, *, key: str = "return_value") -> Any:
+    """The newest XCom ``key`` of ``dag_id.task_id``, read from a throwaway home's SQLite database."""
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        row = db.execute(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = ? ORDER BY timestamp DESC LIMIT 1",
+            (dag_id, task_id, key),
+        ).fetchone()
+    if row is None:
+        raise LookupError(f"no XCom {key!r} from {dag_id}.{task_id}")
+    value = json.loads(row[0])
+    return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value

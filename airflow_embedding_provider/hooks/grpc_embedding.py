@@ -50,8 +50,7 @@ class GrpcEmbeddingHook(BaseHook):
         if "channel" in self.__dict__:
             self.__dict__.pop("channel").close()
 
-    def stream_chunks(self, *, after: str | None, chunk_size: int,
-                      timeout: float | None = None) -> Iterator[WireChunk]:
+    def stream_chunks(self, *, after: str | None, chunk_size: int, timeout: float | None = None) -> Iterator[WireChunk]:
         """``GetEmbeddings``: decoded chunks of the rows strictly after ``after`` (``None`` = all).
 
         :param timeout: a deadline for the whole stream, in seconds; none by default, since a large
@@ -76,14 +75,19 @@ class GrpcEmbeddingHook(BaseHook):
         try:
             grpc.channel_ready_future(self.channel).result(timeout=self.settings.timeout)
         except grpc.FutureTimeoutError:
-            raise ConnectionError(f"no gRPC server answered at {self.settings.target} within "
-                                  f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})") from None
+            raise ConnectionError(
+                f"no gRPC server answered at {self.settings.target} within "
+                f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
+            ) from None
 
     def health(self, service: str = EMBEDDING_SERVICE) -> str:
         """The server's health status name for ``service`` (``SERVING`` when healthy)."""
         stub = health_pb2_grpc.HealthStub(self.channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.settings.timeout,
-                           metadata=self.settings.metadata())
+        reply = stub.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self.settings.timeout,
+            metadata=self.settings.metadata(),
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def test_connection(self) -> tuple[bool, str]:

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseOperator
 
@@ -19,6 +20,18 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 DEFAULT_CHUNK_SIZE = 300
+
+
+def psycopg3_connection(hook: PostgresHook) -> psycopg.Connection:
+    """The hook's connection, which must be psycopg 3 (COPY BINARY and pgvector's adapter need it)."""
+    conn = hook.get_conn()
+    if not isinstance(conn, psycopg.Connection):
+        conn.close()
+        raise RuntimeError(
+            "the Postgres provider returned a psycopg2 connection; this provider needs psycopg 3: "
+            "install psycopg[binary]>=3.2 with SQLAlchemy 2 (the postgres provider then uses psycopg 3)"
+        )
+    return conn
 
 
 class EmbeddingStreamToPgvectorOperator(BaseOperator):
@@ -74,18 +87,27 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         requested = self._resume_param()
         tables = TableNames()
         hook = GrpcEmbeddingHook(self.grpc_conn_id)
-        conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        conn = psycopg3_connection(PostgresHook(postgres_conn_id=self.postgres_conn_id))
         with contextlib.closing(conn), contextlib.closing(hook):
             apply_schema(conn, self.dimension, tables)
             stored = read_checkpoint(conn, tables, self.stream_name)
             start = requested if requested is not None else stored
-            self.log.info("streaming rows after %s (requested %s, stored checkpoint %s), chunk size %d",
-                          start or "the beginning", requested or "-", stored or "-", chunk_size)
+            self.log.info(
+                "streaming rows after %s (requested %s, stored checkpoint %s), chunk size %d",
+                start or "the beginning",
+                requested or "-",
+                stored or "-",
+                chunk_size,
+            )
             writer = ChunkWriter(conn, dimension=self.dimension, tables=tables, stream_name=self.stream_name)
             ti = context["ti"]
             origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
-            stats = ingest_chunks(prefetch(hook.stream_chunks(after=start, chunk_size=chunk_size)), writer,
-                                  dimension=self.dimension, origin=origin)
+            stats = ingest_chunks(
+                prefetch(hook.stream_chunks(after=start, chunk_size=chunk_size)),
+                writer,
+                dimension=self.dimension,
+                origin=origin,
+            )
             if self.build_ann_index and ensure_ann_index(conn, tables):
                 self.log.info("built the ivfflat index on %s", tables.embedding)
         result = stats.as_dict()
@@ -94,8 +116,16 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         self.log.info(
             "stored %d rows (%d new, %d changed, %d unchanged), %d to the DLQ %s, in %d chunks, "
             "%.1f s, %.0f rows/s; checkpoint %s",
-            stats.rows_stored, stats.inserted, stats.updated, stats.unchanged, stats.rows_dlq,
-            dict(stats.dlq_by_reason), stats.chunks, stats.seconds, stats.rows_per_second,
-            result["last_processed_uuid"])
+            stats.rows_stored,
+            stats.inserted,
+            stats.updated,
+            stats.unchanged,
+            stats.rows_dlq,
+            dict(stats.dlq_by_reason),
+            stats.chunks,
+            stats.seconds,
+            stats.rows_per_second,
+            result["last_processed_uuid"],
+        )
         ti.xcom_push(key="checkpoint", value=result["last_processed_uuid"])
         return result

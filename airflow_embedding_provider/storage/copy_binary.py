@@ -29,8 +29,17 @@ def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
     n, dim = vectors.shape
     if dim > 16000:
         raise ValueError(f"dimension {dim} is above pgvector's 16000")
-    layout = np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", "u1", (16,)), ("vec_len", ">i4"),
-                       ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,))])
+    layout = np.dtype(
+        [
+            ("fields", ">i2"),
+            ("id_len", ">i4"),
+            ("id", "u1", (16,)),
+            ("vec_len", ">i4"),
+            ("dim", ">i2"),
+            ("unused", ">i2"),
+            ("vec", ">f4", (dim,)),
+        ]
+    )
     rows = np.empty(n, dtype=layout)
     rows["fields"] = 2
     rows["id_len"] = 16

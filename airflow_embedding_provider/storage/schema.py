@@ -39,6 +39,9 @@ class TableNames:
         }
 
 
+DEFAULT_TABLES = TableNames()
+
+
 def schema_text() -> str:
     """The schema file: packaged into the wheel under ``sql/``, or ``include/sql`` in a checkout."""
     packaged = resources.files("airflow_embedding_provider").joinpath("sql", SCHEMA_FILE)
@@ -56,7 +59,7 @@ def vector_dimension(conn: psycopg.Connection, table: str) -> int | None:
     return None if row is None else int(row[0])
 
 
-def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = TableNames()) -> None:
+def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = DEFAULT_TABLES) -> None:
     """Create what is missing; stop with :class:`SchemaMismatchError` on a dimension change.
 
     A dimension change means the model upstream changed: the stored vectors cannot be compared with
@@ -71,12 +74,13 @@ def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = 
             raise SchemaMismatchError(
                 f"table {tables.embedding} stores vector({existing}) but the configured dimension is "
                 f"{dimension}: the embedding model changed. Re-create or migrate the table, or set the "
-                f"dimension back to {existing}.")
-        statement = sql.SQL(schema_text()).format(dimension=sql.Literal(dimension), **tables.identifiers())  # type: ignore[arg-type]
+                f"dimension back to {existing}."
+            )
+        statement = sql.SQL(schema_text()).format(dimension=sql.Literal(dimension), **tables.identifiers())
         conn.execute(statement)
 
 
-def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = TableNames()) -> bool:
+def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES) -> bool:
     """Build the ivfflat index once the table has rows; ``lists`` from the row count.
 
     ivfflat learns its lists from the rows present when it is built, so an index built on an empty
@@ -94,6 +98,9 @@ def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = TableNames()
         if rows == 0:
             return False
         lists = max(1, min(rows // 1000, 4000))
-        conn.execute(sql.SQL("CREATE INDEX {} ON {} USING ivfflat (vector vector_l2_ops) WITH (lists = {})").format(
-            ids["ann_index"], ids["embedding"], sql.Literal(lists)))
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON {} USING ivfflat (vector vector_l2_ops) WITH (lists = {})").format(
+                ids["ann_index"], ids["embedding"], sql.Literal(lists)
+            )
+        )
     return True

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
-from airflow_embedding_provider.storage.schema import TableNames
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.validation import Rejected
 
 DEFAULT_STREAM = "recruit"
@@ -64,8 +64,14 @@ class ChunkWriter:
     :param stream_name: the checkpoint row this writer advances.
     """
 
-    def __init__(self, conn: psycopg.Connection, *, dimension: int, tables: TableNames = TableNames(),
-                 stream_name: str = DEFAULT_STREAM) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        *,
+        dimension: int,
+        tables: TableNames = DEFAULT_TABLES,
+        stream_name: str = DEFAULT_STREAM,
+    ) -> None:
         self._conn = conn
         self._dimension = dimension
         self._tables = tables
@@ -77,16 +83,27 @@ class ChunkWriter:
         if self._staged:
             return
         with self._conn.transaction():
-            self._conn.execute(sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, company_name text, exp_years int4, "
-                "english_level text, primary_keyword text) ON COMMIT DELETE ROWS").format(_STAGE_META))
-            self._conn.execute(sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, vector vector({})) ON COMMIT DELETE ROWS"
-            ).format(_STAGE_VEC, sql.Literal(self._dimension)))
+            self._conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, company_name text, exp_years int4, "
+                    "english_level text, primary_keyword text) ON COMMIT DELETE ROWS"
+                ).format(_STAGE_META)
+            )
+            self._conn.execute(
+                sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, vector vector({})) ON COMMIT DELETE ROWS").format(
+                    _STAGE_VEC, sql.Literal(self._dimension)
+                )
+            )
         self._staged = True
 
-    def write(self, batch: RowBatch, rejected: Sequence[Rejected] = (), *, checkpoint: str | None = None,
-              origin: Mapping[str, Any] | None = None) -> WriteResult:
+    def write(
+        self,
+        batch: RowBatch,
+        rejected: Sequence[Rejected] = (),
+        *,
+        checkpoint: str | None = None,
+        origin: Mapping[str, Any] | None = None,
+    ) -> WriteResult:
         """Store ``batch`` and ``rejected`` and advance the checkpoint to ``checkpoint``, atomically."""
         if batch.dimension != self._dimension and len(batch):
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
@@ -100,36 +117,56 @@ class ChunkWriter:
                 self._dead_letter(cur, rejected, origin or {})
             if checkpoint is not None:
                 advance_checkpoint(cur, self._tables, self._stream, checkpoint)
-        return WriteResult(inserted=inserted, updated=updated, unchanged=len(batch) - inserted - updated,
-                           duplicates=duplicates, rejected=len(rejected))
+        return WriteResult(
+            inserted=inserted,
+            updated=updated,
+            unchanged=len(batch) - inserted - updated,
+            duplicates=duplicates,
+            rejected=len(rejected),
+        )
 
     def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
+        # ON COMMIT DELETE ROWS empties the stage only when ours is the outermost transaction;
+        # inside a caller's transaction this is a savepoint, so empty it explicitly.
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
         with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_META)) as copy:
             copy.set_types(["uuid", "text", "int4", "text", "text"])
             for i in range(len(batch)):
-                copy.write_row((uuid.UUID(batch.ids[i]), batch.company_name[i], batch.exp_years[i],
-                                batch.english_level[i], batch.primary_keyword[i]))
+                copy.write_row(
+                    (
+                        uuid.UUID(batch.ids[i]),
+                        batch.company_name[i],
+                        batch.exp_years[i],
+                        batch.english_level[i],
+                        batch.primary_keyword[i],
+                    )
+                )
         with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_VEC)) as copy:
             copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
         # Metadata first: the embedding's foreign key needs it (SEED.md 7.3). Unchanged rows are
         # skipped by the WHERE clauses, so a re-run rewrites nothing and keeps updated_at.
-        meta = cur.execute(sql.SQL(
-            "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword) "
-            "SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
-            "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = EXCLUDED.exp_years, "
-            "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, updated_at = now() "
-            "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
-            "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
-            "RETURNING id, xmax = 0 AS inserted) "
-            "SELECT count(*) FILTER (WHERE inserted), coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') "
-            "FROM up"
-        ).format(m=self._ids["metadata"], s=_STAGE_META)).fetchone()
-        emb = cur.execute(sql.SQL(
-            "WITH up AS (INSERT INTO {e} AS t (id, vector) SELECT id, vector FROM {s} "
-            "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
-            "WHERE t.vector IS DISTINCT FROM EXCLUDED.vector RETURNING id, xmax = 0 AS inserted) "
-            "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
-        ).format(e=self._ids["embedding"], s=_STAGE_VEC)).fetchone()
+        meta = cur.execute(
+            sql.SQL(
+                "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword) "
+                "SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
+                "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = EXCLUDED.exp_years, "
+                "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, updated_at = now() "
+                "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
+                "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
+                "RETURNING id, xmax = 0 AS inserted) "
+                "SELECT count(*) FILTER (WHERE inserted), coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') "
+                "FROM up"
+            ).format(m=self._ids["metadata"], s=_STAGE_META)
+        ).fetchone()
+        emb = cur.execute(
+            sql.SQL(
+                "WITH up AS (INSERT INTO {e} AS t (id, vector) SELECT id, vector FROM {s} "
+                "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
+                "WHERE t.vector IS DISTINCT FROM EXCLUDED.vector RETURNING id, xmax = 0 AS inserted) "
+                "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
+            ).format(e=self._ids["embedding"], s=_STAGE_VEC)
+        ).fetchone()
         assert meta is not None and emb is not None
         # New rows are new in both tables; an existing row is updated when either table changed.
         return int(meta[0]), len(set(meta[1]) | set(emb[0]))
@@ -137,23 +174,32 @@ class ChunkWriter:
     def _dead_letter(self, cur: psycopg.Cursor, rejected: Sequence[Rejected], origin: Mapping[str, Any]) -> None:
         cur.executemany(
             sql.SQL("INSERT INTO {} (id, error_kind, error_message, payload) VALUES (%s, %s, %s, %s)").format(
-                self._ids["dlq"]),
+                self._ids["dlq"]
+            ),
             [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)})) for r in rejected],
         )
 
 
 def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:
     """Move the stream's checkpoint forward; ``GREATEST`` keeps it from ever moving back."""
-    cur.execute(sql.SQL(
-        "INSERT INTO {c} AS c (stream_name, last_processed_uuid, updated_at) VALUES (%s, %s, now()) "
-        "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
-        "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
-    ).format(c=tables.identifiers()["checkpoint"]), (stream_name, last_processed_uuid))
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {c} AS c (stream_name, last_processed_uuid, updated_at) VALUES (%s, %s, now()) "
+            "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
+            "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
+        ).format(c=tables.identifiers()["checkpoint"]),
+        (stream_name, last_processed_uuid),
+    )
 
 
-def read_checkpoint(conn: psycopg.Connection, tables: TableNames = TableNames(),
-                    stream_name: str = DEFAULT_STREAM) -> str | None:
-    row = conn.execute(sql.SQL("SELECT last_processed_uuid FROM {} WHERE stream_name = %s").format(
-        tables.identifiers()["checkpoint"]), (stream_name,)).fetchone()
-    conn.commit()
+def read_checkpoint(
+    conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES, stream_name: str = DEFAULT_STREAM
+) -> str | None:
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL("SELECT last_processed_uuid FROM {} WHERE stream_name = %s").format(
+                tables.identifiers()["checkpoint"]
+            ),
+            (stream_name,),
+        ).fetchone()
     return None if row is None or row[0] is None else str(row[0])

@@ -38,8 +38,12 @@ class WireChunk:
         return len(self.ids)
 
 
-def _opt(row: RecruitRowBytes, field: str) -> str | int | None:
-    return getattr(row, field) if row.HasField(field) else None  # type: ignore[arg-type]
+def _opt_str(row: RecruitRowBytes, field: str) -> str | None:
+    return str(getattr(row, field)) if row.HasField(field) else None
+
+
+def _opt_int(row: RecruitRowBytes, field: str) -> int | None:
+    return int(getattr(row, field)) if row.HasField(field) else None
 
 
 def _vector_bytes(row: RecruitRowBytes) -> bytes:
@@ -56,10 +60,10 @@ def decode_chunk(message: RowChunkBytes) -> WireChunk:
     rows = message.rows
     return WireChunk(
         ids=[r.id for r in rows],
-        company_name=[_opt(r, "company_name") for r in rows],  # type: ignore[misc]
-        exp_years=[_opt(r, "exp_years") for r in rows],  # type: ignore[misc]
-        english_level=[_opt(r, "english_level") for r in rows],  # type: ignore[misc]
-        primary_keyword=[_opt(r, "primary_keyword") for r in rows],  # type: ignore[misc]
+        company_name=[_opt_str(r, "company_name") for r in rows],
+        exp_years=[_opt_int(r, "exp_years") for r in rows],
+        english_level=[_opt_str(r, "english_level") for r in rows],
+        primary_keyword=[_opt_str(r, "primary_keyword") for r in rows],
         vectors=[_vector_bytes(r) for r in rows],
     )
 
@@ -95,5 +99,6 @@ def encode_rows(
 
 
 def encode_batch(batch: RowBatch) -> RowChunkBytes:
-    return encode_rows(batch.ids, batch.company_name, batch.exp_years, batch.english_level,
-                       batch.primary_keyword, batch.vectors)
+    return encode_rows(
+        batch.ids, batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, batch.vectors
+    )

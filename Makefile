@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ROWS ?= 10000
+DSN ?=
+
+.PHONY: install demo test unit integration lint proto bench query clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## the main job end to end: embedded PostgreSQL+pgvector, AI server, real DAG runs
+	$(PY) -m airflow_embedding_provider.devkit.demo --rows $(ROWS) $(if $(DSN),--dsn "$(DSN)")
+
+query: install  ## make query SQL="SELECT count(*) FROM recruit_metadata"
+	$(PY) -m airflow_embedding_provider.devkit.query "$(SQL)" $(if $(DSN),--dsn "$(DSN)")
+
+test: lint  ## lint, type checks and the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+proto: install  ## regenerate airflow_embedding_provider/wire from proto/
+	$(PY) scripts/generate_proto.py
+
+bench: install
+	$(PY) -m bench.run $(if $(ROWS_BENCH),--rows $(ROWS_BENCH))
+
+clean:
+	rm -rf .demo .bench .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real PostgreSQL with pgvector, a real AI server, a throwaway Airflow home.
+
+Every server listens on a free port of 127.0.0.1 and is stopped when its fixture ends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before anything imports Airflow: a throwaway home, no example DAGs.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-test-home-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+import pandas as pd
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
+from airflow_embedding_provider.ai_server.service import build_server
+from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
+from airflow_embedding_provider.devkit.sample import make_sample
+
+SAMPLE_ROWS = 3000
+
+
+@pytest.fixture(scope="session")
+def sample_frame() -> pd.DataFrame:
+    return make_sample(SAMPLE_ROWS, seed=11)
+
+
+@pytest.fixture(scope="session")
+def sample_pkl(tmp_path_factory: pytest.TempPathFactory, sample_frame: pd.DataFrame) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sample.pkl"
+    sample_frame.to_pickle(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(sample_pkl: Path) -> EmbeddingDataset:
+    return load_dataset(sample_pkl)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
+    """A new, empty database for this test."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    return postgres.create_database(f"t_{name}")
+
+
+def start_ai_server(dataset: EmbeddingDataset) -> tuple[object, str]:
+    server, port = build_server(dataset, host="127.0.0.1", port=0)
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def ai_server(sample_dataset: EmbeddingDataset) -> Iterator[str]:
+    """An in-process AI server over the sample; yields ``host:port``."""
+    server, target = start_ai_server(sample_dataset)
+    yield target
+    server.stop(0)  # type: ignore[attr-defined]

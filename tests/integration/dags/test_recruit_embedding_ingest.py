@@ -1,0 +1,104 @@
+"""``recruit_embedding_ingest`` run for real: ``airflow dags test``, real PostgreSQL and AI server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.devkit.stack import dags_test, task_result
+from airflow_embedding_provider.devkit.verify import compare, table_digest
+
+DAG_ID = "recruit_embedding_ingest"
+
+
+def _checkpoint(dsn: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        if conn.execute("SELECT to_regclass('embedding_batch_checkpoint')").fetchone() == (None,):
+            return None
+        row = conn.execute(
+            "SELECT last_processed_uuid::text FROM embedding_batch_checkpoint WHERE stream_name = 'recruit'"
+        ).fetchone()
+    return None if row is None else row[0]
+
+
+def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
+    dag_env: dict[str, str], airflow_home: Path, pg_dsn: str, sample_dataset: EmbeddingDataset
+) -> None:
+    dags_test(DAG_ID, dag_env)
+    result = task_result(airflow_home, DAG_ID, "ingest")
+    assert result["rows_received"] == result["inserted"] == len(sample_dataset)
+    assert result["rows_dlq"] == 0 and result["start_after"] is None
+    assert result["last_processed_uuid"] == sample_dataset.ids[-1]
+    assert task_result(airflow_home, DAG_ID, "ingest", key="checkpoint") == sample_dataset.ids[-1]
+    assert _checkpoint(pg_dsn) == sample_dataset.ids[-1]
+    with psycopg.connect(pg_dsn) as conn:
+        check = compare(conn, sample_dataset)
+        assert check.equal, check.summary()
+        before = table_digest(conn)
+        index = conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'recruit_embedding_ivfflat'").fetchone()
+        assert index is not None
+
+    # A second scheduled run resumes after the checkpoint: nothing new, nothing rewritten.
+    dags_test(DAG_ID, dag_env)
+    again = task_result(airflow_home, DAG_ID, "ingest")
+    assert again["start_after"] == sample_dataset.ids[-1] and again["rows_received"] == 0
+
+    # A triggered run re-sends what follows the given id; the upserts change nothing.
+    middle = sample_dataset.ids[1999]
+    dags_test(DAG_ID, dag_env, conf={"last_processed_uuid": middle.upper()})
+    triggered = task_result(airflow_home, DAG_ID, "ingest")
+    assert triggered["start_after"] == middle
+    assert triggered["rows_received"] == triggered["unchanged"] == len(sample_dataset) - 2000
+    assert _checkpoint(pg_dsn) == sample_dataset.ids[-1]
+    with psycopg.connect(pg_dsn) as conn:
+        assert table_digest(conn) == before
+
+
+def test_chunk_size_param_reaches_the_stream(dag_env: dict[str, str], airflow_home: Path, pg_dsn: str) -> None:
+    dags_test(DAG_ID, dag_env, conf={"chunk_size": 1000})
+    assert task_result(airflow_home, DAG_ID, "ingest")["chunks"] == 3
+
+
+def test_a_param_that_is_not_a_uuid_is_refused(dag_env: dict[str, str], pg_dsn: str) -> None:
+    result = dags_test(DAG_ID, dag_env, conf={"last_processed_uuid": "yesterday"}, check=False)
+    assert result.returncode != 0
+    assert "is not a 'uuid'" in result.stdout + result.stderr
+    assert _checkpoint(pg_dsn) is None
+
+
+def test_ai_server_down_fails_the_run_with_a_clear_message(dag_env: dict[str, str], pg_dsn: str) -> None:
+    env = dict(dag_env)
+    env["AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT"] = json.dumps(
+        {"conn_type": "embedding_grpc", "host": "127.0.0.1", "port": 9, "extra": {"timeout": 2}}
+    )
+    result = dags_test(DAG_ID, env, check=False)
+    assert result.returncode != 0
+    assert "no gRPC server answered at 127.0.0.1:9 within 2 s" in result.stdout + result.stderr
+
+
+def test_a_table_of_another_dimension_stops_the_run(dag_env: dict[str, str], pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("CREATE TABLE recruit_metadata (id uuid PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE recruit_embedding (id uuid PRIMARY KEY REFERENCES recruit_metadata(id), vector vector(768))"
+        )
+    result = dags_test(DAG_ID, dag_env, check=False)
+    assert result.returncode != 0
+    assert "stores vector(768) but the configured dimension is 384" in result.stdout + result.stderr
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM recruit_embedding").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("command", [["providers", "list"], ["providers", "hooks"]])
+def test_airflow_lists_the_provider(dag_env: dict[str, str], command: list[str]) -> None:
+    from airflow_embedding_provider.devkit.stack import airflow
+
+    out = airflow(command, dag_env).stdout
+    assert "airflow-embedding-provider" in out
+    if command[1] == "hooks":
+        assert "embedding_grpc" in out and "GrpcEmbeddingHook" in out

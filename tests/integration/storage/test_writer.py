@@ -1,0 +1,144 @@
+"""The chunk writer against a real PostgreSQL with pgvector."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+
+from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.storage.schema import (
+    SchemaMismatchError,
+    apply_schema,
+    ensure_ann_index,
+    vector_dimension,
+)
+from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
+from airflow_embedding_provider.validation import Rejected
+
+DIM = 8
+
+
+def _batch(ids: list[str], value: float = 0.5, keyword: str = "Python") -> RowBatch:
+    n = len(ids)
+    vectors = np.tile(np.arange(DIM, dtype=np.float32) * value, (n, 1))
+    return RowBatch(
+        ids=ids,
+        company_name=["Żabka"] * n,
+        exp_years=[3] * n,
+        english_level=["upper"] * n,
+        primary_keyword=[keyword] * n,
+        vectors=vectors,
+    )
+
+
+def _ids(n: int, start: int = 0) -> list[str]:
+    return [str(uuid.UUID(int=(0x019B << 112) | (i + start))) for i in range(n)]
+
+
+@pytest.fixture
+def conn(pg_dsn: str):
+    with psycopg.connect(pg_dsn) as c:
+        apply_schema(c, DIM)
+        yield c
+
+
+def _count(conn: psycopg.Connection, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+
+
+def test_upsert_is_idempotent_and_counts_changes(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(5)
+    first = writer.write(_batch(ids), checkpoint=ids[-1])
+    assert (first.inserted, first.updated, first.unchanged) == (5, 0, 0)
+    stamp = conn.execute("SELECT max(updated_at) FROM recruit_metadata").fetchone()
+    again = writer.write(_batch(ids), checkpoint=ids[-1])
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 5)
+    assert conn.execute("SELECT max(updated_at) FROM recruit_metadata").fetchone() == stamp  # nothing rewritten
+    changed = writer.write(_batch(ids[:2], keyword="Go"))
+    assert (changed.inserted, changed.updated) == (0, 2)
+    vec = writer.write(_batch(ids[2:3], value=3.0))
+    assert (vec.inserted, vec.updated) == (0, 1)
+    assert _count(conn, "recruit_metadata") == 5 == _count(conn, "recruit_embedding")
+    stored = conn.execute("SELECT vector::text FROM recruit_embedding WHERE id = %s", (ids[2],)).fetchone()
+    assert stored == ("[" + ",".join(str(int(v) if v.is_integer() else v) for v in np.arange(DIM) * 3.0) + "]",)
+
+
+def test_same_id_twice_in_a_chunk_the_later_wins(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(3)
+    first = _batch([ids[0], ids[1]], keyword="Java")
+    later = _batch([ids[0], ids[2]], keyword="Rust")
+    both = RowBatch(
+        ids=[*first.ids, *later.ids],
+        company_name=[*first.company_name, *later.company_name],
+        exp_years=[*first.exp_years, *later.exp_years],
+        english_level=[*first.english_level, *later.english_level],
+        primary_keyword=[*first.primary_keyword, *later.primary_keyword],
+        vectors=np.vstack([first.vectors, later.vectors]),
+    )
+    result = writer.write(both)
+    assert (result.inserted, result.duplicates) == (3, 1)
+    assert conn.execute("SELECT primary_keyword FROM recruit_metadata WHERE id = %s", (ids[0],)).fetchone() == ("Rust",)
+
+
+def test_checkpoint_never_moves_backwards(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(10)
+    writer.write(_batch(ids[:5]), checkpoint=ids[4])
+    writer.write(_batch(ids[:2]), checkpoint=ids[1])
+    assert read_checkpoint(conn) == ids[4]
+    writer.write(_batch(ids[5:]), checkpoint=ids[9])
+    assert read_checkpoint(conn) == ids[9]
+    assert _count(conn, "embedding_batch_checkpoint") == 1
+
+
+def test_rejected_rows_land_in_the_dlq_with_the_chunk(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(3)
+    bad = Rejected(
+        id=None,
+        kind="invalid_id",
+        message="id 'x' is not a UUID",
+        payload={"id": "x", "vector": [1.0], "company_name": None},
+    )
+    result = writer.write(_batch(ids), [bad], checkpoint=ids[-1], origin={"run_id": "r1"})
+    assert result.rejected == 1
+    row = conn.execute("SELECT id, error_kind, error_message, payload FROM recruit_embedding_dlq").fetchone()
+    assert row is not None
+    assert row[:3] == (None, "invalid_id", "id 'x' is not a UUID")
+    assert row[3]["id"] == "x" and row[3]["vector"] == [1.0]
+    assert row[3]["_origin"] == {"run_id": "r1"}
+    assert read_checkpoint(conn) == ids[-1]
+
+
+def test_a_failed_chunk_leaves_nothing_behind(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(3)
+    conn.execute("ALTER TABLE recruit_metadata ADD CONSTRAINT no_cobol CHECK (primary_keyword <> 'COBOL')")
+    conn.commit()
+    with pytest.raises(psycopg.errors.CheckViolation):
+        writer.write(_batch(ids, keyword="COBOL"), checkpoint=ids[-1])
+    conn.rollback()
+    assert _count(conn, "recruit_metadata") == 0 and _count(conn, "recruit_embedding") == 0
+    assert read_checkpoint(conn) is None
+
+
+def test_schema_is_idempotent_and_guards_the_dimension(conn: psycopg.Connection) -> None:
+    apply_schema(conn, DIM)
+    apply_schema(conn, DIM)
+    assert vector_dimension(conn, "recruit_embedding") == DIM
+    with pytest.raises(SchemaMismatchError, match=r"stores vector\(8\) but the configured dimension is 384"):
+        apply_schema(conn, 384)
+
+
+def test_ann_index_is_built_after_data_arrives(conn: psycopg.Connection) -> None:
+    assert ensure_ann_index(conn) is False  # empty table: ivfflat would learn nothing
+    ChunkWriter(conn, dimension=DIM).write(_batch(_ids(50)))
+    assert ensure_ann_index(conn) is True
+    assert ensure_ann_index(conn) is False
+    indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'recruit_embedding_ivfflat'").fetchone()
+    assert indexdef is not None and "ivfflat" in indexdef[0] and "lists='1'" in indexdef[0]

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import DatasetError, load_dataset
+from airflow_embedding_provider.devkit.sample import ENGLISH_LEVELS, make_sample
+
+
+def _write(tmp_path: Path, frame: object, name: str = "data.pkl") -> Path:
+    path = tmp_path / name
+    with path.open("wb") as fh:
+        pickle.dump(frame, fh)
+    return path
+
+
+def test_rows_are_ordered_by_id_and_columns_kept(tmp_path: Path) -> None:
+    frame = make_sample(500, dimension=16, seed=3)
+    data = load_dataset(_write(tmp_path, frame))
+    assert data.ids == sorted(frame["id"])
+    assert data.dimension == 16 and data.vectors.dtype == np.float32
+    by_id = frame.set_index("id")
+    for i in (0, 17, 499):
+        src = by_id.loc[data.ids[i]]
+        assert (data.company_name[i], data.exp_years[i], data.english_level[i], data.primary_keyword[i]) == (
+            src["Company Name"],
+            src["Exp Years"],
+            src["English Level"],
+            src["Primary Keyword"],
+        )
+        assert data.vectors[i].tobytes() == np.asarray(src["job_post_vectors"], np.float32).tobytes()
+
+
+def test_sample_has_uuid7_ids_realistic_values_and_unit_vectors() -> None:
+    frame = make_sample(300, seed=5)
+    assert {uuid.UUID(i).version for i in frame["id"]} == {7}
+    assert frame["id"].is_unique
+    assert set(frame["English Level"]) <= set(ENGLISH_LEVELS)
+    assert any(not name.isascii() for name in frame["Company Name"])
+    norms = np.linalg.norm(np.stack(frame["job_post_vectors"].tolist()), axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-5)
+
+
+def test_start_after_is_strictly_after(tmp_path: Path) -> None:
+    data = load_dataset(_write(tmp_path, make_sample(100, dimension=4)))
+    assert data.start_after("") == 0
+    assert data.start_after(data.ids[41]) == 42
+    assert data.start_after(data.ids[-1]) == 100
+    assert data.start_after("00000000-0000-0000-0000-000000000000") == 0
+    with pytest.raises(ValueError):
+        data.start_after("nope")
+
+
+def test_row_level_problems_are_kept_for_the_dead_letter_queue(tmp_path: Path) -> None:
+    frame = make_sample(10, dimension=4)
+    frame.loc[2, "id"] = "not-a-uuid"
+    frame.at[3, "job_post_vectors"] = np.array([1.0, 2.0])  # type: ignore[assignment]
+    frame["Exp Years"] = frame["Exp Years"].astype(object)
+    frame.loc[4, "Exp Years"] = "7 years"
+    frame.loc[5, "Company Name"] = None
+    data = load_dataset(_write(tmp_path, frame))
+    assert data.invalid_prefix == 1 and data.ids[0] == "not-a-uuid"
+    odd = data.ids.index(str(frame.loc[3, "id"]))
+    assert data.odd_vectors == {odd: np.array([1.0, 2.0], "<f4").tobytes()}
+    assert data.exp_years[data.ids.index(str(frame.loc[4, "id"]))] == 7
+    assert data.company_name[data.ids.index(str(frame.loc[5, "id"]))] is None
+    message = data.chunk(0, 10)
+    assert message.rows[odd].vector == np.array([1.0, 2.0], "<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (lambda p: p.write_text("id,Company Name\n1,x\n"), "not a readable pickle"),
+        (lambda p: _write(p.parent, [1, 2, 3], p.name), "holds a list, expected a pandas DataFrame"),
+        (
+            lambda p: _write(p.parent, make_sample(3, dimension=4).drop(columns=["English Level"]), p.name),
+            "missing column(s) 'English Level'",
+        ),
+        (lambda p: _write(p.parent, make_sample(3, dimension=4).iloc[0:0], p.name), "the DataFrame has no rows"),
+        (
+            lambda p: _write(p.parent, make_sample(3, dimension=4).assign(**{"Exp Years": ["senior"] * 3}), p.name),
+            "column 'Exp Years' row 0 holds 'senior'",
+        ),
+        (
+            lambda p: _write(p.parent, make_sample(3, dimension=4).assign(job_post_vectors=["abc"] * 3), p.name),
+            "column 'job_post_vectors' row 0 holds str",
+        ),
+        (
+            lambda p: _write(p.parent, make_sample(3, dimension=4).assign(**{"Company Name": [1.5, 2.5, 3.5]}), p.name),
+            "column 'Company Name' row 0 holds a float",
+        ),
+    ],
+)
+def test_bad_files_give_one_clear_error(tmp_path: Path, make, expected: str) -> None:
+    path = tmp_path / "bad.pkl"
+    make(path)
+    with pytest.raises(DatasetError, match=None) as info:
+        load_dataset(path)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset(tmp_path / "absent.pkl")
+
+
+def test_cli_prints_one_error_line_and_exits_1(tmp_path: Path) -> None:
+    bad = _write(tmp_path, pd.DataFrame({"id": ["x"]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow_embedding_provider.cli", "ai-server", "--pkl", str(bad), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("airflow-embedding ai-server: error:") and "missing column(s)" in lines[0]

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from airflow_embedding_provider.validation import MAX_TEXT_LENGTH, validate_chunk
+from airflow_embedding_provider.wire.codec import WireChunk
+
+DIM = 4
+GOOD_ID = "019b0ab5-1c02-7a99-b42a-2f729811ce12"
+
+
+def _chunk(**overrides: object) -> WireChunk:
+    row: dict[str, object] = {
+        "ids": GOOD_ID,
+        "company_name": "Acme",
+        "exp_years": 3,
+        "english_level": "upper",
+        "primary_keyword": "Python",
+        "vectors": np.ones(DIM, "<f4").tobytes(),
+    }
+    row.update(overrides)
+    return WireChunk(**{k: [v] for k, v in row.items()})  # type: ignore[arg-type]
+
+
+def test_a_good_row_passes_with_a_canonical_id() -> None:
+    batch, rejected = validate_chunk(_chunk(ids=GOOD_ID.upper()), DIM)
+    assert rejected == []
+    assert list(batch.ids) == [GOOD_ID]
+    assert batch.vectors.tolist() == [[1.0] * DIM]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "message"),
+    [
+        ({"ids": ""}, "missing_id", "id is missing"),
+        ({"ids": "row-17"}, "invalid_id", "id 'row-17' is not a UUID"),
+        ({"vectors": b""}, "missing_vector", "vector is missing or empty"),
+        ({"vectors": b"\x00" * 7}, "bad_vector_bytes", "vector has 7 bytes"),
+        ({"vectors": np.ones(3, "<f4").tobytes()}, "dimension_mismatch", "vector has 3 dimensions, expected 4"),
+        ({"vectors": np.array([1, np.nan, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [1]"),
+        ({"vectors": np.array([np.inf, 1, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [0]"),
+        ({"company_name": "a\x00b"}, "nul_byte", "company_name contains a NUL byte"),
+        ({"primary_keyword": "x" * (MAX_TEXT_LENGTH + 1)}, "text_too_long", "primary_keyword has 10001 characters"),
+        ({"exp_years": -1}, "exp_years_out_of_range", "exp_years is -1, expected 0 or more"),
+    ],
+)
+def test_bad_rows_are_rejected_with_a_reason(overrides: dict[str, object], kind: str, message: str) -> None:
+    batch, rejected = validate_chunk(_chunk(**overrides), DIM)
+    assert len(batch) == 0
+    assert [r.kind for r in rejected] == [kind]
+    assert message in rejected[0].message
+    payload = rejected[0].payload
+    assert set(payload) == {"id", "company_name", "exp_years", "english_level", "primary_keyword", "vector"}
+
+
+def test_good_rows_keep_their_order_around_bad_ones() -> None:
+    ids = [f"019b0ab5-1c02-7a99-b42a-{i:012d}" for i in range(4)]
+    vectors = [np.full(DIM, i, "<f4").tobytes() for i in range(4)]
+    vectors[1] = np.full(DIM, np.nan, "<f4").tobytes()
+    chunk = WireChunk(
+        ids=ids,
+        company_name=[None] * 4,
+        exp_years=[None] * 4,
+        english_level=[None] * 4,
+        primary_keyword=[None] * 4,
+        vectors=vectors,
+    )
+    batch, rejected = validate_chunk(chunk, DIM)
+    assert list(batch.ids) == [ids[0], ids[2], ids[3]]
+    assert batch.vectors[:, 0].tolist() == [0.0, 2.0, 3.0]
+    assert [r.id for r in rejected] == [ids[1]]
+    assert rejected[0].payload["vector"] == ["nan"] * DIM
