@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,12 @@ class Rejected:
     kind: str
     message: str
     payload: dict[str, Any] = field(repr=False)
+
+    @property
+    def row_key(self) -> str:
+        """sha256 of the row as received: the same bad row sent twice is one DLQ entry."""
+        canonical = json.dumps(self.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,10 +45,14 @@ def sample_dataset(sample_pkl: Path) -> EmbeddingDataset:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data").start()
+def postgres() -> Iterator[EmbeddedPostgres]:
+    # Not under pytest's basetemp: pytest re-locks that to mode 0700 at each session start, and
+    # PostgreSQL runs as another user when we are root.
+    folder = Path(tempfile.mkdtemp(prefix="embedded-pg-"))
+    server = EmbeddedPostgres(folder / "data").start()
     yield server
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

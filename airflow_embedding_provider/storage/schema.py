@@ -34,6 +34,7 @@ class TableNames:
             "dlq": sql.Identifier(self.dlq),
             "checkpoint": sql.Identifier(self.checkpoint),
             "dlq_id_index": sql.Identifier(f"{self.dlq}_id_idx"),
+            "dlq_row_key_index": sql.Identifier(f"{self.dlq}_row_key_key"),
             "checkpoint_stream_index": sql.Identifier(f"{self.checkpoint}_stream_name_key"),
             "ann_index": sql.Identifier(f"{self.embedding}_ivfflat"),
         }

@@ -172,12 +172,23 @@ class ChunkWriter:
         return int(meta[0]), len(set(meta[1]) | set(emb[0]))
 
     def _dead_letter(self, cur: psycopg.Cursor, rejected: Sequence[Rejected], origin: Mapping[str, Any]) -> None:
-        cur.executemany(
-            sql.SQL("INSERT INTO {} (id, error_kind, error_message, payload) VALUES (%s, %s, %s, %s)").format(
-                self._ids["dlq"]
-            ),
-            [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)})) for r in rejected],
-        )
+        dead_letter(cur, self._tables, rejected, origin)
+
+
+def dead_letter(
+    cur: psycopg.Cursor, tables: TableNames, rejected: Sequence[Rejected], origin: Mapping[str, Any]
+) -> None:
+    """Insert rejected rows once each (by ``row_key``); a pending entry seen again keeps its first
+    origin and takes the newest reason, so re-running a load leaves the DLQ as it was."""
+    cur.executemany(
+        sql.SQL(
+            "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (row_key) DO UPDATE SET error_kind = EXCLUDED.error_kind, "
+            "error_message = EXCLUDED.error_message WHERE t.status = 'pending' AND "
+            "(t.error_kind, t.error_message) IS DISTINCT FROM (EXCLUDED.error_kind, EXCLUDED.error_message)"
+        ).format(dlq=tables.identifiers()["dlq"]),
+        [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key) for r in rejected],
+    )
 
 
 def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:

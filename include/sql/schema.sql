@@ -28,7 +28,14 @@ CREATE TABLE IF NOT EXISTS {dlq} (
 -- error_kind: a short reason (dimension_mismatch, invalid_id, ...) to scope replays by.
 ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS error_kind TEXT;
 ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS dlq_id BIGSERIAL;
+-- row_key: sha256 of the row as received, so that the same bad row sent again is one entry.
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS row_key TEXT;
+-- status: pending until a replay stores the row (resolved); attempts counts replays tried.
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT 'pending';
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS attempts INT NOT NULL DEFAULT 0;
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS last_attempt_at TIMESTAMP;
 CREATE INDEX IF NOT EXISTS {dlq_id_index} ON {dlq} (id);
+CREATE UNIQUE INDEX IF NOT EXISTS {dlq_row_key_index} ON {dlq} (row_key);
 
 CREATE TABLE IF NOT EXISTS {checkpoint} (
     id SERIAL PRIMARY KEY,
