@@ -26,6 +26,7 @@ class TableNames:
     embedding: str = "recruit_embedding"
     dlq: str = "recruit_embedding_dlq"
     checkpoint: str = "embedding_batch_checkpoint"
+    outbox: str = "embedding_cache_outbox"
 
     def identifiers(self) -> dict[str, sql.Composable]:
         return {
@@ -33,6 +34,8 @@ class TableNames:
             "embedding": sql.Identifier(self.embedding),
             "dlq": sql.Identifier(self.dlq),
             "checkpoint": sql.Identifier(self.checkpoint),
+            "outbox": sql.Identifier(self.outbox),
+            "outbox_pending_index": sql.Identifier(f"{self.outbox}_pending_key"),
             "dlq_id_index": sql.Identifier(f"{self.dlq}_id_idx"),
             "dlq_row_key_index": sql.Identifier(f"{self.dlq}_row_key_key"),
             "checkpoint_stream_index": sql.Identifier(f"{self.checkpoint}_stream_name_key"),

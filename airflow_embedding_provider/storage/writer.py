@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
+from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.validation import Rejected
 
@@ -62,6 +63,8 @@ class ChunkWriter:
     :param dimension: the configured vector dimension; the staging table is declared with it.
     :param tables: table names; the design's by default.
     :param stream_name: the checkpoint row this writer advances.
+    :param cache_request: when given, every chunk that inserts or changes rows records in the
+        outbox, in its own transaction, that this cache target is stale.
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class ChunkWriter:
         dimension: int,
         tables: TableNames = DEFAULT_TABLES,
         stream_name: str = DEFAULT_STREAM,
+        cache_request: CacheRequest | None = None,
     ) -> None:
         self._conn = conn
+        self._cache_request = cache_request
         self._dimension = dimension
         self._tables = tables
         self._stream = stream_name
@@ -113,6 +118,8 @@ class ChunkWriter:
         with self._conn.transaction(), self._conn.cursor() as cur:
             if len(batch):
                 inserted, updated = self._upsert(cur, batch)
+            if (inserted or updated) and self._cache_request is not None:
+                request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
                 self._dead_letter(cur, rejected, origin or {})
             if checkpoint is not None:

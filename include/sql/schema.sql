@@ -45,3 +45,17 @@ CREATE TABLE IF NOT EXISTS {checkpoint} (
 -- One row a stream, updated in place and never moved backwards (see storage/checkpoint.py).
 ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS stream_name TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS {checkpoint_stream_index} ON {checkpoint} (stream_name);
+
+-- Cache invalidation outbox (SEED.md 7.4, 10.1-10.2): a writer that changed rows records, in the
+-- same transaction, that the API server's cache for target must be dropped. One pending entry per
+-- (target, source); a deliverer coalesces every pending entry of a target into one call.
+CREATE TABLE IF NOT EXISTS {outbox} (
+    id BIGSERIAL PRIMARY KEY,
+    target TEXT NOT NULL,
+    source TEXT NOT NULL,
+    requested_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    delivered_at TIMESTAMP,
+    attempts INT NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {outbox_pending_index} ON {outbox} (target, source) WHERE delivered_at IS NULL;
