@@ -1,0 +1,244 @@
+"""Read and settle dead letter queue entries: the storage side of the DLQ replay (SEED.md 7.3 (4)).
+
+An entry's ``payload`` is the row as it was received (see ``validation``): vectors as JSON numbers,
+non-finite values as the strings ``"nan"``/``"inf"``/``"-inf"``, and byte strings that are not
+whole float32 values as ``{"base64": ...}``. :func:`payload_to_chunk` turns it back into the
+:class:`WireChunk` the row arrived in, so a replay validates and writes exactly what was received.
+
+Settled entries are kept by default (``status = 'resolved'``) rather than deleted: the DLQ then
+stays an audit trail of what failed, why and when it was fixed, and a resolved entry is never
+selected again, which is what makes a replay idempotent. ``mark_resolved(..., delete=True)``
+deletes instead, for deployments that prefer an empty queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from airflow_embedding_provider.storage.schema import TableNames
+from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
+
+PENDING = "pending"
+RESOLVED = "resolved"
+_TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
+
+
+class PayloadError(ValueError):
+    """A stored payload cannot be turned back into a received row (hand-edited, or truncated)."""
+
+
+@dataclass(frozen=True)
+class DlqScope:
+    """Which pending entries a replay takes; the filters given are combined with AND, none = all.
+
+    :param ids: row ids (canonical UUID strings); entries whose row had no valid id have none and
+        are reachable only through the other filters.
+    :param since: entries created at or after this instant.
+    :param until: entries created before this instant (exclusive, so that consecutive windows
+        never overlap). ``created_at`` is a ``timestamp`` written by ``now()`` in the database's
+        time zone; aware datetimes are compared in that same zone by PostgreSQL.
+    :param error_kinds: the ``error_kind`` values to take, e.g. ``("dimension_mismatch",)``.
+    """
+
+    ids: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    error_kinds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DlqEntry:
+    """One pending DLQ row as stored."""
+
+    dlq_id: int
+    id: str | None
+    error_kind: str | None
+    error_message: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+
+
+#: No filter: every pending entry.
+ALL_PENDING = DlqScope()
+
+#: ``(dlq_id, error_kind, error_message)`` of an entry whose replay failed again.
+Failure = tuple[int, str, str]
+
+
+def select_pending(
+    cur: psycopg.Cursor[Any],
+    tables: TableNames,
+    scope: DlqScope = ALL_PENDING,
+    *,
+    after_dlq_id: int = 0,
+    limit: int = 500,
+    lock: bool = True,
+) -> list[DlqEntry]:
+    """Pending entries in ``scope`` with ``dlq_id > after_dlq_id``, oldest first, at most ``limit``.
+
+    Paging by ``dlq_id`` lets a replay walk the queue once even though entries that fail again stay
+    pending. With ``lock`` the rows are locked ``FOR UPDATE SKIP LOCKED`` until the caller's
+    transaction ends, so two replays running at once never settle the same entry twice.
+    """
+    where = [sql.SQL("status = %s"), sql.SQL("dlq_id > %s")]
+    params: list[Any] = [PENDING, after_dlq_id]
+    if scope.ids:
+        where.append(sql.SQL("id = ANY(%s::uuid[])"))
+        params.append(list(scope.ids))
+    if scope.since is not None:
+        where.append(sql.SQL("created_at >= %s"))
+        params.append(scope.since)
+    if scope.until is not None:
+        where.append(sql.SQL("created_at < %s"))
+        params.append(scope.until)
+    if scope.error_kinds:
+        where.append(sql.SQL("error_kind = ANY(%s::text[])"))
+        params.append(list(scope.error_kinds))
+    query = sql.SQL(
+        "SELECT dlq_id, id::text AS id, error_kind, error_message, payload, created_at, attempts "
+        "FROM {dlq} WHERE {where} ORDER BY dlq_id LIMIT %s{lock}"
+    ).format(
+        dlq=tables.identifiers()["dlq"],
+        where=sql.SQL(" AND ").join(where),
+        lock=sql.SQL(" FOR UPDATE SKIP LOCKED") if lock else sql.SQL(""),
+    )
+    params.append(limit)
+    rows = cur.execute(query, params).fetchall()
+    return [
+        DlqEntry(
+            dlq_id=int(dlq_id),
+            id=row_id,
+            error_kind=kind,
+            error_message=message,
+            payload=payload if isinstance(payload, dict) else {},
+            created_at=created_at,
+            attempts=int(attempts),
+        )
+        for dlq_id, row_id, kind, message, payload, created_at, attempts in rows
+    ]
+
+
+def _float(value: Any, position: int) -> float:
+    # bool is an int to Python but never a vector value.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64; as a float32 it would be inf anyway
+            return math.copysign(math.inf, value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # "nan", "inf", "-inf" (and any number kept as a string)
+        except ValueError:
+            pass
+    raise PayloadError(f"payload vector[{position}] is {value!r}, not a number")
+
+
+def vector_bytes(vector: Any) -> bytes:
+    """The raw little-endian float32 bytes of a payload's ``vector``; ``b""`` when it is absent."""
+    if vector is None:
+        return b""
+    if isinstance(vector, Mapping):
+        encoded = vector.get("base64")
+        if not isinstance(encoded, str):
+            raise PayloadError("payload vector is an object without a 'base64' string")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise PayloadError(f"payload vector is not valid base64: {exc}") from None
+    if isinstance(vector, list):
+        values = [_float(v, i) for i, v in enumerate(vector)]
+        # Each JSON number is the float64 spelling of a float32, so the cast is exact; a value a
+        # float32 cannot hold was not written by validation, and becomes inf just as on the wire.
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=np.float64).astype(FLOAT32_LE).tobytes()
+    raise PayloadError(f"payload vector is a {type(vector).__name__}, expected a list of numbers")
+
+
+def _text(payload: Mapping[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise PayloadError(f"payload {name} is {value!r}, expected a string or null")
+
+
+def _years(payload: Mapping[str, Any]) -> int | None:
+    value = payload.get("exp_years")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise PayloadError(f"payload exp_years is {value!r}, expected an integer or null")
+
+
+def payload_to_chunk(payloads: Iterable[Mapping[str, Any]]) -> WireChunk:
+    """The received rows that ``payloads`` record, as a :class:`WireChunk`, in order.
+
+    ``_origin`` and other bookkeeping keys are ignored. :class:`PayloadError` when a payload
+    cannot be read back (a replay reports that entry as still failing).
+    """
+    ids: list[str] = []
+    company: list[str | None] = []
+    years: list[int | None] = []
+    english: list[str | None] = []
+    keyword: list[str | None] = []
+    vectors: list[bytes] = []
+    for payload in payloads:
+        row_id = payload.get("id")
+        if row_id is not None and not isinstance(row_id, str):
+            raise PayloadError(f"payload id is {row_id!r}, expected a string")
+        ids.append(row_id or "")
+        company.append(_text(payload, "company_name"))
+        years.append(_years(payload))
+        english.append(_text(payload, "english_level"))
+        keyword.append(_text(payload, "primary_keyword"))
+        vectors.append(vector_bytes(payload.get("vector")))
+    return WireChunk(ids, company, years, english, keyword, vectors)
+
+
+def mark_resolved(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], *, delete: bool = False) -> int:
+    """Settle entries whose row is now stored: ``resolved`` with the attempt counted, or deleted.
+
+    Only pending entries are touched, so a second call changes nothing. Returns how many changed.
+    Call it in the transaction that stored the rows, so that a crash keeps both or neither.
+    """
+    if not dlq_ids:
+        return 0
+    dlq = tables.identifiers()["dlq"]
+    if delete:
+        query = sql.SQL("DELETE FROM {} WHERE dlq_id = ANY(%s) AND status = %s").format(dlq)
+        cur.execute(query, (list(dlq_ids), PENDING))
+    else:
+        query = sql.SQL(
+            "UPDATE {} SET status = %s, attempts = attempts + 1, last_attempt_at = now() "
+            "WHERE dlq_id = ANY(%s) AND status = %s"
+        ).format(dlq)
+        cur.execute(query, (RESOLVED, list(dlq_ids), PENDING))
+    return cur.rowcount
+
+
+def mark_failed(cur: psycopg.Cursor[Any], tables: TableNames, failures: Sequence[Failure]) -> None:
+    """Count another failed attempt on each entry and keep its latest reason.
+
+    The entry is updated in place rather than dead-lettered again: one entry a row, whose
+    ``attempts`` says how often a replay has tried it.
+    """
+    if not failures:
+        return
+    cur.executemany(
+        sql.SQL(
+            "UPDATE {} SET attempts = attempts + 1, last_attempt_at = now(), error_kind = %s, "
+            "error_message = %s WHERE dlq_id = %s AND status = %s"
+        ).format(tables.identifiers()["dlq"]),
+        [(kind, message, dlq_id, PENDING) for dlq_id, kind, message in failures],
+    )
