@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 
@@ -16,6 +17,20 @@ def _ai_server(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.pkl)
     serve(dataset, host=args.host, port=args.port)
+    return 0
+
+
+def _api_server(args: argparse.Namespace) -> int:
+    from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, serve
+
+    faults = FaultPlan(
+        fail_first=args.fail_first,
+        fail_always=args.fail_always,
+        fail_code=args.fail_code,
+        delay=args.delay,
+        delay_first=args.delay_first,
+    )
+    serve(CacheServicer(faults=faults, stats_file=args.stats_file), host=args.host, port=args.port)
     return 0
 
 
@@ -37,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     ai.add_argument("--host", default="127.0.0.1")
     ai.add_argument("--port", type=int, default=50051)
     ai.set_defaults(func=_ai_server)
+
+    api = sub.add_parser("api-server", help="reference API server: CacheService.InvalidateCache, in-memory cache")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=50052)
+    api.add_argument("--stats-file", type=Path, help="JSON counters (calls, successes, ...) rewritten after every call")
+    api.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N calls")
+    api.add_argument("--fail-always", action="store_true", help="fail every call")
+    api.add_argument("--fail-code", default="UNAVAILABLE", help="a gRPC status code name, or SUCCESS_FALSE")
+    api.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="wait before answering")
+    api.add_argument("--delay-first", type=int, default=0, metavar="N", help="delay only the first N calls")
+    api.set_defaults(func=_api_server)
 
     sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")
     sample.add_argument("--rows", type=int, required=True)

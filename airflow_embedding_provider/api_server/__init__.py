@@ -1,0 +1,1 @@
+"""The reference API server: ``CacheService.InvalidateCache`` over an in-memory query cache."""
