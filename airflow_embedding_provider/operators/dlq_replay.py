@@ -1,0 +1,421 @@
+"""``EmbeddingDlqReplayOperator``: re-validate and re-store dead-lettered rows (SEED.md 7.3 (4)).
+
+A replay runs after the cause of a failure was fixed: a new vector dimension configured, a
+corrected row on the AI server, a constraint relaxed. Each pending entry in scope is turned back
+into the row it recorded (or re-fetched from the AI server), validated against the current
+configuration and upserted through the same :class:`ChunkWriter` as an ingest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import psycopg
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+from airflow.sdk import BaseOperator
+
+from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+from airflow_embedding_provider.operators.embedding_stream import psycopg3_connection
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch, canonical_uuid
+from airflow_embedding_provider.storage.dlq import (
+    ALL_PENDING,
+    DlqEntry,
+    DlqScope,
+    Failure,
+    PayloadError,
+    mark_failed,
+    mark_resolved,
+    payload_to_chunk,
+    select_pending,
+)
+from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, apply_schema
+from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.validation import validate_chunk
+from airflow_embedding_provider.wire.codec import WireChunk
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+DEFAULT_BATCH_SIZE = 500
+#: Rows a re-fetch asks for: the row itself plus a few, in case the server holds the id twice.
+REFETCH_CHUNK_SIZE = 8
+#: The database refused a row that passed validation (constraint, value out of a column's range).
+#: Connection loss and other infrastructure errors are not caught: the task fails and retries.
+DATABASE_ERRORS = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+
+#: Given a row id, the AI server's current version of that row as a one-row chunk, or ``None``.
+Refetch = Callable[[str], WireChunk | None]
+
+
+@dataclass
+class ReplayStats:
+    """Counts of one replay; ``by_reason`` counts still-failing entries by their latest reason,
+    ``resolved_by_reason`` resolved entries by the reason they had been dead-lettered for."""
+
+    selected: int = 0
+    resolved: int = 0
+    still_failing: int = 0
+    refetched: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    resolved_by_reason: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "selected": self.selected,
+            "resolved": self.resolved,
+            "still_failing": self.still_failing,
+            "refetched": self.refetched,
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "by_reason": dict(self.by_reason),
+            "resolved_by_reason": dict(self.resolved_by_reason),
+        }
+
+
+def one_row(chunk: WireChunk, i: int) -> WireChunk:
+    return WireChunk(
+        ids=[chunk.ids[i]],
+        company_name=[chunk.company_name[i]],
+        exp_years=[chunk.exp_years[i]],
+        english_level=[chunk.english_level[i]],
+        primary_keyword=[chunk.primary_keyword[i]],
+        vectors=[chunk.vectors[i]],
+    )
+
+
+def refetch_row(hook: GrpcEmbeddingHook, row_id: str) -> WireChunk | None:
+    """The AI server's current version of ``row_id`` through ``GetEmbeddings``, or ``None``.
+
+    Streams strictly after the id just below ``row_id`` and stops at the first greater id; when the
+    server holds the id more than once its last occurrence wins, as in an ingest (SEED.md 10.4).
+    """
+    target = uuid.UUID(row_id)
+    after = str(uuid.UUID(int=target.int - 1)) if target.int else None
+    found: WireChunk | None = None
+    # Closed on the early return: that cancels the rest of the stream on the server.
+    stream = cast("Generator[WireChunk, None, None]", hook.stream_chunks(after=after, chunk_size=REFETCH_CHUNK_SIZE))
+    with contextlib.closing(stream) as chunks:
+        for chunk in chunks:
+            for i, raw in enumerate(chunk.ids):
+                try:
+                    current = uuid.UUID(raw)
+                except ValueError:
+                    continue  # rows without a UUID come first in a stream from the beginning
+                if current == target:
+                    found = one_row(chunk, i)
+                elif current > target:
+                    return found
+    return found
+
+
+def _concat(batches: Sequence[RowBatch], dimension: int) -> RowBatch:
+    return RowBatch(
+        ids=[v for b in batches for v in b.ids],
+        company_name=[v for b in batches for v in b.company_name],
+        exp_years=[v for b in batches for v in b.exp_years],
+        english_level=[v for b in batches for v in b.english_level],
+        primary_keyword=[v for b in batches for v in b.primary_keyword],
+        vectors=np.vstack([b.vectors for b in batches]) if batches else np.empty((0, dimension), np.float32),
+    )
+
+
+def _database_message(exc: psycopg.Error) -> str:
+    # The server's own words only: never the connection string or the statement's parameters.
+    primary = exc.diag.message_primary or type(exc).__name__
+    return f"the database refused the row: {primary} (SQLSTATE {exc.sqlstate})"
+
+
+class _Batch:
+    """One page of entries on its way through validation and the writer."""
+
+    def __init__(self) -> None:
+        self.good: list[tuple[DlqEntry, RowBatch]] = []
+        self.failures: list[Failure] = []
+        self.refetched = 0
+
+    def fail(self, entry: DlqEntry, kind: str, message: str) -> None:
+        self.failures.append((entry.dlq_id, kind, message))
+
+
+def _revalidate(entries: Iterable[DlqEntry], dimension: int, refetch: Refetch | None) -> _Batch:
+    # One entry at a time: a rejection must be charged to its own entry, and DLQ volumes are small.
+    out = _Batch()
+    for entry in entries:
+        chunk = refetch(entry.id) if refetch is not None and entry.id is not None else None
+        source = "the AI server's current version"
+        if chunk is None:
+            source = "the stored payload"
+            try:
+                chunk = payload_to_chunk([entry.payload])
+            except PayloadError as exc:
+                out.fail(entry, "unreadable_payload", str(exc))
+                continue
+        else:
+            out.refetched += 1
+        batch, rejected = validate_chunk(chunk, dimension)
+        if rejected:
+            out.fail(entry, rejected[0].kind, f"{rejected[0].message} (replayed from {source})")
+        else:
+            out.good.append((entry, batch))
+    return out
+
+
+def replay_dlq(
+    conn: psycopg.Connection,
+    writer: ChunkWriter,
+    *,
+    dimension: int,
+    scope: DlqScope = ALL_PENDING,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    refetch: Refetch | None = None,
+    delete_resolved: bool = False,
+    tables: TableNames = DEFAULT_TABLES,
+) -> ReplayStats:
+    """Replay every pending entry in ``scope`` once, ``batch_size`` entries a transaction.
+
+    In each transaction: the entries are locked, their rows validated and the good ones upserted by
+    ``writer``, their entries marked resolved (or deleted), and the others' attempts and latest
+    reason recorded. A crash therefore never stores a row and leaves its entry pending, nor the
+    reverse. When the database refuses the page's rows, they are written one by one (each in a
+    savepoint) so that only the refused rows stay in the queue, with the database's message.
+    """
+    stats = ReplayStats()
+    after = 0
+    while True:
+        with conn.transaction(), conn.cursor() as cur:
+            entries = select_pending(cur, tables, scope, after_dlq_id=after, limit=batch_size)
+            if not entries:
+                break
+            after = entries[-1].dlq_id
+            page = _revalidate(entries, dimension, refetch)
+            stored = _write(writer, page, dimension, stats)
+            mark_resolved(cur, tables, [e.dlq_id for e in stored], delete=delete_resolved)
+            mark_failed(cur, tables, page.failures)
+        stats.selected += len(entries)
+        stats.refetched += page.refetched
+        stats.resolved += len(stored)
+        stats.resolved_by_reason.update(e.error_kind or "unknown" for e in stored)
+        stats.still_failing += len(page.failures)
+        stats.by_reason.update(kind for _, kind, _ in page.failures)
+    return stats
+
+
+def _write(writer: ChunkWriter, page: _Batch, dimension: int, stats: ReplayStats) -> list[DlqEntry]:
+    """Upsert the page's good rows; returns the entries whose rows are now stored."""
+    if not page.good:
+        return []
+    try:
+        results = [writer.write(_concat([b for _, b in page.good], dimension))]
+        stored = [e for e, _ in page.good]
+    except DATABASE_ERRORS:
+        # The writer's savepoint rolled the page back; find the refused rows one by one.
+        results, stored = [], []
+        for entry, batch in page.good:
+            try:
+                results.append(writer.write(batch))
+            except DATABASE_ERRORS as exc:
+                page.fail(entry, "database_rejected", _database_message(exc))
+            else:
+                stored.append(entry)
+    for result in results:
+        stats.inserted += result.inserted
+        stats.updated += result.updated
+        stats.unchanged += result.unchanged
+    return stored
+
+
+def _flag(value: bool | str, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "", "none"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _strings(value: Sequence[str] | str | None) -> list[str]:
+    """A list from a list, a JSON array (a rendered ``{{ params.x | tojson }}``) or ``a,b,c``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "null"):
+            return []
+        if text.startswith("["):
+            parsed = json.loads(text)
+            return [str(v) for v in parsed if v is not None and str(v).strip()]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return [str(v) for v in value]
+
+
+def _instant(value: datetime | str | None, name: str) -> datetime | None:
+    """An aware datetime; a value without a zone is taken as UTC, as Airflow does."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an ISO 8601 date-time, got {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+class EmbeddingDlqReplayOperator(BaseOperator):
+    """Replays pending ``recruit_embedding_dlq`` entries into the tables.
+
+    Every pending entry in scope is re-validated against ``dimension``; a row that passes is
+    upserted (metadata, then embedding) and its entry marked ``resolved`` in the same transaction;
+    a row that fails again keeps its entry, with ``attempts`` counted up and the latest reason. No
+    second entry is ever created for a replayed row. Resolved entries are not pending, so
+    replaying again selects nothing: the operator is idempotent. Returns
+    ``{selected, resolved, still_failing, by_reason, ...}`` (see :class:`ReplayStats`).
+
+    :param postgres_conn_id: PostgreSQL connection. Templated.
+    :param grpc_conn_id: ``embedding_grpc`` connection of the AI server, used with ``refetch``.
+        Templated.
+    :param dimension: the vector dimension the tables are (or are to be) declared with.
+    :param ids: replay only the entries of these row ids (UUIDs): a list, a JSON array or
+        ``a,b,c``. Templated.
+    :param since: only entries created at or after this ISO 8601 date-time (UTC when no zone is
+        given). Templated.
+    :param until: only entries created before this ISO 8601 date-time. Templated.
+    :param error_kinds: only entries with these ``error_kind`` values. Templated.
+    :param refetch: ask the AI server for its current version of each row (when the row's id is a
+        UUID) and replay that; rows the server does not hold are replayed from the stored payload.
+        Templated.
+    :param batch_size: entries a transaction. Templated.
+    :param delete_resolved: delete entries whose row is stored instead of keeping them as
+        ``resolved`` (kept by default, as an audit trail).
+    :param cache_target: the API server cache that a replay which changes rows marks stale.
+    """
+
+    template_fields: Sequence[str] = (
+        "postgres_conn_id",
+        "grpc_conn_id",
+        "ids",
+        "since",
+        "until",
+        "error_kinds",
+        "refetch",
+        "batch_size",
+    )
+    ui_color = "#fdebd0"
+
+    def __init__(
+        self,
+        *,
+        postgres_conn_id: str = "postgres_default",
+        grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
+        dimension: int = DEFAULT_DIMENSION,
+        ids: Sequence[str] | str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        error_kinds: Sequence[str] | str | None = None,
+        refetch: bool | str = False,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        delete_resolved: bool = False,
+        cache_target: str = "recruit",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.grpc_conn_id = grpc_conn_id
+        self.dimension = dimension
+        self.ids = ids
+        self.since = since
+        self.until = until
+        self.error_kinds = error_kinds
+        self.refetch = refetch
+        self.batch_size = batch_size
+        self.delete_resolved = delete_resolved
+        self.cache_target = cache_target
+
+    def scope(self) -> DlqScope:
+        """The rendered scope parameters, checked."""
+        scope = DlqScope(
+            ids=tuple(canonical_uuid(v) for v in _strings(self.ids)),
+            since=_instant(self.since, "since"),
+            until=_instant(self.until, "until"),
+            error_kinds=tuple(_strings(self.error_kinds)),
+        )
+        if scope.since is not None and scope.until is not None and scope.since >= scope.until:
+            raise ValueError(f"since ({scope.since.isoformat()}) must be before until ({scope.until.isoformat()})")
+        return scope
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        scope = self.scope()
+        refetch = _flag(self.refetch, "refetch")
+        batch_size = int(self.batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        ti = context["ti"]
+        self.log.info(
+            "replaying pending DLQ entries: ids=%s since=%s until=%s error_kinds=%s refetch=%s dimension=%d",
+            list(scope.ids) or "any",
+            scope.since or "-",
+            scope.until or "-",
+            list(scope.error_kinds) or "any",
+            refetch,
+            self.dimension,
+        )
+        hook = GrpcEmbeddingHook(self.grpc_conn_id) if refetch else None
+        conn = psycopg3_connection(PostgresHook(postgres_conn_id=self.postgres_conn_id))
+        with contextlib.closing(conn), contextlib.ExitStack() as stack:
+            if hook is not None:
+                stack.callback(hook.close)
+            # Creates the tables at the configured dimension after a migration, and stops the run
+            # when the configuration still disagrees with the tables.
+            apply_schema(conn, self.dimension)
+            writer = ChunkWriter(
+                conn,
+                dimension=self.dimension,
+                cache_request=CacheRequest(self.cache_target, f"{ti.dag_id}/{ti.run_id}/replay"),
+            )
+            stats = replay_dlq(
+                conn,
+                writer,
+                dimension=self.dimension,
+                scope=scope,
+                batch_size=batch_size,
+                refetch=functools.partial(refetch_row, hook) if hook is not None else None,
+                delete_resolved=self.delete_resolved,
+            )
+        self.log.info(
+            "DLQ replay: %d selected, %d resolved %s (%d new, %d changed, %d unchanged rows), %d re-fetched",
+            stats.selected,
+            stats.resolved,
+            dict(stats.resolved_by_reason),
+            stats.inserted,
+            stats.updated,
+            stats.unchanged,
+            stats.refetched,
+        )
+        if stats.still_failing:
+            self.log.warning("%d entries still fail and stay pending: %s", stats.still_failing, dict(stats.by_reason))
+        if stats.by_reason.get("dimension_mismatch"):
+            self.log.error(
+                "%d rows still have another dimension than the configured %d: the embedding model and "
+                "the configuration disagree",
+                stats.by_reason["dimension_mismatch"],
+                self.dimension,
+            )
+        return stats.as_dict()

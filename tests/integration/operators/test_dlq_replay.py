@@ -1,0 +1,228 @@
+"""The replay core against a real PostgreSQL and a real AI server (no Airflow run needed)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.devkit.verify import stored_rows
+from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+from airflow_embedding_provider.operators.dlq_replay import (
+    EmbeddingDlqReplayOperator,
+    refetch_row,
+    replay_dlq,
+)
+from airflow_embedding_provider.storage.dlq import DlqScope
+from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.validation import validate_chunk
+from airflow_embedding_provider.wire.codec import WireChunk
+
+DIM = 8
+
+
+def _uid(i: int) -> str:
+    return str(uuid.UUID(int=(0x019B << 112) | i))
+
+
+def _chunk(ids: list[str], vectors: list[bytes], keyword: str = "Python") -> WireChunk:
+    n = len(ids)
+    return WireChunk(ids, ["EPAM"] * n, [2] * n, ["upper"] * n, [keyword] * n, vectors)
+
+
+def _vec(i: int, dim: int = DIM) -> bytes:
+    return (np.arange(dim, dtype="<f4") + i / 7).tobytes()
+
+
+def _dead_letter(conn: psycopg.Connection, chunk: WireChunk, dimension: int) -> None:
+    """Dead-letter every row of ``chunk`` as an ingest configured with ``dimension`` does."""
+    batch, rejected = validate_chunk(chunk, dimension)
+    assert len(batch) == 0
+    # An ingest of its own: the writer's staging tables live as long as the session.
+    with psycopg.connect(conn.info.dsn) as ingest:
+        ChunkWriter(ingest, dimension=dimension).write(batch, rejected, origin={"run_id": "ingest"})
+
+
+def _dlq(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute(
+        "SELECT id::text, status, attempts, error_kind, error_message FROM recruit_embedding_dlq ORDER BY dlq_id"
+    ).fetchall()
+
+
+@pytest.fixture
+def conn(pg_dsn: str):
+    with psycopg.connect(pg_dsn) as c:
+        apply_schema(c, DIM)
+        yield c
+
+
+def test_pages_settle_each_entry_once_and_a_rerun_changes_nothing(conn: psycopg.Connection) -> None:
+    ids = [_uid(i) for i in range(7)]
+    vectors = [_vec(i) for i in range(7)]
+    vectors[3] = np.full(DIM, np.nan, dtype="<f4").tobytes()
+    # Rejected by a stricter past configuration: a NUL byte rule cannot be relaxed, so simulate one
+    # that can by dead-lettering correct rows under another dimension's name.
+    _dead_letter(conn, _chunk(ids, [v + b"\0\0\0\0" for v in vectors]), DIM)
+    conn.execute(
+        "UPDATE recruit_embedding_dlq SET payload = jsonb_set(payload, '{vector}', %s)",
+        (json.dumps([0.0] * DIM),),
+    )
+    for row_id, raw in zip(ids, vectors, strict=True):
+        values = [v if np.isfinite(v) else str(v) for v in np.frombuffer(raw, "<f4").astype(float).tolist()]
+        conn.execute(
+            "UPDATE recruit_embedding_dlq SET payload = jsonb_set(payload, '{vector}', %s) WHERE id = %s",
+            (json.dumps(values), row_id),
+        )
+    conn.commit()
+
+    writer = ChunkWriter(conn, dimension=DIM, cache_request=CacheRequest("recruit", "replay-test"))
+    stats = replay_dlq(conn, writer, dimension=DIM, batch_size=2)
+    assert stats.as_dict() == {
+        "selected": 7,
+        "resolved": 6,
+        "still_failing": 1,
+        "refetched": 0,
+        "inserted": 6,
+        "updated": 0,
+        "unchanged": 0,
+        "by_reason": {"non_finite_vector": 1},
+        "resolved_by_reason": {"dimension_mismatch": 6},
+    }
+    stored = stored_rows(conn)
+    assert sorted(stored) == sorted(ids[:3] + ids[4:])
+    assert all(stored[i][1] == vectors[int(i[-1])] for i in stored)
+    dlq = _dlq(conn)
+    assert [r[:4] for r in dlq] == [
+        (i, "pending", 1, "non_finite_vector") if i == ids[3] else (i, "resolved", 1, "dimension_mismatch") for i in ids
+    ]
+    assert "replayed from the stored payload" in dlq[3][4]
+    assert conn.execute("SELECT target, source FROM embedding_cache_outbox").fetchall() == [("recruit", "replay-test")]
+
+    again = replay_dlq(conn, writer, dimension=DIM)
+    assert (again.selected, again.resolved, again.still_failing) == (1, 0, 1)
+    assert [r[:3] for r in _dlq(conn)][3] == (ids[3], "pending", 2)
+    scoped = replay_dlq(conn, writer, dimension=DIM, scope=DlqScope(error_kinds=("dimension_mismatch",)))
+    assert scoped.selected == 0
+
+
+def test_a_row_the_database_refuses_stays_pending_and_the_rest_is_stored(conn: psycopg.Connection) -> None:
+    ids = [_uid(i) for i in range(4)]
+    _dead_letter(conn, _chunk(ids, [_vec(i, 16) for i in range(4)]), DIM)
+    conn.execute(
+        "UPDATE recruit_embedding_dlq SET payload = jsonb_set(payload, '{primary_keyword}', '\"COBOL\"') WHERE id = %s",
+        (ids[2],),
+    )
+    conn.commit()
+    # The configuration is fixed: the tables are re-created at dimension 16.
+    conn.execute("DROP TABLE recruit_embedding, recruit_metadata")
+    conn.commit()
+    apply_schema(conn, 16)
+    conn.execute("ALTER TABLE recruit_metadata ADD CONSTRAINT no_cobol CHECK (primary_keyword <> 'COBOL')")
+    conn.commit()
+
+    stats = replay_dlq(conn, ChunkWriter(conn, dimension=16), dimension=16)
+    assert (stats.selected, stats.resolved, stats.still_failing) == (4, 3, 1)
+    assert stats.by_reason == {"database_rejected": 1}
+    assert sorted(stored_rows(conn)) == [ids[0], ids[1], ids[3]]
+    refused = [r for r in _dlq(conn) if r[0] == ids[2]]
+    assert len(refused) == 1 and refused[0][1:4] == ("pending", 1, "database_rejected")
+    assert 'violates check constraint "no_cobol"' in refused[0][4] and "SQLSTATE 23514" in refused[0][4]
+
+
+def test_delete_resolved_removes_the_entries(conn: psycopg.Connection) -> None:
+    ids = [_uid(i) for i in range(2)]
+    _dead_letter(conn, _chunk(ids, [b"\x01\x02\x03", _vec(1, 4)]), DIM)
+    conn.execute(
+        "UPDATE recruit_embedding_dlq SET payload = jsonb_set(payload, '{vector}', %s) WHERE id = %s",
+        (json.dumps(np.frombuffer(_vec(1), "<f4").astype(float).tolist()), ids[1]),
+    )
+    conn.commit()
+    stats = replay_dlq(conn, ChunkWriter(conn, dimension=DIM), dimension=DIM, delete_resolved=True)
+    assert (stats.resolved, stats.still_failing) == (1, 1)
+    assert [r[:4] for r in _dlq(conn)] == [(ids[0], "pending", 1, "bad_vector_bytes")]
+
+
+def _hook(monkeypatch: pytest.MonkeyPatch, target: str) -> GrpcEmbeddingHook:
+    host, port = target.rsplit(":", 1)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EMBEDDING_GRPC_REPLAY",
+        json.dumps({"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 10}}),
+    )
+    return GrpcEmbeddingHook("embedding_grpc_replay")
+
+
+def test_refetch_row_finds_the_servers_version(
+    monkeypatch: pytest.MonkeyPatch, ai_server: str, sample_dataset: EmbeddingDataset
+) -> None:
+    hook = _hook(monkeypatch, ai_server)
+    try:
+        for i in (0, 1, 1500, len(sample_dataset) - 1):
+            row = refetch_row(hook, sample_dataset.ids[i].upper())
+            assert row is not None and row.ids == [sample_dataset.ids[i]]
+            assert row.vectors == [sample_dataset.vectors[i].astype("<f4").tobytes()]
+            assert row.primary_keyword == [sample_dataset.primary_keyword[i]]
+        missing = str(uuid.UUID(int=uuid.UUID(sample_dataset.ids[10]).int + 1))
+        assert refetch_row(hook, missing) is None
+        assert refetch_row(hook, str(uuid.UUID(int=0))) is None
+        assert refetch_row(hook, "ffffffff-ffff-ffff-ffff-ffffffffffff") is None
+    finally:
+        hook.close()
+
+
+def test_refetch_replays_the_servers_version_or_the_payload(
+    conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, ai_server: str, sample_dataset: EmbeddingDataset
+) -> None:
+    dim = sample_dataset.dimension
+    conn.execute("DROP TABLE recruit_embedding, recruit_metadata")
+    conn.commit()
+    apply_schema(conn, dim)
+    known = sample_dataset.ids[42]
+    unknown = str(uuid.UUID(int=uuid.UUID(known).int + 1))
+    broken = np.full(dim, np.nan, dtype="<f4").tobytes()
+    _dead_letter(conn, _chunk([known, unknown], [broken, _vec(5, dim) + b"\0"]), dim)
+    conn.execute(
+        "UPDATE recruit_embedding_dlq SET payload = jsonb_set(payload, '{vector}', %s) WHERE id = %s",
+        (json.dumps(np.frombuffer(_vec(5, dim), "<f4").astype(float).tolist()), unknown),
+    )
+    conn.commit()
+    hook = _hook(monkeypatch, ai_server)
+    try:
+        stats = replay_dlq(
+            conn, ChunkWriter(conn, dimension=dim), dimension=dim, refetch=functools.partial(refetch_row, hook)
+        )
+    finally:
+        hook.close()
+    assert (stats.selected, stats.resolved, stats.refetched, stats.still_failing) == (2, 2, 1, 0)
+    stored = stored_rows(conn)
+    assert stored[known][1] == sample_dataset.vectors[42].astype("<f4").tobytes()
+    assert stored[known][0][3] == sample_dataset.primary_keyword[42]
+    assert stored[unknown] == (("EPAM", 2, "upper", "Python"), _vec(5, dim))
+
+
+def test_operator_params_are_parsed_and_checked() -> None:
+    op = EmbeddingDlqReplayOperator(
+        task_id="replay",
+        ids='["' + _uid(1).upper() + '"]',
+        since="2025-12-11T10:00:00",
+        until="2025-12-12T00:00:00+02:00",
+        error_kinds="dimension_mismatch, non_finite_vector",
+    )
+    scope = op.scope()
+    assert scope.ids == (_uid(1),)
+    assert scope.since is not None and scope.since.isoformat() == "2025-12-11T10:00:00+00:00"
+    assert scope.until is not None and scope.until.utcoffset() is not None
+    assert scope.error_kinds == ("dimension_mismatch", "non_finite_vector")
+    assert EmbeddingDlqReplayOperator(task_id="r", ids="[]", error_kinds="", since="None").scope() == DlqScope()
+    with pytest.raises(ValueError, match="not a UUID"):
+        EmbeddingDlqReplayOperator(task_id="r", ids=["yesterday"]).scope()
+    with pytest.raises(ValueError, match="must be before until"):
+        EmbeddingDlqReplayOperator(task_id="r", since="2025-12-12", until="2025-12-11").scope()
+    with pytest.raises(ValueError, match="ISO 8601"):
+        EmbeddingDlqReplayOperator(task_id="r", since="last week").scope()
