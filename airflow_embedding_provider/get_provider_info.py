@@ -52,7 +52,10 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": "Embedding gRPC",
-                "python-modules": ["airflow_embedding_provider.hooks.grpc_embedding"],
+                "python-modules": [
+                    "airflow_embedding_provider.hooks.grpc_embedding",
+                    "airflow_embedding_provider.hooks.grpc_cache",
+                ],
             }
         ],
         "operators": [
@@ -61,6 +64,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_embedding_provider.operators.embedding_stream",
                     "airflow_embedding_provider.operators.dlq_replay",
+                    "airflow_embedding_provider.operators.cache_invalidate",
                 ],
             }
         ],

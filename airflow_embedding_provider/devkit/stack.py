@@ -90,9 +90,17 @@ class ServerProcess:
 
 
 def airflow_env(
-    airflow_home: Path, *, postgres_dsn: str, embedding_target: str, extra: Mapping[str, str] | None = None
+    airflow_home: Path,
+    *,
+    postgres_dsn: str,
+    embedding_target: str,
+    cache_target: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Environment for an Airflow command in a throwaway ``AIRFLOW_HOME`` with our connections."""
+    """Environment for an Airflow command in a throwaway ``AIRFLOW_HOME`` with our connections.
+
+    ``cache_target`` (``host:port`` of the API server) adds the ``cache_grpc_default`` connection.
+    """
     host, port = embedding_target.rsplit(":", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
     env.update(
@@ -109,6 +117,11 @@ def airflow_env(
             "RECRUIT_EMBEDDING_SCHEDULE": "none",
         }
     )
+    if cache_target is not None:
+        cache_host, cache_port = cache_target.rsplit(":", 1)
+        env["AIRFLOW_CONN_CACHE_GRPC_DEFAULT"] = json.dumps(
+            {"conn_type": "embedding_grpc", "host": cache_host, "port": int(cache_port), "extra": {"timeout": 5}}
+        )
     env.update(extra or {})
     return env
 
