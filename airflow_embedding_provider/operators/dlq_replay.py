@@ -193,6 +193,9 @@ def replay_dlq(
     reverse. When the database refuses the page's rows, they are written one by one (each in a
     savepoint) so that only the refused rows stay in the queue, with the database's message.
     """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # Inside a caller's transaction each page would only be a savepoint, committed by nobody.
+        raise ValueError("replay_dlq needs a connection that is not inside a transaction")
     stats = ReplayStats()
     after = 0
     while True:
@@ -201,6 +204,8 @@ def replay_dlq(
             if not entries:
                 break
             after = entries[-1].dlq_id
+            # A re-fetch talks to the AI server while the page's entries are locked; pages are
+            # small and the lock only keeps a concurrent replay off these entries.
             page = _revalidate(entries, dimension, refetch)
             stored = _write(writer, page, dimension, stats)
             mark_resolved(cur, tables, [e.dlq_id for e in stored], delete=delete_resolved)

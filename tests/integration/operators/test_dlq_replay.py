@@ -104,12 +104,17 @@ def test_pages_settle_each_entry_once_and_a_rerun_changes_nothing(conn: psycopg.
     ]
     assert "replayed from the stored payload" in dlq[3][4]
     assert conn.execute("SELECT target, source FROM embedding_cache_outbox").fetchall() == [("recruit", "replay-test")]
+    conn.commit()  # end the reads' transaction: a replay commits page by page
 
     again = replay_dlq(conn, writer, dimension=DIM)
     assert (again.selected, again.resolved, again.still_failing) == (1, 0, 1)
     assert [r[:3] for r in _dlq(conn)][3] == (ids[3], "pending", 2)
+    conn.commit()
     scoped = replay_dlq(conn, writer, dimension=DIM, scope=DlqScope(error_kinds=("dimension_mismatch",)))
     assert scoped.selected == 0
+    conn.execute("SELECT 1")
+    with pytest.raises(ValueError, match="not inside a transaction"):
+        replay_dlq(conn, writer, dimension=DIM)
 
 
 def test_a_row_the_database_refuses_stays_pending_and_the_rest_is_stored(conn: psycopg.Connection) -> None:
