@@ -1,20 +1,28 @@
 """The ingest path shared by every entry point: received chunks -> validate -> split -> upsert ->
 checkpoint. The DAG's operator and the upload server both drive :func:`ingest_chunks`.
+
+Chunks are re-split into sub-batches (SEED.md 5) written by a bounded set of writers, one
+database connection each, on their own threads; receiving and decoding go on meanwhile on a
+prefetch thread, so blocking database work never stalls the stream (SEED.md 9).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from airflow_embedding_provider.storage.writer import ChunkWriter
-from airflow_embedding_provider.validation import validate_chunk
+from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.storage.progress import PartitionKey
+from airflow_embedding_provider.storage.writer import ChunkWriter, WriteResult
+from airflow_embedding_provider.validation import Rejected, validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
 
 log = logging.getLogger(__name__)
@@ -33,6 +41,7 @@ class IngestStats:
     duplicates: int = 0
     rows_dlq: int = 0
     chunks: int = 0
+    sub_batches: int = 0
     seconds: float = 0.0
     last_processed_uuid: str | None = None
     dlq_by_reason: Counter[str] = field(default_factory=Counter)
@@ -45,6 +54,13 @@ class IngestStats:
     def rows_per_second(self) -> float:
         return self.rows_received / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, result: WriteResult) -> None:
+        self.inserted += result.inserted
+        self.updated += result.updated
+        self.unchanged += result.unchanged
+        self.duplicates += result.duplicates
+        self.rows_dlq += result.rejected
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["dlq_by_reason"] = dict(self.dlq_by_reason)
@@ -56,7 +72,7 @@ class IngestStats:
 
 def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     """Pull ``items`` on a thread, at most ``depth`` ahead, so that receiving and decoding the next
-    chunks overlaps the blocking database write of the current one (SEED.md 5, 9)."""
+    chunks overlaps the blocking database writes of the current ones."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -72,7 +88,7 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
                 if stop.is_set():
                     return
             buffer.put(_DONE)
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the consumer, re-raised there
             buffer.put(exc)
 
     thread = threading.Thread(target=pump, name="chunk-prefetch", daemon=True)
@@ -90,55 +106,169 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
         thread.join(timeout=5)
 
 
+class _Frontier:
+    """Which sub-batches have committed, to claim only a contiguous prefix as progress.
+
+    Sub-batches commit out of order on parallel writers. A transaction may claim, as its
+    partition's committed position, the highest id of the contiguous run of committed sub-batches
+    that it completes; claiming less (when a neighbour commits at the same moment) is safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_id: dict[int, str | None] = {}
+        self._committed: set[int] = set()
+        self._next = 0
+        self._prefix_max: str | None = None
+
+    def register(self, seq: int, last_id: str | None) -> None:
+        with self._lock:
+            self._last_id[seq] = last_id
+
+    def claim(self, seq: int) -> str | None:
+        """The position to record in ``seq``'s own transaction, or ``None`` for none yet."""
+        with self._lock:
+            s, best = self._next, self._prefix_max
+            while s in self._committed or s == seq:
+                best = _max_id(best, self._last_id[s])
+                s += 1
+            return best if seq < s else None
+
+    def committed(self, seq: int) -> None:
+        with self._lock:
+            self._committed.add(seq)
+            while self._next in self._committed:
+                self._committed.discard(self._next)
+                self._prefix_max = _max_id(self._prefix_max, self._last_id.pop(self._next))
+                self._next += 1
+
+    @property
+    def position(self) -> str | None:
+        with self._lock:
+            return self._prefix_max
+
+
+def _max_id(a: str | None, b: str | None) -> str | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _last_valid_id(batch: RowBatch, rejected: Sequence[Rejected]) -> str | None:
+    """Highest id of a sub-batch (stored or rejected); invalid ids have no place in the order."""
+    ids = [*batch.ids, *(r.id for r in rejected if r.id is not None)]
+    return max(ids) if ids else None
+
+
 def ingest_chunks(
     chunks: Iterable[WireChunk],
-    writer: ChunkWriter,
+    writers: Sequence[ChunkWriter],
     *,
     dimension: int,
+    sub_batch_size: int = 100,
     origin: Mapping[str, Any] | None = None,
+    partition: PartitionKey | None = None,
     log_every: int = 50,
 ) -> IngestStats:
-    """Validate and store every chunk, one transaction a chunk, advancing the checkpoint each time.
+    """Validate and store every chunk; returns the counts.
 
-    The checkpoint of a chunk is the highest valid id in it (the server sends ids in order); rows
-    with invalid ids cannot be placed in that order and never move it.
+    :param writers: one per database connection; at most this many sub-batches are written at
+        once, and at most twice as many are held in memory.
+    :param sub_batch_size: rows a transaction. Each commits its rows, its rejected rows and the
+        position it completes, so a crash keeps whole sub-batches only.
+    :param partition: record progress on this partition (and the run's low watermark); without
+        it the stream's checkpoint advances directly.
     """
+    if not writers:
+        raise ValueError("ingest needs at least one writer")
     stats = IngestStats()
+    frontier = _Frontier()
+    idle: queue.Queue[ChunkWriter] = queue.Queue()
+    for writer in writers:
+        idle.put(writer)
+    slots = threading.BoundedSemaphore(2 * len(writers))
     began = time.monotonic()
-    for number, chunk in enumerate(chunks):
-        batch, rejected = validate_chunk(chunk, dimension)
-        ids = list(batch.ids) + [r.id for r in rejected if r.id is not None]
-        checkpoint = max(ids) if ids else None
-        result = writer.write(batch, rejected, checkpoint=checkpoint, origin={**(origin or {}), "chunk": number})
-        stats.rows_received += len(chunk)
-        stats.inserted += result.inserted
-        stats.updated += result.updated
-        stats.unchanged += result.unchanged
-        stats.duplicates += result.duplicates
-        stats.rows_dlq += result.rejected
-        stats.dlq_by_reason.update(r.kind for r in rejected)
-        stats.chunks += 1
-        if checkpoint is not None and (stats.last_processed_uuid is None or checkpoint > stats.last_processed_uuid):
-            stats.last_processed_uuid = checkpoint
-        if rejected:
-            for kind, count in Counter(r.kind for r in rejected).items():
-                level = logging.ERROR if kind == "dimension_mismatch" else logging.WARNING
-                log.log(
-                    level,
-                    "chunk %d: %d row(s) to the DLQ: %s (e.g. %s)",
-                    number,
-                    count,
-                    kind,
-                    next(r.message for r in rejected if r.kind == kind),
-                )
-        if log_every and stats.chunks % log_every == 0:
-            elapsed = time.monotonic() - began
-            log.info(
-                "%d chunks, %d rows, %.0f rows/s, checkpoint %s",
-                stats.chunks,
-                stats.rows_received,
-                stats.rows_received / max(elapsed, 1e-9),
-                stats.last_processed_uuid,
+
+    def store(seq: int, batch: RowBatch, rejected: list[Rejected], chunk_no: int) -> WriteResult:
+        writer = idle.get()
+        try:
+            result = writer.write(
+                batch,
+                rejected,
+                checkpoint=frontier.claim(seq),
+                partition=partition,
+                origin={**(origin or {}), "chunk": chunk_no},
             )
+            frontier.committed(seq)
+            return result
+        finally:
+            idle.put(writer)
+            slots.release()
+
+    pending: set[Future[WriteResult]] = set()
+    seq = 0
+    with ThreadPoolExecutor(max_workers=len(writers), thread_name_prefix="pgvector-writer") as pool:
+        source = iter(chunks)
+        try:
+            for chunk_no in itertools.count():
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    break
+                except BaseException:
+                    # The stream failed: finish writing what did arrive, so that the recorded
+                    # progress covers it and a retry re-sends as little as possible.
+                    _collect(pending, stats, block=True)
+                    raise
+                stats.rows_received += len(chunk)
+                stats.chunks += 1
+                for start in range(0, len(chunk), sub_batch_size):
+                    batch, rejected = validate_chunk(chunk.slice(start, start + sub_batch_size), dimension)
+                    _report(chunk_no, rejected)
+                    stats.dlq_by_reason.update(r.kind for r in rejected)
+                    frontier.register(seq, _last_valid_id(batch, rejected))
+                    slots.acquire()
+                    pending.add(pool.submit(store, seq, batch, rejected, chunk_no))
+                    seq += 1
+                    pending = _collect(pending, stats, block=False)
+                if log_every and stats.chunks % log_every == 0:
+                    elapsed = max(time.monotonic() - began, 1e-9)
+                    log.info(
+                        "%d chunks, %d rows, %.0f rows/s, position %s",
+                        stats.chunks,
+                        stats.rows_received,
+                        stats.rows_received / elapsed,
+                        frontier.position,
+                    )
+            pending = _collect(pending, stats, block=True)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    stats.sub_batches = seq
+    stats.last_processed_uuid = frontier.position
+    if partition is not None or frontier.position is not None:
+        # Everything is stored: record the final position (a claim can lag behind a neighbour
+        # committing at the same moment) and mark the partition done, in one more transaction.
+        writers[0].write(
+            RowBatch.empty(dimension), checkpoint=frontier.position, partition=partition, done=partition is not None
+        )
     stats.seconds = time.monotonic() - began
     return stats
+
+
+def _collect(pending: set[Future[WriteResult]], stats: IngestStats, *, block: bool) -> set[Future[WriteResult]]:
+    """Fold finished writes into ``stats`` and return the unfinished; re-raises a writer's failure.
+    ``block``: wait until all are finished."""
+    if not pending:
+        return pending
+    done, rest = wait(pending, timeout=None if block else 0, return_when=ALL_COMPLETED)
+    for future in done:
+        stats.add(future.result())
+    return rest
+
+
+def _report(chunk_no: int, rejected: Sequence[Rejected]) -> None:
+    for kind, count in Counter(r.kind for r in rejected).items():
+        # A dimension mismatch means the model upstream changed (SEED.md 11): say it loudly.
+        level = logging.ERROR if kind == "dimension_mismatch" else logging.WARNING
+        example = next(r.message for r in rejected if r.kind == kind)
+        log.log(level, "chunk %d: %d row(s) to the DLQ: %s (e.g. %s)", chunk_no, count, kind, example)

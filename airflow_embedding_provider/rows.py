@@ -55,6 +55,17 @@ class RowBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def empty(cls, dimension: int) -> RowBatch:
+        return cls(
+            ids=[],
+            company_name=[],
+            exp_years=[],
+            english_level=[],
+            primary_keyword=[],
+            vectors=np.empty((0, dimension), dtype=np.float32),
+        )
+
     @property
     def dimension(self) -> int:
         return int(self.vectors.shape[1])

@@ -48,8 +48,9 @@ def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:
     vector: Any
     if len(raw) % 4 == 0:
         vector = np.frombuffer(raw, dtype=FLOAT32_LE).astype(float).tolist()
-        # JSON has no NaN/Infinity: keep such values as strings so the payload stays lossless.
-        vector = [v if np.isfinite(v) else str(v) for v in vector]
+        # JSON has no NaN/Infinity and JSONB's numeric no -0.0: spell those as strings so the
+        # payload stays lossless (the replay reads them back with float()).
+        vector = [v if np.isfinite(v) and (v or not np.signbit(v)) else str(v) for v in vector]
     else:
         vector = {"base64": base64.b64encode(raw).decode()}
     return {

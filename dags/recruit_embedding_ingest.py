@@ -1,8 +1,14 @@
 """``recruit_embedding_ingest``: AI server -> recruit_metadata / recruit_embedding (pgvector).
 
+``plan_partitions`` asks the AI server to split the rows after the checkpoint into id ranges;
+``ingest`` is mapped over them (one task per range, in parallel on Celery/Kubernetes workers);
+``finalize`` settles the checkpoint (the low watermark over the ranges), builds the ANN index
+after a first load and enforces the DLQ budget; ``invalidate_cache`` tells the API server to drop
+its ``recruit`` cache when the run changed rows.
+
 Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off) and
-resumes after the stored checkpoint; trigger it with ``{"last_processed_uuid": "<uuid>"}`` to
-resume after a given id instead.
+resumes after the stored checkpoint. Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to
+resume after a given id, or ``{"full_refresh": true}`` to reload everything.
 """
 
 from __future__ import annotations
@@ -13,12 +19,19 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_embedding_provider.operators.embedding_stream import EmbeddingStreamToPgvectorOperator
+from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
+from airflow_embedding_provider.operators.embedding_stream import (
+    EmbeddingCheckpointOperator,
+    EmbeddingStreamPlanOperator,
+    EmbeddingStreamToPgvectorOperator,
+)
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
+RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
+DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "2"))
 
 with DAG(
     dag_id="recruit_embedding_ingest",
@@ -27,24 +40,60 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["embedding", "pgvector"],
-    # A retry resumes after the stored checkpoint, so it re-sends only what was not committed.
-    default_args={"retries": RETRIES, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    # A retry resumes after what its earlier try committed, so it re-sends only the rest.
+    default_args={
+        "retries": RETRIES,
+        "retry_delay": timedelta(seconds=RETRY_DELAY),
+        "retry_exponential_backoff": True,
+    },
     params={
         "last_processed_uuid": Param(
             None,
             type=["null", "string"],
             format="uuid",
-            description="Resume strictly after this id; empty = the stored checkpoint.",
+            description="Resume strictly after this id; empty = after the stored checkpoint.",
         ),
+        "full_refresh": Param(False, type="boolean", description="Reload every row (upserts; unchanged rows stay)."),
         "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
+        "sub_batch_size": Param(100, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."),
+        "rows_per_partition": Param(
+            20000, type="integer", minimum=100, description="Aim of rows a mapped task (fewer, larger tasks: higher)."
+        ),
+        "max_partitions": Param(64, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."),
+        "max_dlq_fraction": Param(
+            0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
+        ),
     },
     doc_md=__doc__,
 ) as dag:
-    ingest = EmbeddingStreamToPgvectorOperator(
-        task_id="ingest",
-        grpc_conn_id="embedding_grpc_default",
-        postgres_conn_id="postgres_default",
+    plan = EmbeddingStreamPlanOperator(
+        task_id="plan_partitions",
         last_processed_uuid="{{ params.last_processed_uuid or '' }}",
-        chunk_size="{{ params.chunk_size }}",
+        full_refresh="{{ params.full_refresh }}",
+        rows_per_partition="{{ params.rows_per_partition }}",
+        max_partitions="{{ params.max_partitions }}",
         dimension=DIMENSION,
     )
+    ingest = EmbeddingStreamToPgvectorOperator.partial(
+        task_id="ingest",
+        chunk_size="{{ params.chunk_size }}",
+        sub_batch_size="{{ params.sub_batch_size }}",
+        db_connections=DB_CONNECTIONS,
+        dimension=DIMENSION,
+        map_index_template="{{ partition_label }}",
+    ).expand(partition=plan.output)
+    finalize = EmbeddingCheckpointOperator(
+        task_id="finalize",
+        max_dlq_fraction="{{ params.max_dlq_fraction }}",
+        trigger_rule="none_failed",  # also after a run with nothing new (no mapped task)
+    )
+    # After every partition succeeded: drop the API server's cache once, through the outbox the
+    # chunks wrote to (no call when nothing changed). Down past its retries, the entry stays
+    # pending for recruit_cache_invalidate_retry and this run still succeeds.
+    invalidate = CacheInvalidateOperator(
+        task_id="invalidate_cache",
+        target="recruit",
+        postgres_conn_id="postgres_default",
+        grpc_conn_id="cache_grpc_default",
+    )
+    plan >> ingest >> finalize >> invalidate

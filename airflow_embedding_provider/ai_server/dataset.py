@@ -69,6 +69,41 @@ class EmbeddingDataset:
         key = np.frombuffer(uuid.UUID(last_processed_uuid).bytes, dtype="S16")[0]
         return self.invalid_prefix + int(np.searchsorted(self.keys, key, side="right"))
 
+    def stop_at(self, until_uuid: str) -> int:
+        """Index after the last row whose id is at most ``until_uuid`` ('' = after the last row)."""
+        if not until_uuid:
+            return len(self.ids)
+        key = np.frombuffer(uuid.UUID(until_uuid).bytes, dtype="S16")[0]
+        return self.invalid_prefix + int(np.searchsorted(self.keys, key, side="right"))
+
+    def boundary(self, index: int) -> int:
+        """``index`` moved forward past copies of the id before it, so that a chunk or partition
+        boundary never separates two rows with the same id (a resume "after id X" would skip the
+        later copy)."""
+        pos = index - self.invalid_prefix
+        if pos <= 0 or pos >= len(self.keys):
+            return index
+        return self.invalid_prefix + int(np.searchsorted(self.keys, self.keys[pos - 1], side="right"))
+
+    def plan(self, start: int, rows_per_partition: int, max_partitions: int) -> list[tuple[int, int]]:
+        """Contiguous ``[begin, end)`` ranges from ``start`` to the end: ``ceil(rows /
+        rows_per_partition)`` of them, at most ``max_partitions``, of about equal size."""
+        remaining = len(self.ids) - start
+        if remaining <= 0:
+            return []
+        count = max(1, min(max_partitions, -(-remaining // max(1, rows_per_partition))))
+        size = -(-remaining // count)
+        ranges: list[tuple[int, int]] = []
+        begin = start
+        while begin < len(self.ids):
+            end = self.boundary(min(begin + size, len(self.ids)))
+            if begin < self.invalid_prefix:
+                end = max(end, self.invalid_prefix + 1)  # an until bound must be a real id
+            end = min(end, len(self.ids))
+            ranges.append((begin, end))
+            begin = end
+        return ranges
+
     def chunk(self, start: int, stop: int) -> RowChunkBytes:
         vectors = self.vectors[start:stop]
         message = encode_rows(

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
 DEFAULT_CHUNK_SIZE = 300
+DEFAULT_ROWS_PER_PARTITION = 50_000
+DEFAULT_MAX_PARTITIONS = 256
 #: gRPC refuses messages over 4 MiB by default; stay well under it whatever the dimension.
 MAX_MESSAGE_BYTES = 3 * 1024 * 1024
 
@@ -46,23 +48,20 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
                 f"chunk_size {size} is out of range: 1..{self._max_chunk} rows keep a message "
                 f"under {MAX_MESSAGE_BYTES // 2**20} MiB at dimension {self._dataset.dimension}",
             )
+        start = self._start(request.last_processed_uuid, context)
         try:
-            start = self._dataset.start_after(request.last_processed_uuid)
+            total = self._dataset.stop_at(request.until_uuid)
         except ValueError:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"last_processed_uuid {request.last_processed_uuid[:64]!r} is not a UUID",
-            )
-        total = len(self._dataset)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"until_uuid {request.until_uuid[:64]!r} is not a UUID")
         began, sent = time.monotonic(), 0
         peer = context.peer()
         try:
-            for offset in range(start, total, size):
-                if not context.is_active():
-                    break
-                stop = min(offset + size, total)
+            offset = start
+            while offset < total and context.is_active():
+                stop = min(self._dataset.boundary(min(offset + size, total)), total)
                 yield self._dataset.chunk(offset, stop)
                 sent += stop - offset
+                offset = stop
         finally:
             elapsed = max(time.monotonic() - began, 1e-9)
             log.info(
@@ -75,6 +74,38 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
                 sent / elapsed,
                 "" if start + sent >= total else " (ended early)",
             )
+
+    def PlanPartitions(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.PartitionPlanRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.PartitionPlan:
+        start = self._start(request.last_processed_uuid, context)
+        rows_per_partition = request.rows_per_partition or DEFAULT_ROWS_PER_PARTITION
+        max_partitions = request.max_partitions or DEFAULT_MAX_PARTITIONS
+        if rows_per_partition < 1 or max_partitions < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rows_per_partition and max_partitions must be positive")
+        data = self._dataset
+        plan = embedding_pb2.PartitionPlan(total_rows=len(data) - start, dimension=data.dimension)
+        after = request.last_processed_uuid
+        for index, (begin, end) in enumerate(data.plan(start, rows_per_partition, max_partitions)):
+            until = data.ids[end - 1] if end - 1 >= data.invalid_prefix else ""
+            plan.partitions.add(index=index, after_uuid=after, until_uuid=until, rows=end - begin)
+            after = until
+        log.info(
+            "PlanPartitions after=%s rows=%d partitions=%d",
+            request.last_processed_uuid or "-",
+            plan.total_rows,
+            len(plan.partitions),
+        )
+        return plan
+
+    def _start(self, last_processed_uuid: str, context: grpc.ServicerContext) -> int:
+        try:
+            return self._dataset.start_after(last_processed_uuid)
+        except ValueError:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"last_processed_uuid {last_processed_uuid[:64]!r} is not a UUID"
+            )
+            raise  # abort raises; this keeps type checkers aware
 
 
 def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
@@ -96,6 +127,11 @@ def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers
                 servicer.GetEmbeddings,
                 request_deserializer=embedding_pb2.StreamEmbeddingRequest.FromString,
                 response_serializer=RowChunkBytes.SerializeToString,
+            ),
+            "PlanPartitions": grpc.unary_unary_rpc_method_handler(
+                servicer.PlanPartitions,
+                request_deserializer=embedding_pb2.PartitionPlanRequest.FromString,
+                response_serializer=embedding_pb2.PartitionPlan.SerializeToString,
             ),
         },
     )

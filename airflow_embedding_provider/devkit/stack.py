@@ -167,3 +167,14 @@ def task_result(airflow_home: Path, dag_id: str, task_id: str, *, key: str = "re
         raise LookupError(f"no XCom {key!r} from {dag_id}.{task_id}")
     value = json.loads(row[0])
     return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
+
+
+def start_dags_test(
+    dag_id: str, env: Mapping[str, str], *, log_path: Path, conf: Mapping[str, Any] | None = None
+) -> subprocess.Popen[bytes]:
+    """``airflow dags test`` in the background (its own process group), output to ``log_path``."""
+    args = [str(Path(sys.executable).with_name("airflow")), "dags", "test", dag_id]
+    if conf:
+        args += ["--conf", json.dumps(conf)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import time
+import uuid
 from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
@@ -11,12 +14,52 @@ from airflow.sdk import BaseHook
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
 DEFAULT_PORT = 50051
+RECONNECT_FIRST_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 10.0
+#: Codes of a stream that broke on the way (server gone, reset, overloaded), not of a bad request.
+STREAM_CUT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+def _stream_cut(exc: Exception) -> bool:
+    if isinstance(exc, ConnectionError):
+        return True
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    return code in STREAM_CUT_CODES
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, grpc.Call):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
+def _max_id(position: str | None, chunk: WireChunk) -> str | None:
+    """The resume point after ``chunk``: its highest UUID id (ids arrive in order)."""
+    best = position
+    for raw in reversed(chunk.ids):
+        try:
+            candidate = str(uuid.UUID(raw))
+        except ValueError:
+            continue  # rows with invalid ids come first and have no place in the order
+        return candidate if best is None or candidate > best else best
+    return best
 
 
 class GrpcEmbeddingHook(BaseHook):
@@ -50,18 +93,62 @@ class GrpcEmbeddingHook(BaseHook):
         if "channel" in self.__dict__:
             self.__dict__.pop("channel").close()
 
-    def stream_chunks(self, *, after: str | None, chunk_size: int, timeout: float | None = None) -> Iterator[WireChunk]:
-        """``GetEmbeddings``: decoded chunks of the rows strictly after ``after`` (``None`` = all).
+    def stream_chunks(
+        self,
+        *,
+        after: str | None,
+        chunk_size: int,
+        until: str | None = None,
+        reconnects: int = 5,
+        timeout: float | None = None,
+    ) -> Iterator[WireChunk]:
+        """``GetEmbeddings``: decoded chunks of the rows after ``after`` up to ``until`` inclusive.
 
-        :param timeout: a deadline for the whole stream, in seconds; none by default, since a large
+        When the stream breaks (server gone, connection reset, deadline), reconnect with
+        exponential backoff and jitter and continue right after the last row handed out, up to
+        ``reconnects`` times in a row; the count starts again once a chunk arrives. Then the error
+        is raised, and the task's retry resumes from the stored progress.
+
+        :param timeout: a deadline for each stream call, in seconds; none by default, since a large
             load may stream for long. A dead peer is still noticed through keepalive.
         """
+        position, failures = after, 0
+        while True:
+            try:
+                for chunk in self._stream_once(after=position, until=until, chunk_size=chunk_size, timeout=timeout):
+                    failures = 0
+                    position = _max_id(position, chunk)
+                    yield chunk
+                return
+            except (grpc.RpcError, ConnectionError) as exc:
+                # tenacity's context manager would swallow GeneratorExit here, so the loop is ours.
+                if not _stream_cut(exc) or failures >= reconnects:
+                    raise
+                failures += 1
+                delay = min(RECONNECT_MAX_SECONDS, RECONNECT_FIRST_SECONDS * 2 ** (failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                self.log.warning(
+                    "stream from %s broke (%s); reconnect %d/%d in %.1f s, resuming after %s",
+                    self.settings.target,
+                    _describe(exc),
+                    failures,
+                    reconnects,
+                    delay,
+                    position or "the start",
+                )
+                time.sleep(delay)
+
+    def _stream_once(
+        self, *, after: str | None, until: str | None, chunk_size: int, timeout: float | None
+    ) -> Iterator[WireChunk]:
         call = self.channel.unary_stream(
             f"/{EMBEDDING_SERVICE}/GetEmbeddings",
             request_serializer=embedding_pb2.StreamEmbeddingRequest.SerializeToString,
             response_deserializer=RowChunkBytes.FromString,
         )
-        request = embedding_pb2.StreamEmbeddingRequest(last_processed_uuid=after or "", chunk_size=chunk_size)
+        request = embedding_pb2.StreamEmbeddingRequest(
+            last_processed_uuid=after or "", chunk_size=chunk_size, until_uuid=until or ""
+        )
         self.wait_until_ready()
         responses = call(request, timeout=timeout, metadata=self.settings.metadata())
         try:
@@ -69,6 +156,29 @@ class GrpcEmbeddingHook(BaseHook):
                 yield decode_chunk(message)
         finally:
             responses.cancel()
+
+    def plan_partitions(
+        self, *, after: str | None, rows_per_partition: int, max_partitions: int
+    ) -> tuple[list[Partition], int]:
+        """``PlanPartitions``: contiguous id ranges of the rows after ``after``; and the row count."""
+        self.wait_until_ready()
+        call = self.channel.unary_unary(
+            f"/{EMBEDDING_SERVICE}/PlanPartitions",
+            request_serializer=embedding_pb2.PartitionPlanRequest.SerializeToString,
+            response_deserializer=embedding_pb2.PartitionPlan.FromString,
+        )
+        plan = call(
+            embedding_pb2.PartitionPlanRequest(
+                last_processed_uuid=after or "", rows_per_partition=rows_per_partition, max_partitions=max_partitions
+            ),
+            timeout=self.settings.timeout,
+            metadata=self.settings.metadata(),
+        )
+        partitions = [
+            Partition(index=p.index, after_uuid=p.after_uuid or None, until_uuid=p.until_uuid or None, rows=p.rows)
+            for p in plan.partitions
+        ]
+        return partitions, int(plan.total_rows)
 
     def wait_until_ready(self) -> None:
         """Block until the channel connects; ``ConnectionError`` after the connection's timeout."""

@@ -1,25 +1,45 @@
-"""``EmbeddingStreamToPgvectorOperator``: AI server stream -> PostgreSQL/pgvector."""
+"""Operators of the ingest: plan partitions, stream each into pgvector (mapped), finalize.
+
+``EmbeddingStreamPlanOperator`` asks the AI server to split the rows after the checkpoint into id
+ranges; ``EmbeddingStreamToPgvectorOperator`` is mapped over them with ``expand`` (or run alone
+over everything after the checkpoint); ``EmbeddingCheckpointOperator`` settles the run's
+checkpoint, builds the ANN index and checks the DLQ budget.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, canonical_uuid
-from airflow_embedding_provider.storage.schema import TableNames, apply_schema, ensure_ann_index
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
+from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.progress import (
+    PartitionKey,
+    load_plan,
+    low_watermark,
+    resume_point,
+    save_plan,
+)
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
+from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, advance_checkpoint, read_checkpoint
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 DEFAULT_CHUNK_SIZE = 300
+#: Airflow's default ``[core] max_map_length``; a plan never maps wider.
+MAX_MAP_LENGTH = 1024
 
 
 def psycopg3_connection(hook: PostgresHook) -> psycopg.Connection:
@@ -34,26 +54,51 @@ def psycopg3_connection(hook: PostgresHook) -> psycopg.Connection:
     return conn
 
 
-class EmbeddingStreamToPgvectorOperator(BaseOperator):
-    """Streams rows from the AI server (``GetEmbeddings``) and upserts them chunk by chunk.
+@contextlib.contextmanager
+def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Connection]]:
+    hook = PostgresHook(postgres_conn_id=postgres_conn_id)
+    conns: list[psycopg.Connection] = []
+    try:
+        for _ in range(count):
+            conn = psycopg3_connection(hook)
+            # Every write runs in an explicit conn.transaction(); with autocommit off, a bare read
+            # would open an implicit transaction that turns those into savepoints, never committed.
+            conn.autocommit = True
+            conns.append(conn)
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
 
-    Each chunk is validated, split into ``recruit_metadata`` and ``recruit_embedding`` rows and
-    written metadata first, with its rejected rows going to ``recruit_embedding_dlq`` and the
-    checkpoint advancing in the same transaction. Returns the counts and the final checkpoint; the
-    checkpoint is also pushed as XCom key ``checkpoint``.
+
+def _uuid_or_none(value: Any) -> str | None:
+    """A rendered template value: '', 'None' and 'null' mean no id."""
+    text = "" if value is None else str(value).strip()
+    return None if text.lower() in ("", "none", "null") else canonical_uuid(text)
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+class EmbeddingStreamPlanOperator(BaseOperator):
+    """Splits the rows to load into id ranges for a mapped ingest; returns them (small JSON).
+
+    The rows to load are those after ``last_processed_uuid`` when given, all rows with
+    ``full_refresh``, otherwise those after the stored checkpoint. The plan is stored per DAG run,
+    so a retried planning task hands out the same ranges.
 
     :param grpc_conn_id: ``embedding_grpc`` connection of the AI server.
-    :param postgres_conn_id: PostgreSQL connection (pgvector installed or installable).
-    :param last_processed_uuid: resume strictly after this id; empty or ``None`` = resume after the
-        stored checkpoint (or from the first row when there is none). Templated.
-    :param chunk_size: rows a gRPC message (the server caps it below 4 MiB messages). Templated.
-    :param dimension: the vector dimension the tables are declared with.
-    :param stream_name: which checkpoint row this ingest advances.
-    :param build_ann_index: build the ivfflat index after the load when it does not exist yet.
+    :param postgres_conn_id: PostgreSQL connection.
+    :param last_processed_uuid: resume strictly after this id (templated; empty = checkpoint).
+    :param full_refresh: reload every row (templated; ``true``/``false``).
+    :param rows_per_partition: the plan aims at partitions of about this many rows.
+    :param max_partitions: never more partitions than this (at most ``max_map_length``).
+    :param dimension: vector dimension of the tables (the schema is applied here).
+    :param stream_name: the checkpoint row of this stream.
     """
 
-    template_fields: Sequence[str] = ("grpc_conn_id", "postgres_conn_id", "last_processed_uuid", "chunk_size")
-    ui_color = "#d6eaf8"
+    template_fields: Sequence[str] = ("last_processed_uuid", "full_refresh", "rows_per_partition", "max_partitions")
 
     def __init__(
         self,
@@ -61,61 +106,172 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
         postgres_conn_id: str = "postgres_default",
         last_processed_uuid: str | None = None,
-        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+        full_refresh: bool | str = False,
+        rows_per_partition: int | str = 20_000,
+        max_partitions: int | str = 64,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
-        build_ann_index: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.grpc_conn_id = grpc_conn_id
         self.postgres_conn_id = postgres_conn_id
         self.last_processed_uuid = last_processed_uuid
-        self.chunk_size = chunk_size
+        self.full_refresh = full_refresh
+        self.rows_per_partition = rows_per_partition
+        self.max_partitions = max_partitions
         self.dimension = dimension
         self.stream_name = stream_name
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        max_partitions = min(int(self.max_partitions), MAX_MAP_LENGTH)
+        requested = _uuid_or_none(self.last_processed_uuid)
+        run_id = context["ti"].run_id
+        with _connections(self.postgres_conn_id, 1) as (conn,):
+            apply_schema(conn, self.dimension)
+            existing = load_plan(conn, DEFAULT_TABLES, self.stream_name, run_id)
+            if existing:
+                self.log.info("this run was planned before (a retry): reusing its %d partitions", len(existing))
+                return [p.as_dict() | {"label": p.label} for p in existing]
+            stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+            start = requested if requested is not None else None if _flag(self.full_refresh) else stored
+            with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
+                partitions, total = hook.plan_partitions(
+                    after=start, rows_per_partition=int(self.rows_per_partition), max_partitions=max_partitions
+                )
+            partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
+        self.log.info(
+            "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d partition(s)",
+            total,
+            start or "the beginning",
+            requested or "-",
+            _flag(self.full_refresh),
+            stored or "-",
+            len(partitions),
+        )
+        context["ti"].xcom_push(key="start_after", value=start)
+        return [p.as_dict() | {"label": p.label} for p in partitions]
+
+
+class EmbeddingStreamToPgvectorOperator(BaseOperator):
+    """Streams rows from the AI server (``GetEmbeddings``) and upserts them into pgvector.
+
+    Each chunk is validated and re-split into sub-batches written by ``db_connections`` writers;
+    every sub-batch commits its ``recruit_metadata`` rows, then its ``recruit_embedding`` rows, its
+    rejected rows (to ``recruit_embedding_dlq``) and the position it completes, in one transaction.
+
+    With ``partition`` (from :class:`EmbeddingStreamPlanOperator`, through ``expand``) it streams
+    that id range and records progress on it, so that a retry resumes inside the range; without,
+    it streams everything after ``last_processed_uuid`` or the stored checkpoint. Returns counts;
+    the position reached is also pushed as XCom ``checkpoint``.
+
+    :param grpc_conn_id: ``embedding_grpc`` connection of the AI server.
+    :param postgres_conn_id: PostgreSQL connection (pgvector installed or installable).
+    :param partition: one range of the plan (a dict), or ``None`` for a single, unmapped stream.
+    :param last_processed_uuid: without ``partition``: resume after this id (templated).
+    :param chunk_size: rows a gRPC message (templated).
+    :param sub_batch_size: rows a database transaction (templated).
+    :param db_connections: database connections (and writer threads) of this task.
+    :param dimension: the vector dimension the tables are declared with.
+    :param stream_name: the checkpoint row this ingest advances.
+    :param cache_target: the API server cache that changed rows make stale (outbox entry).
+    :param build_ann_index: without ``partition``: build the ivfflat index after the load.
+    """
+
+    template_fields: Sequence[str] = (
+        "grpc_conn_id",
+        "postgres_conn_id",
+        "last_processed_uuid",
+        "chunk_size",
+        "sub_batch_size",
+    )
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self,
+        *,
+        grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
+        postgres_conn_id: str = "postgres_default",
+        partition: dict[str, Any] | None = None,
+        last_processed_uuid: str | None = None,
+        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+        sub_batch_size: int | str = 100,
+        db_connections: int = 2,
+        dimension: int = DEFAULT_DIMENSION,
+        stream_name: str = DEFAULT_STREAM,
+        cache_target: str | None = "recruit",
+        build_ann_index: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.grpc_conn_id = grpc_conn_id
+        self.postgres_conn_id = postgres_conn_id
+        self.partition = partition
+        self.last_processed_uuid = last_processed_uuid
+        self.chunk_size = chunk_size
+        self.sub_batch_size = sub_batch_size
+        self.db_connections = db_connections
+        self.dimension = dimension
+        self.stream_name = stream_name
+        self.cache_target = cache_target
         self.build_ann_index = build_ann_index
 
-    def _resume_param(self) -> str | None:
-        value = (self.last_processed_uuid or "").strip()
-        if value.lower() in ("", "none", "null"):
-            return None
-        return canonical_uuid(value)
-
     def execute(self, context: Context) -> dict[str, Any]:
-        chunk_size = int(self.chunk_size)
-        requested = self._resume_param()
-        tables = TableNames()
-        hook = GrpcEmbeddingHook(self.grpc_conn_id)
-        conn = psycopg3_connection(PostgresHook(postgres_conn_id=self.postgres_conn_id))
-        with contextlib.closing(conn), contextlib.closing(hook):
-            apply_schema(conn, self.dimension, tables)
-            stored = read_checkpoint(conn, tables, self.stream_name)
-            start = requested if requested is not None else stored
+        ti = context["ti"]
+        part = Partition.from_dict(self.partition) if self.partition else None
+        if part is not None:
+            context["partition_label"] = part.label  # type: ignore[typeddict-unknown-key]  # map_index_template
+        chunk_size, sub_batch = int(self.chunk_size), int(self.sub_batch_size)
+        origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
+        source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
+        cache = CacheRequest(self.cache_target, source) if self.cache_target else None
+        with _connections(self.postgres_conn_id, max(1, int(self.db_connections))) as conns:
+            conn = conns[0]
+            key: PartitionKey | None = None
+            if part is None:
+                apply_schema(conn, self.dimension)
+                requested = _uuid_or_none(self.last_processed_uuid)
+                stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+                start, until = (requested if requested is not None else stored), None
+            else:
+                key = PartitionKey(self.stream_name, ti.run_id, part.index)
+                start, committed, done = resume_point(conn, DEFAULT_TABLES, key, part)
+                if done:
+                    self.log.info("partition %s was finished by an earlier try", part.label)
+                    return {"partition": part.index, "rows_received": 0, "already_done": True}
+                until = part.until_uuid
+                if committed:
+                    self.log.info(
+                        "resuming partition %s after %s (an earlier try stored up to there)", part.label, committed
+                    )
             self.log.info(
-                "streaming rows after %s (requested %s, stored checkpoint %s), chunk size %d",
+                "streaming rows after %s up to %s, chunk size %d, sub-batches of %d on %d connection(s)",
                 start or "the beginning",
-                requested or "-",
-                stored or "-",
+                until or "the end",
                 chunk_size,
+                sub_batch,
+                len(conns),
             )
-            writer = ChunkWriter(conn, dimension=self.dimension, tables=tables, stream_name=self.stream_name)
-            ti = context["ti"]
-            origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
-            stats = ingest_chunks(
-                prefetch(hook.stream_chunks(after=start, chunk_size=chunk_size)),
-                writer,
-                dimension=self.dimension,
-                origin=origin,
-            )
-            if self.build_ann_index and ensure_ann_index(conn, tables):
-                self.log.info("built the ivfflat index on %s", tables.embedding)
-        result = stats.as_dict()
-        result["start_after"] = start
+            writers = [
+                ChunkWriter(c, dimension=self.dimension, stream_name=self.stream_name, cache_request=cache)
+                for c in conns
+            ]
+            with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
+                stats = ingest_chunks(
+                    prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size)),
+                    writers,
+                    dimension=self.dimension,
+                    sub_batch_size=sub_batch,
+                    origin=origin,
+                    partition=key,
+                )
+            if part is None and self.build_ann_index and ensure_ann_index(conn):
+                self.log.info("built the ivfflat index on %s", DEFAULT_TABLES.embedding)
+        result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
-            "stored %d rows (%d new, %d changed, %d unchanged), %d to the DLQ %s, in %d chunks, "
-            "%.1f s, %.0f rows/s; checkpoint %s",
+            "stored %d rows (%d new, %d changed, %d unchanged), %d to the DLQ %s, in %d chunks, %.1f s, "
+            "%.0f rows/s; position %s",
             stats.rows_stored,
             stats.inserted,
             stats.updated,
@@ -129,3 +285,83 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         )
         ti.xcom_push(key="checkpoint", value=result["last_processed_uuid"])
         return result
+
+
+class EmbeddingCheckpointOperator(BaseOperator):
+    """Settles a mapped run: the checkpoint (low watermark), the ANN index, totals, DLQ budget.
+
+    Runs after every partition succeeded. Sums the partitions' counts into one result (XCom),
+    pushes the stream's checkpoint as XCom ``checkpoint``, builds the ivfflat index after a first
+    load, and fails the run when more than ``max_dlq_fraction`` of the received rows went to the
+    DLQ (after everything good and everything rejected is stored), naming the top reasons.
+
+    :param postgres_conn_id: PostgreSQL connection.
+    :param ingest_task_id: the mapped ingest task whose results are summed.
+    :param max_dlq_fraction: the share of rejected rows above which the run fails (templated).
+    :param stream_name: the checkpoint row of this stream.
+    :param build_ann_index: build the ivfflat index when missing and the table has rows.
+    """
+
+    template_fields: Sequence[str] = ("max_dlq_fraction",)
+
+    def __init__(
+        self,
+        *,
+        postgres_conn_id: str = "postgres_default",
+        ingest_task_id: str = "ingest",
+        max_dlq_fraction: float | str = 0.05,
+        stream_name: str = DEFAULT_STREAM,
+        build_ann_index: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.ingest_task_id = ingest_task_id
+        self.max_dlq_fraction = max_dlq_fraction
+        self.stream_name = stream_name
+        self.build_ann_index = build_ann_index
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        ti = context["ti"]
+        pulled = ti.xcom_pull(task_ids=self.ingest_task_id)
+        # One mapped task instance comes back as its value, several as a sequence of values.
+        results = [pulled] if isinstance(pulled, dict) else [r for r in pulled or [] if isinstance(r, dict)]
+        fields = ("rows_received", "inserted", "updated", "unchanged", "duplicates", "rows_dlq", "chunks")
+        totals: dict[str, int] = {name: sum(int(r.get(name, 0)) for r in results) for name in fields}
+        reasons: Counter[str] = Counter()
+        for r in results:
+            reasons.update(r.get("dlq_by_reason", {}))
+        with _connections(self.postgres_conn_id, 1) as (conn,), conn.transaction(), conn.cursor() as cur:
+            watermark = low_watermark(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
+            if watermark is not None:
+                advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
+        with _connections(self.postgres_conn_id, 1) as (conn,):
+            checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+            if self.build_ann_index and ensure_ann_index(conn):
+                self.log.info("built the ivfflat index on %s", DEFAULT_TABLES.embedding)
+        task_seconds = sum(float(r.get("seconds", 0)) for r in results)
+        started = context["dag_run"].start_date
+        seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
+        summary: dict[str, Any] = totals | {
+            "partitions": len(results),
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(totals["rows_received"] / seconds, 1) if seconds > 0 else 0.0,
+            "slowest_partition_seconds": max((float(r.get("seconds", 0)) for r in results), default=0.0),
+            # Rows a second inside the ingest tasks, Airflow's own scheduling time left out.
+            "task_rows_per_second": round(totals["rows_received"] / task_seconds, 1) if task_seconds > 0 else 0.0,
+            "rows_stored": totals["inserted"] + totals["updated"] + totals["unchanged"],
+            "dlq_by_reason": dict(reasons),
+            "last_processed_uuid": checkpoint,
+        }
+        ti.xcom_push(key="checkpoint", value=checkpoint)
+        self.log.info("run total: %s", summary)
+        received, rejected = totals["rows_received"], totals["rows_dlq"]
+        limit = float(self.max_dlq_fraction)
+        if received and rejected / received > limit:
+            top = ", ".join(f"{kind} {count}" for kind, count in reasons.most_common(5))
+            raise AirflowFailException(
+                f"{rejected} of {received} rows ({rejected / received:.1%}) went to the DLQ, above the allowed "
+                f"{limit:.1%}; everything else is stored. Top reasons: {top}. Inspect recruit_embedding_dlq, "
+                "fix the source or the configuration, then run recruit_embedding_dlq_replay."
+            )
+        return summary

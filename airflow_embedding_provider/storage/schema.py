@@ -27,6 +27,7 @@ class TableNames:
     dlq: str = "recruit_embedding_dlq"
     checkpoint: str = "embedding_batch_checkpoint"
     outbox: str = "embedding_cache_outbox"
+    progress: str = "embedding_partition_progress"
 
     def identifiers(self) -> dict[str, sql.Composable]:
         return {
@@ -35,6 +36,7 @@ class TableNames:
             "dlq": sql.Identifier(self.dlq),
             "checkpoint": sql.Identifier(self.checkpoint),
             "outbox": sql.Identifier(self.outbox),
+            "progress": sql.Identifier(self.progress),
             "outbox_pending_index": sql.Identifier(f"{self.outbox}_pending_key"),
             "dlq_id_index": sql.Identifier(f"{self.dlq}_id_idx"),
             "dlq_row_key_index": sql.Identifier(f"{self.dlq}_row_key_key"),

@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
+from airflow_embedding_provider.storage.progress import PartitionKey, low_watermark, record_progress
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.validation import Rejected
 
@@ -59,7 +60,8 @@ def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
 class ChunkWriter:
     """Upserts chunks into the design's tables over one psycopg 3 connection.
 
-    :param conn: a connection this writer may run transactions on (autocommit off).
+    :param conn: a connection this writer alone uses, best in autocommit mode: each write is one
+        explicit transaction (inside a caller's open transaction it becomes a savepoint).
     :param dimension: the configured vector dimension; the staging table is declared with it.
     :param tables: table names; the design's by default.
     :param stream_name: the checkpoint row this writer advances.
@@ -108,8 +110,15 @@ class ChunkWriter:
         *,
         checkpoint: str | None = None,
         origin: Mapping[str, Any] | None = None,
+        partition: PartitionKey | None = None,
+        done: bool = False,
     ) -> WriteResult:
-        """Store ``batch`` and ``rejected`` and advance the checkpoint to ``checkpoint``, atomically."""
+        """Store ``batch`` and ``rejected`` and advance the position to ``checkpoint``, atomically.
+
+        Without ``partition`` the stream's checkpoint moves to ``checkpoint``. With it, the
+        partition's committed position does (and ``done`` marks it finished), and the stream's
+        checkpoint moves to the run's low watermark over all its partitions.
+        """
         if batch.dimension != self._dimension and len(batch):
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
         self._ensure_stage()
@@ -122,7 +131,12 @@ class ChunkWriter:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
                 self._dead_letter(cur, rejected, origin or {})
-            if checkpoint is not None:
+            if partition is not None:
+                record_progress(cur, self._tables, partition, checkpoint, done)
+                watermark = low_watermark(cur, self._tables, partition.stream_name, partition.run_id)
+                if watermark is not None:
+                    advance_checkpoint(cur, self._tables, partition.stream_name, watermark)
+            elif checkpoint is not None:
                 advance_checkpoint(cur, self._tables, self._stream, checkpoint)
         return WriteResult(
             inserted=inserted,

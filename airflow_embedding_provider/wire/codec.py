@@ -37,6 +37,16 @@ class WireChunk:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def slice(self, start: int, stop: int) -> WireChunk:
+        return WireChunk(
+            ids=self.ids[start:stop],
+            company_name=self.company_name[start:stop],
+            exp_years=self.exp_years[start:stop],
+            english_level=self.english_level[start:stop],
+            primary_keyword=self.primary_keyword[start:stop],
+            vectors=self.vectors[start:stop],
+        )
+
 
 def _opt_str(row: RecruitRowBytes, field: str) -> str | None:
     return str(getattr(row, field)) if row.HasField(field) else None

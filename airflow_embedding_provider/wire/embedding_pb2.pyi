@@ -7,12 +7,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamEmbeddingRequest(_message.Message):
-    __slots__ = ("last_processed_uuid", "chunk_size")
+    __slots__ = ("last_processed_uuid", "chunk_size", "until_uuid")
     LAST_PROCESSED_UUID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
     last_processed_uuid: str
     chunk_size: int
-    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    until_uuid: str
+    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ..., until_uuid: _Optional[str] = ...) -> None: ...
+
+class PartitionPlanRequest(_message.Message):
+    __slots__ = ("last_processed_uuid", "rows_per_partition", "max_partitions")
+    LAST_PROCESSED_UUID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    last_processed_uuid: str
+    rows_per_partition: int
+    max_partitions: int
+    def __init__(self, last_processed_uuid: _Optional[str] = ..., rows_per_partition: _Optional[int] = ..., max_partitions: _Optional[int] = ...) -> None: ...
+
+class Partition(_message.Message):
+    __slots__ = ("index", "after_uuid", "until_uuid", "rows")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AFTER_UUID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    after_uuid: str
+    until_uuid: str
+    rows: int
+    def __init__(self, index: _Optional[int] = ..., after_uuid: _Optional[str] = ..., until_uuid: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class PartitionPlan(_message.Message):
+    __slots__ = ("partitions", "total_rows", "dimension")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[Partition]
+    total_rows: int
+    dimension: int
+    def __init__(self, partitions: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., total_rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class UploadResult(_message.Message):
     __slots__ = ("success", "total_rows", "message")

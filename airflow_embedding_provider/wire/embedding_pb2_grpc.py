@@ -44,6 +44,11 @@ class EmbeddingStreamServiceStub:
                 request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RowChunk.SerializeToString,
                 response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.UploadResult.FromString,
                 _registered_method=True)
+        self.PlanPartitions = channel.unary_unary(
+                '/recruit.embedding.v1.EmbeddingStreamService/PlanPartitions',
+                request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.SerializeToString,
+                response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStreamServiceServicer:
@@ -63,6 +68,14 @@ class EmbeddingStreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanPartitions(self, request, context):
+        """Added: splits the rows after last_processed_uuid into contiguous id ranges, so that the
+        batch side can stream them in parallel (one GetEmbeddings call per range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
                     servicer.UploadEmbeddings,
                     request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RowChunk.FromString,
                     response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.UploadResult.SerializeToString,
+            ),
+            'PlanPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanPartitions,
+                    request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.FromString,
+                    response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class EmbeddingStreamService:
             '/recruit.embedding.v1.EmbeddingStreamService/UploadEmbeddings',
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.RowChunk.SerializeToString,
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.UploadResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recruit.embedding.v1.EmbeddingStreamService/PlanPartitions',
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.SerializeToString,
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.FromString,
             options,
             channel_credentials,
             insecure,

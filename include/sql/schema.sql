@@ -59,3 +59,18 @@ CREATE TABLE IF NOT EXISTS {outbox} (
     last_error TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS {outbox_pending_index} ON {outbox} (target, source) WHERE delivered_at IS NULL;
+
+-- Progress of each partition of a mapped ingest run: a retried task resumes after committed_uuid;
+-- the stream's checkpoint is the low watermark over a run's partitions (storage/progress.py).
+CREATE TABLE IF NOT EXISTS {progress} (
+    stream_name TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    partition_index INT NOT NULL,
+    after_uuid UUID,
+    until_uuid UUID,
+    rows_planned BIGINT NOT NULL,
+    committed_uuid UUID,
+    done BOOLEAN NOT NULL DEFAULT FALSE,
+    updated_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    PRIMARY KEY (stream_name, run_id, partition_index)
+);

@@ -9,7 +9,8 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.stack import dags_test, task_result
+from airflow_embedding_provider.api_server.service import read_stats
+from airflow_embedding_provider.devkit.stack import ServerProcess, dags_test, task_result
 from airflow_embedding_provider.devkit.verify import compare, table_digest
 
 DAG_ID = "recruit_embedding_ingest"
@@ -25,15 +26,29 @@ def _checkpoint(dsn: str) -> str | None:
     return None if row is None else row[0]
 
 
+def _invalidations(api_server: ServerProcess) -> int:
+    stats_file = api_server.command[api_server.command.index("--stats-file") + 1]
+    return read_stats(Path(stats_file)).invalidations.get("recruit", 0)
+
+
 def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
-    dag_env: dict[str, str], airflow_home: Path, pg_dsn: str, sample_dataset: EmbeddingDataset
+    dag_env: dict[str, str],
+    airflow_home: Path,
+    pg_dsn: str,
+    sample_dataset: EmbeddingDataset,
+    api_server: ServerProcess,
 ) -> None:
-    dags_test(DAG_ID, dag_env)
-    result = task_result(airflow_home, DAG_ID, "ingest")
+    calls_before = _invalidations(api_server)
+    dags_test(DAG_ID, dag_env, conf={"rows_per_partition": 1000})
+    # The run changed rows: exactly one invalidation reached the API server.
+    assert _invalidations(api_server) == calls_before + 1
+    assert task_result(airflow_home, DAG_ID, "invalidate_cache")["status"] == "delivered"
+    result = task_result(airflow_home, DAG_ID, "finalize")
     assert result["rows_received"] == result["inserted"] == len(sample_dataset)
-    assert result["rows_dlq"] == 0 and result["start_after"] is None
+    assert result["partitions"] == 3 and result["rows_dlq"] == 0
+    assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") is None
     assert result["last_processed_uuid"] == sample_dataset.ids[-1]
-    assert task_result(airflow_home, DAG_ID, "ingest", key="checkpoint") == sample_dataset.ids[-1]
+    assert task_result(airflow_home, DAG_ID, "finalize", key="checkpoint") == sample_dataset.ids[-1]
     assert _checkpoint(pg_dsn) == sample_dataset.ids[-1]
     with psycopg.connect(pg_dsn) as conn:
         check = compare(conn, sample_dataset)
@@ -44,15 +59,18 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
 
     # A second scheduled run resumes after the checkpoint: nothing new, nothing rewritten.
     dags_test(DAG_ID, dag_env)
-    again = task_result(airflow_home, DAG_ID, "ingest")
-    assert again["start_after"] == sample_dataset.ids[-1] and again["rows_received"] == 0
+    again = task_result(airflow_home, DAG_ID, "finalize")
+    assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == sample_dataset.ids[-1]
+    assert again["rows_received"] == 0 and again["partitions"] == 0
 
     # A triggered run re-sends what follows the given id; the upserts change nothing.
     middle = sample_dataset.ids[1999]
     dags_test(DAG_ID, dag_env, conf={"last_processed_uuid": middle.upper()})
-    triggered = task_result(airflow_home, DAG_ID, "ingest")
-    assert triggered["start_after"] == middle
+    triggered = task_result(airflow_home, DAG_ID, "finalize")
+    assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == middle
     assert triggered["rows_received"] == triggered["unchanged"] == len(sample_dataset) - 2000
+    # Neither the empty run nor the run that changed nothing asked for an invalidation.
+    assert _invalidations(api_server) == calls_before + 1
     assert _checkpoint(pg_dsn) == sample_dataset.ids[-1]
     with psycopg.connect(pg_dsn) as conn:
         assert table_digest(conn) == before
@@ -60,7 +78,7 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
 
 def test_chunk_size_param_reaches_the_stream(dag_env: dict[str, str], airflow_home: Path, pg_dsn: str) -> None:
     dags_test(DAG_ID, dag_env, conf={"chunk_size": 1000})
-    assert task_result(airflow_home, DAG_ID, "ingest")["chunks"] == 3
+    assert task_result(airflow_home, DAG_ID, "finalize")["chunks"] == 3
 
 
 def test_a_param_that_is_not_a_uuid_is_refused(dag_env: dict[str, str], pg_dsn: str) -> None:

@@ -99,11 +99,6 @@ def test_payload_gives_back_the_received_bytes(conn: psycopg.Connection) -> None
     assert replayed == received  # every field, every vector byte (NaN is the canonical quiet NaN)
 
 
-@pytest.mark.xfail(
-    reason="jsonb stores numbers as numeric, which has no negative zero: validation's payload must "
-    "spell -0.0 as a string, as it does NaN, for the sign bit to survive",
-    strict=False,
-)
 def test_negative_zero_survives_the_payload(conn: psycopg.Connection) -> None:
     received = _chunk([(_uid(1), np.array([-0.0] * 16, dtype=np.float32))])
     _dead_letter(conn, received)

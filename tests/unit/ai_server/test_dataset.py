@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import pickle
 import subprocess
 import sys
@@ -126,3 +127,28 @@ def test_cli_prints_one_error_line_and_exits_1(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("airflow-embedding ai-server: error:") and "missing column(s)" in lines[0]
+
+
+def test_plan_covers_every_row_in_contiguous_ranges(tmp_path: Path) -> None:
+    data = load_dataset(_write(tmp_path, make_sample(1000, dimension=4)))
+    ranges = data.plan(0, rows_per_partition=300, max_partitions=64)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert len(ranges) == 4
+    assert data.plan(0, rows_per_partition=10, max_partitions=3) == [(0, 334), (334, 668), (668, 1000)]
+    assert data.plan(990, rows_per_partition=300, max_partitions=64) == [(990, 1000)]
+    assert data.plan(1000, rows_per_partition=300, max_partitions=64) == []
+
+
+def test_boundaries_never_split_copies_of_one_id(tmp_path: Path) -> None:
+    frame = make_sample(10, dimension=4)
+    frame = pd.concat([frame, frame.iloc[[4, 4]]], ignore_index=True)  # id 4 three times
+    data = load_dataset(_write(tmp_path, frame))
+    first = data.ids.index(str(frame.loc[4, "id"]))
+    assert data.ids[first : first + 3] == [str(frame.loc[4, "id"])] * 3
+    for cut in (first + 1, first + 2):
+        assert data.boundary(cut) == first + 3
+    assert data.boundary(first) == first
+    for _begin, end in data.plan(0, rows_per_partition=2, max_partitions=64):
+        assert end == len(data) or data.ids[end - 1] != data.ids[end]
+    assert data.stop_at(data.ids[first]) == first + 3

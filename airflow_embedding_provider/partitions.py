@@ -1,0 +1,38 @@
+"""Id ranges of the source: the unit a mapped ingest task streams and stores."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One id range of a run: rows strictly after ``after_uuid`` up to ``until_uuid`` inclusive.
+
+    ``after_uuid`` ``None`` = from the first row; ``until_uuid`` ``None`` = to the last row.
+    """
+
+    index: int
+    after_uuid: str | None
+    until_uuid: str | None
+    rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        return cls(
+            index=int(data["index"]),
+            after_uuid=data.get("after_uuid") or None,
+            until_uuid=data.get("until_uuid") or None,
+            rows=int(data.get("rows", 0)),
+        )
+
+    @property
+    def label(self) -> str:
+        """Short text for Airflow's map index: ``#3 019b0ab5…→019b0ac1… (47299 rows)``."""
+        after = (self.after_uuid or "start")[:8]
+        until = (self.until_uuid or "end")[:8]
+        return f"#{self.index} {after}..{until} ({self.rows} rows)"

@@ -1,0 +1,129 @@
+"""Partitions of a mapped ingest run, their progress, and the run's low watermark.
+
+A plan is stored once per run, so a retried planning task hands out the same ranges. Each chunk
+transaction advances its partition's ``committed_uuid`` and, from all partitions of the run, the
+low watermark: the highest id below which every row of the run is stored. Only that watermark
+becomes the stream's checkpoint, so a resume never skips a row another partition has not written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.storage.schema import TableNames
+
+#: Plans of finished runs older than this are deleted when a new run is planned.
+KEEP_DAYS = 14
+
+
+@dataclass(frozen=True)
+class PartitionKey:
+    stream_name: str
+    run_id: str
+    index: int
+
+
+def _ids(tables: TableNames) -> dict[str, sql.Composable]:
+    return tables.identifiers()
+
+
+def save_plan(
+    conn: psycopg.Connection, tables: TableNames, stream_name: str, run_id: str, partitions: Sequence[Partition]
+) -> list[Partition]:
+    """Store ``partitions`` for the run, or return the plan already stored for it (a retry)."""
+    t = _ids(tables)["progress"]
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"plan:{stream_name}:{run_id}",))
+        existing = load_plan(conn, tables, stream_name, run_id)
+        if existing:
+            return existing
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {} WHERE stream_name = %s AND updated_at < now() - make_interval(days => %s) "
+                "AND run_id NOT IN (SELECT run_id FROM {} WHERE stream_name = %s AND NOT done)"
+            ).format(t, t),
+            (stream_name, KEEP_DAYS, stream_name),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {} (stream_name, run_id, partition_index, after_uuid, until_uuid, rows_planned) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)"
+                ).format(t),
+                [(stream_name, run_id, p.index, p.after_uuid, p.until_uuid, p.rows) for p in partitions],
+            )
+    return list(partitions)
+
+
+def load_plan(conn: psycopg.Connection, tables: TableNames, stream_name: str, run_id: str) -> list[Partition]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT partition_index, after_uuid::text, until_uuid::text, rows_planned FROM {} "
+            "WHERE stream_name = %s AND run_id = %s ORDER BY partition_index"
+        ).format(_ids(tables)["progress"]),
+        (stream_name, run_id),
+    ).fetchall()
+    return [Partition(index=r[0], after_uuid=r[1], until_uuid=r[2], rows=r[3]) for r in rows]
+
+
+def committed_position(conn: psycopg.Connection, tables: TableNames, key: PartitionKey) -> tuple[str | None, bool]:
+    """``(committed_uuid, done)`` of a partition; ``(None, False)`` when it has no progress yet."""
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL(
+                "SELECT committed_uuid::text, done FROM {} WHERE stream_name = %s AND run_id = %s "
+                "AND partition_index = %s"
+            ).format(_ids(tables)["progress"]),
+            (key.stream_name, key.run_id, key.index),
+        ).fetchone()
+    return (None, False) if row is None else (row[0], bool(row[1]))
+
+
+def resume_point(
+    conn: psycopg.Connection, tables: TableNames, key: PartitionKey, partition: Partition
+) -> tuple[str | None, str | None, bool]:
+    """Where a (retried) task continues its partition: ``(after, committed, done)``.
+
+    ``after`` is the later of the range's start and what an earlier try committed.
+    """
+    committed, done = committed_position(conn, tables, key)
+    after = max(filter(None, (partition.after_uuid, committed)), default=None)
+    return after, committed, done
+
+
+def record_progress(
+    cur: psycopg.Cursor, tables: TableNames, key: PartitionKey, committed_uuid: str | None, done: bool
+) -> None:
+    """Advance a partition's committed position (never backwards) and its done flag."""
+    cur.execute(
+        sql.SQL(
+            "UPDATE {} SET committed_uuid = GREATEST(committed_uuid, %s::uuid), done = done OR %s, "
+            "updated_at = now() WHERE stream_name = %s AND run_id = %s AND partition_index = %s"
+        ).format(_ids(tables)["progress"]),
+        (committed_uuid, done, key.stream_name, key.run_id, key.index),
+    )
+
+
+def low_watermark(cur: psycopg.Cursor, tables: TableNames, stream_name: str, run_id: str) -> str | None:
+    """The run's low watermark: every row of the run with an id up to it is stored.
+
+    All partitions done: the last partition's bound. Otherwise the first unfinished partition's
+    committed position, or, before it has any, the bound of the partition before it.
+    """
+    row = cur.execute(
+        sql.SQL(
+            "WITH p AS (SELECT partition_index AS i, until_uuid, committed_uuid, done FROM {} "
+            "  WHERE stream_name = %s AND run_id = %s), "
+            "open AS (SELECT min(i) AS i FROM p WHERE NOT done) "
+            "SELECT CASE WHEN (SELECT i FROM open) IS NULL THEN (SELECT until_uuid FROM p ORDER BY i DESC LIMIT 1) "
+            "ELSE coalesce((SELECT committed_uuid FROM p WHERE i = (SELECT i FROM open)), "
+            "(SELECT until_uuid FROM p WHERE i < (SELECT i FROM open) ORDER BY i DESC LIMIT 1)) END::text"
+        ).format(_ids(tables)["progress"]),
+        (stream_name, run_id),
+    ).fetchone()
+    return None if row is None else row[0]

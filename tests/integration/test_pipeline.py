@@ -1,0 +1,132 @@
+"""The ingest path (validate -> split -> upsert -> progress) with parallel writers, real PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.devkit.verify import compare
+from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.pipeline import ingest_chunks
+from airflow_embedding_provider.storage.progress import PartitionKey, low_watermark, resume_point, save_plan
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
+from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
+from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
+
+RUN = "run-1"
+
+
+def chunks_of(data: EmbeddingDataset, start: int, stop: int, size: int) -> Iterator[WireChunk]:
+    for offset in range(start, stop, size):
+        yield parse_chunk(data.chunk(offset, min(offset + size, stop)).SerializeToString())
+
+
+@pytest.fixture
+def conns(pg_dsn: str) -> Iterator[list[psycopg.Connection]]:
+    opened = [psycopg.connect(pg_dsn, autocommit=True) for _ in range(3)]
+    apply_schema(opened[0], 384)
+    yield opened
+    for conn in opened:
+        conn.close()
+
+
+def _plan(conn: psycopg.Connection, data: EmbeddingDataset, cuts: list[int]) -> list[Partition]:
+    bounds = [0, *cuts, len(data)]
+    parts = [
+        Partition(i, data.ids[a - 1] if a else None, data.ids[b - 1], b - a)
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+    return save_plan(conn, DEFAULT_TABLES, "recruit", RUN, parts)
+
+
+def test_parallel_sub_batches_store_everything_and_settle_the_watermark(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    data = sample_dataset
+    parts = _plan(conns[0], data, [1000, 2000])
+    writers = [ChunkWriter(c, dimension=384) for c in conns]
+    # Partition 1 first: the checkpoint may not move past partition 0, which is not done.
+    key1 = PartitionKey("recruit", RUN, 1)
+    stats = ingest_chunks(chunks_of(data, 1000, 2000, 300), writers, dimension=384, sub_batch_size=70, partition=key1)
+    assert (stats.rows_received, stats.inserted, stats.sub_batches) == (1000, 1000, 5 * 3 + 2)
+    assert stats.last_processed_uuid == data.ids[1999]
+    assert read_checkpoint(conns[0]) is None
+    for index, (a, b) in ((0, (0, 1000)), (2, (2000, 3000))):
+        ingest_chunks(
+            chunks_of(data, a, b, 300),
+            writers,
+            dimension=384,
+            sub_batch_size=70,
+            partition=PartitionKey("recruit", RUN, index),
+        )
+    assert read_checkpoint(conns[0]) == data.ids[-1] == parts[-1].until_uuid
+    check = compare(conns[0], data)
+    assert check.equal, check.summary()
+
+
+def test_watermark_stops_at_the_first_unfinished_partition(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    data = sample_dataset
+    _plan(conns[0], data, [1000, 2000])
+    writer = ChunkWriter(conns[0], dimension=384)
+
+    def run(index: int, a: int, b: int, fail_at: int | None = None) -> None:
+        def chunks() -> Iterator[WireChunk]:
+            for n, chunk in enumerate(chunks_of(data, a, b, 200)):
+                if n == fail_at:
+                    raise ConnectionError("task died")
+                yield chunk
+
+        with contextlib.suppress(ConnectionError):
+            ingest_chunks(
+                chunks(), [writer], dimension=384, sub_batch_size=200, partition=PartitionKey("recruit", RUN, index)
+            )
+
+    def watermark() -> str | None:
+        with conns[0].cursor() as cur:
+            return low_watermark(cur, DEFAULT_TABLES, "recruit", RUN)
+
+    run(2, 2000, 3000)
+    run(1, 1000, 2000, fail_at=3)  # committed up to ids[1599]
+    assert watermark() is None  # partition 0 has nothing yet
+    run(0, 0, 1000)
+    assert watermark() == data.ids[1599]
+    run(1, 1600, 2000)
+    assert watermark() == data.ids[-1]
+
+
+def test_a_retry_resumes_inside_its_range(conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset) -> None:
+    data = sample_dataset
+    parts = _plan(conns[0], data, [1500])
+    key = PartitionKey("recruit", RUN, 0)
+    writer = ChunkWriter(conns[0], dimension=384)
+
+    def dies_after(limit: int) -> Iterator[WireChunk]:
+        for n, chunk in enumerate(chunks_of(data, 0, 1500, 300)):
+            if n == limit:
+                raise ConnectionError("stream gone")
+            yield chunk
+
+    with pytest.raises(ConnectionError):
+        ingest_chunks(dies_after(3), [writer], dimension=384, sub_batch_size=300, partition=key)
+    after, committed, done = resume_point(conns[0], DEFAULT_TABLES, key, parts[0])
+    assert (after, committed, done) == (data.ids[899], data.ids[899], False)
+    with conns[0].cursor() as cur:
+        assert low_watermark(cur, DEFAULT_TABLES, "recruit", RUN) == data.ids[899]
+    assert read_checkpoint(conns[0]) == data.ids[899]
+    rest = ingest_chunks(chunks_of(data, 900, 1500, 300), [writer], dimension=384, sub_batch_size=300, partition=key)
+    assert rest.rows_received == 600 and rest.inserted == 600
+    assert resume_point(conns[0], DEFAULT_TABLES, key, parts[0])[2] is True
+    assert read_checkpoint(conns[0]) == data.ids[1499]
+
+
+def test_a_plan_is_stored_once_per_run(conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset) -> None:
+    first = _plan(conns[0], sample_dataset, [1000])
+    again = save_plan(conns[0], DEFAULT_TABLES, "recruit", RUN, [Partition(0, None, sample_dataset.ids[5], 6)])
+    assert again == first
