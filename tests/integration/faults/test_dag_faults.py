@@ -1,0 +1,191 @@
+"""Faults caused for real during ``recruit_embedding_ingest`` runs over 100,000 rows.
+
+Each ends with the tables equal to the source (every id, field and vector), no duplicate (primary
+keys), an empty DLQ and the checkpoint at the last id, never having moved backwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
+from airflow_embedding_provider.devkit.stack import (
+    ServerProcess,
+    airflow_env,
+    prepare_airflow_home,
+    start_dags_test,
+    task_result,
+)
+from airflow_embedding_provider.devkit.verify import compare
+
+DAG_ID = "recruit_embedding_ingest"
+CONF = {"rows_per_partition": 25_000, "chunk_size": 500, "sub_batch_size": 250}
+
+
+@pytest.fixture
+def big_ai_server(big_pkl: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(["ai-server", "--pkl", str(big_pkl)], log_path=tmp_path / "ai.log") as server:
+        yield server
+
+
+def _env(home: Path, dsn: str, ai: ServerProcess, api: ServerProcess) -> dict[str, str]:
+    return airflow_env(
+        home,
+        postgres_dsn=dsn,
+        embedding_target=ai.target,
+        cache_target=api.target,
+        extra={"RECRUIT_EMBEDDING_RETRIES": "3", "RECRUIT_EMBEDDING_RETRY_DELAY": "1"},
+    )
+
+
+def _progress(dsn: str) -> list[tuple[int, str | None, bool]]:
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            if conn.execute("SELECT to_regclass('embedding_partition_progress')").fetchone() == (None,):
+                return []
+            return conn.execute(
+                "SELECT partition_index, committed_uuid::text, done FROM embedding_partition_progress "
+                "ORDER BY run_id, partition_index"
+            ).fetchall()
+    except psycopg.OperationalError:
+        return []
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the run never got there")
+        time.sleep(0.1)
+
+
+class CheckpointWatch:
+    """Samples the stored checkpoint on a thread, to show it never moves backwards."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                    row = conn.execute(
+                        "SELECT last_processed_uuid::text FROM embedding_batch_checkpoint WHERE stream_name = 'recruit'"
+                    ).fetchone()
+                if row and (not self.seen or self.seen[-1] != row[0]):
+                    self.seen.append(row[0])
+            except psycopg.Error:
+                pass  # the table is not there yet, or the server is restarting
+            time.sleep(0.05)
+
+    def __enter__(self) -> CheckpointWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _assert_exact(dsn: str, dataset: EmbeddingDataset, watch: CheckpointWatch) -> None:
+    with psycopg.connect(dsn) as conn:
+        check = compare(conn, dataset)
+        assert check.equal, check.summary()
+        assert conn.execute("SELECT count(*) FROM recruit_embedding_dlq").fetchone() == (0,)
+        checkpoint = conn.execute("SELECT last_processed_uuid::text FROM embedding_batch_checkpoint").fetchone()
+    assert checkpoint == (dataset.ids[-1],)
+    assert watch.seen == sorted(watch.seen), "the checkpoint moved backwards"
+    assert watch.seen[-1] == dataset.ids[-1]
+
+
+def test_postgres_restarted_mid_run(
+    own_postgres: EmbeddedPostgres,
+    big_ai_server: ServerProcess,
+    api_server: ServerProcess,
+    airflow_home: Path,
+    big_dataset: EmbeddingDataset,
+    tmp_path: Path,
+) -> None:
+    dsn = own_postgres.create_database("restart")
+    log = tmp_path / "dags-test.log"
+    with CheckpointWatch(dsn) as watch:
+        proc = start_dags_test(DAG_ID, _env(airflow_home, dsn, big_ai_server, api_server), log_path=log, conf=CONF)
+        _wait_for(lambda: any(committed for _, committed, _ in _progress(dsn)))
+        own_postgres.restart()  # fast shutdown: every open connection is cut
+        assert proc.wait(600) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    # The restart cut a task's connection; Airflow retried it, and the retry resumed its range.
+    assert "psycopg.OperationalError" in text and "new_state=up_for_retry" in text
+    summary = task_result(airflow_home, DAG_ID, "finalize")
+    assert summary["partitions"] == 4
+    _assert_exact(dsn, big_dataset, watch)
+
+
+def test_run_killed_with_sigkill_then_run_again(
+    own_postgres: EmbeddedPostgres,
+    big_ai_server: ServerProcess,
+    api_server: ServerProcess,
+    airflow_home: Path,
+    big_dataset: EmbeddingDataset,
+    tmp_path: Path,
+) -> None:
+    dsn = own_postgres.create_database("sigkill")
+    env = _env(airflow_home, dsn, big_ai_server, api_server)
+    with CheckpointWatch(dsn) as watch:
+        proc = start_dags_test(DAG_ID, env, log_path=tmp_path / "killed.log", conf=CONF)
+        # Partition 0 committed part of its range, and the run is not finished: kill it mid-batch.
+        _wait_for(lambda: any(i == 0 and c is not None for i, c, _ in _progress(dsn)))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        progress = _progress(dsn)
+        assert not all(done for *_, done in progress), "the run finished before it was killed"
+        with psycopg.connect(dsn) as conn:
+            watermark = conn.execute("SELECT last_processed_uuid::text FROM embedding_batch_checkpoint").fetchone()
+        assert watermark is not None and watermark[0] < big_dataset.ids[-1]
+        # The next run starts after the watermark: it re-sends what was not certainly stored.
+        again = start_dags_test(DAG_ID, env, log_path=tmp_path / "again.log", conf=CONF)
+        assert again.wait(600) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    summary = task_result(airflow_home, DAG_ID, "finalize")
+    assert 0 < summary["rows_received"] < len(big_dataset)
+    assert summary["rows_received"] == len(big_dataset) - big_dataset.ids.index(watermark[0]) - 1
+    _assert_exact(dsn, big_dataset, watch)
+
+
+def test_two_runs_at_once(
+    postgres: EmbeddedPostgres,
+    big_ai_server: ServerProcess,
+    api_server: ServerProcess,
+    airflow_home: Path,
+    big_dataset: EmbeddingDataset,
+    tmp_path: Path,
+) -> None:
+    """Two deployments (two Airflow homes) ingest the same source into one database at once."""
+    dsn = postgres.create_database("two_runs")
+    second_home = tmp_path / "second-home"
+    env2 = _env(second_home, dsn, big_ai_server, api_server)
+    prepare_airflow_home(env2)
+    with CheckpointWatch(dsn) as watch:
+        procs = [
+            start_dags_test(
+                DAG_ID, _env(airflow_home, dsn, big_ai_server, api_server), log_path=tmp_path / "a.log", conf=CONF
+            ),
+            start_dags_test(DAG_ID, env2, log_path=tmp_path / "b.log", conf=CONF),
+        ]
+        codes = [p.wait(900) for p in procs]
+    assert codes == [0, 0], [(tmp_path / n).read_text()[-2000:] for n in ("a.log", "b.log")]
+    totals = [task_result(home, DAG_ID, "finalize") for home in (airflow_home, second_home)]
+    assert all(t["rows_received"] == len(big_dataset) for t in totals)
+    assert sum(t["inserted"] for t in totals) == len(big_dataset)  # each row inserted by exactly one run
+    _assert_exact(dsn, big_dataset, watch)
