@@ -9,19 +9,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.security import add_cli_options
 
 
 def _ai_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.ai_server.dataset import load_dataset
     from airflow_embedding_provider.ai_server.service import serve
+    from airflow_embedding_provider.security import ServerSecurity
 
+    security = ServerSecurity.from_args(args)  # before loading: a bad option fails fast
     dataset = load_dataset(args.pkl)
-    serve(dataset, host=args.host, port=args.port)
+    serve(dataset, host=args.host, port=args.port, security=security)
     return 0
 
 
 def _api_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, serve
+    from airflow_embedding_provider.security import ServerSecurity
 
     faults = FaultPlan(
         fail_first=args.fail_first,
@@ -30,7 +34,12 @@ def _api_server(args: argparse.Namespace) -> int:
         delay=args.delay,
         delay_first=args.delay_first,
     )
-    serve(CacheServicer(faults=faults, stats_file=args.stats_file), host=args.host, port=args.port)
+    serve(
+        CacheServicer(faults=faults, stats_file=args.stats_file),
+        host=args.host,
+        port=args.port,
+        security=ServerSecurity.from_args(args),
+    )
     return 0
 
 
@@ -39,6 +48,50 @@ def _sample(args: argparse.Namespace) -> int:
 
     path = write_sample(args.out, args.rows, dimension=args.dim, seed=args.seed)
     print(f"wrote {args.rows} rows of dimension {args.dim} to {path}")
+    return 0
+
+
+def _upload_server(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from airflow_embedding_provider.storage.schema import SchemaMismatchError
+    from airflow_embedding_provider.upload_server.service import (
+        UploadServicer,
+        UploadSettings,
+        airflow_connector,
+        dsn_connector,
+        serve,
+    )
+
+    settings = UploadSettings(
+        dimension=args.dimension,
+        sub_batch_size=args.sub_batch_size,
+        db_connections=args.db_connections,
+        max_concurrent_uploads=args.max_concurrent_uploads,
+        stream_name=args.stream_name,
+        cache_target=args.cache_target,
+    )
+    connect = dsn_connector(args.postgres_dsn) if args.postgres_dsn else airflow_connector(args.postgres_conn_id)
+    try:
+        serve(UploadServicer(connect, settings), host=args.host, port=args.port, grace=args.grace)
+    except (SchemaMismatchError, psycopg.Error) as exc:
+        print(f"airflow-embedding upload-server: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from airflow_embedding_provider.upload_server.client import UploadError, push
+
+    try:
+        result = push(args.pkl, args.target, chunk_size=args.chunk_size, after=args.after or "")
+    except UploadError as exc:
+        print(f"airflow-embedding push: error: {exc}", file=sys.stderr)
+        return 1
+    if not result.success:
+        print(f"airflow-embedding push: error: {result.message}", file=sys.stderr)
+        return 1
+    print(f"pushed {result.total_rows} rows: {result.message}")
     return 0
 
 
@@ -51,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ai.add_argument("--pkl", required=True, help="pickled pandas DataFrame in the design's layout")
     ai.add_argument("--host", default="127.0.0.1")
     ai.add_argument("--port", type=int, default=50051)
+    add_cli_options(ai)
     ai.set_defaults(func=_ai_server)
 
     api = sub.add_parser("api-server", help="reference API server: CacheService.InvalidateCache, in-memory cache")
@@ -62,7 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--fail-code", default="UNAVAILABLE", help="a gRPC status code name, or SUCCESS_FALSE")
     api.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="wait before answering")
     api.add_argument("--delay-first", type=int, default=0, metavar="N", help="delay only the first N calls")
+    add_cli_options(api)
     api.set_defaults(func=_api_server)
+
+    up = sub.add_parser("upload-server", help="ingest server: EmbeddingStreamService.UploadEmbeddings into PostgreSQL")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50053)
+    db = up.add_mutually_exclusive_group(required=True)
+    db.add_argument("--postgres-dsn", help="libpq connection string of the pgvector database")
+    db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
+    up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
+    up.add_argument("--sub-batch-size", type=int, default=100, help="rows a transaction")
+    up.add_argument("--db-connections", type=int, default=2, help="connections (writers) an upload uses")
+    up.add_argument("--max-concurrent-uploads", type=int, default=4, help="more are refused (RESOURCE_EXHAUSTED)")
+    up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
+    up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")
+    up.add_argument("--grace", type=float, default=60.0, help="seconds SIGTERM waits for in-flight uploads")
+    up.set_defaults(func=_upload_server)
+
+    push = sub.add_parser("push", help="stream a .pkl to an upload server (UploadEmbeddings) and print the result")
+    push.add_argument("--pkl", required=True, help="pickled pandas DataFrame in the design's layout")
+    push.add_argument("--target", required=True, metavar="HOST:PORT", help="the upload server")
+    push.add_argument("--chunk-size", type=int, default=300, help="rows a message")
+    push.add_argument("--after", metavar="UUID", help="send only rows after this id (resume an aborted push)")
+    push.set_defaults(func=_push)
 
     sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")
     sample.add_argument("--rows", type=int, required=True)

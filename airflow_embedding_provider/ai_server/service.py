@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -108,10 +109,21 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
             raise  # abort raises; this keeps type checkers aware
 
 
-def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started-to-be server bound to ``host:port`` (0 = a free port); returns it and the port."""
-    server = grpc.server(
+def build_server(
+    dataset: EmbeddingDataset,
+    *,
+    host: str,
+    port: int,
+    max_workers: int = 8,
+    security: ServerSecurity | None = None,
+) -> tuple[grpc.Server, int]:
+    """A started-to-be server bound to ``host:port`` (0 = a free port); returns it and the port.
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
+    """
+    server = new_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ai-server"),
+        security=security,
         options=[
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -138,19 +150,28 @@ def build_server(dataset: EmbeddingDataset, *, host: str, port: int, max_workers
     server.add_generic_rpc_handlers((handler,))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = bind_port(server, host, port, security)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
 
 
-def serve(dataset: EmbeddingDataset, *, host: str, port: int, ready: threading.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight streams for up to 10 s."""
-    server, bound = build_server(dataset, host=host, port=port)
+def serve(
+    dataset: EmbeddingDataset,
+    *,
+    host: str,
+    port: int,
+    ready: threading.Event | None = None,
+    security: ServerSecurity | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight streams for up to 10 s.
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
+    """
+    server, bound = build_server(dataset, host=host, port=port, security=security)
     server.start()
     log.info("AI server listening on %s:%d: %d rows, dimension %d", host, bound, len(dataset), dataset.dimension)
+    log.info("transport: %s", (security or ServerSecurity()).describe())
     print(f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -176,26 +177,40 @@ def read_stats(path: Path) -> Stats:
     return Stats(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def build_server(servicer: CacheServicer, *, host: str, port: int, max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A not yet started server bound to ``host:port`` (0 = a free port); returns it and the port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="api-server"))
+def build_server(
+    servicer: CacheServicer,
+    *,
+    host: str,
+    port: int,
+    max_workers: int = 16,
+    security: ServerSecurity | None = None,
+) -> tuple[grpc.Server, int]:
+    """A not yet started server bound to ``host:port`` (0 = a free port); returns it and the port.
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
+    """
+    server = new_server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="api-server"), security=security
+    )
     embedding_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = bind_port(server, host, port, security)
     # Injected faults concern the RPC only: the server stays SERVING, like a live server whose backend fails.
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
 
 
-def serve(servicer: CacheServicer, *, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight calls for up to 5 s."""
-    server, bound = build_server(servicer, host=host, port=port)
+def serve(servicer: CacheServicer, *, host: str, port: int, security: ServerSecurity | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight calls for up to 5 s.
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
+    """
+    server, bound = build_server(servicer, host=host, port=port, security=security)
     server.start()
     print(f"API server listening on {host}:{bound} ({SERVICE_NAME}, faults: {servicer.faults})", flush=True)
+    log.info("transport: %s", (security or ServerSecurity()).describe())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
