@@ -23,6 +23,11 @@ _GRPC_FIELDS: dict[str, Any] = {
         "description": "PEM private key for mutual TLS",
         "schema": {"type": ["string", "null"]},
     },
+    "tls_server_name": {
+        "label": "TLS server name",
+        "description": "Name to check the server certificate against instead of the host",
+        "schema": {"type": ["string", "null"]},
+    },
     "token": {
         "label": "Auth token",
         "description": "Sent as 'authorization: Bearer <token>'",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,12 @@ class ChannelSettings:
 
     :param target: ``host:port``.
     :param use_tls: TLS on; ``ca_cert`` verifies the server, ``client_cert``/``client_key`` add mTLS.
-    :param token: sent as ``authorization: Bearer <token>`` on every call.
+    :param token: sent as ``authorization: Bearer <token>`` on every call: as call credentials on a
+        TLS channel, as plain metadata on a plaintext one (gRPC sends call credentials over TLS only).
+        Never part of the ``repr``.
     :param timeout: seconds for unary calls and for waiting until the channel is ready.
+    :param tls_server_name: the name the server's certificate is checked against instead of the
+        host (``grpc.ssl_target_name_override``), e.g. for test certificates or an IP address target.
     """
 
     target: str
@@ -33,8 +37,9 @@ class ChannelSettings:
     ca_cert: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     timeout: float = 30.0
+    tls_server_name: str | None = None
 
     @classmethod
     def from_connection(cls, conn: Any, *, default_port: int) -> ChannelSettings:
@@ -51,13 +56,15 @@ class ChannelSettings:
             client_key=extra.get("client_key") or None,
             token=extra.get("token") or conn.password or None,
             timeout=float(timeout) if timeout not in (None, "") else 30.0,
+            tls_server_name=extra.get("tls_server_name") or None,
         )
 
     def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")] if self.token else []
+        """Per-call metadata: the token on a plaintext channel; TLS channels carry it as call credentials."""
+        return [("authorization", f"Bearer {self.token}")] if self.token and not self.use_tls else []
 
     def open_channel(self) -> grpc.Channel:
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Notice a dead peer on a long stream within about 40 s instead of hanging.
@@ -72,4 +79,10 @@ class ChannelSettings:
             private_key=Path(self.client_key).read_bytes() if self.client_key else None,
             certificate_chain=Path(self.client_cert).read_bytes() if self.client_cert else None,
         )
+        if self.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self.token)
+            )
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return grpc.secure_channel(self.target, credentials, options=options)
