@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,40 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO_ROOT / "dags"
 
 
-def wait_healthy(target: str, *, timeout: float = 60, proc: subprocess.Popen[Any] | None = None) -> None:
-    """Poll the gRPC health service at ``target`` until it answers SERVING."""
+@dataclass(frozen=True)
+class HealthTLS:
+    """How :func:`wait_healthy` reaches a TLS server (health checks need no token).
+
+    :param ca: PEM CA that signed the server's certificate.
+    :param client_cert: PEM client certificate, for a server that requires mutual TLS.
+    :param client_key: PEM key of ``client_cert``.
+    :param server_name: the name to check the certificate against instead of the host.
+    """
+
+    ca: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+
+
+def _health_channel(target: str, tls: HealthTLS | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls.ca).read_bytes(),
+        private_key=Path(tls.client_key).read_bytes() if tls.client_key else None,
+        certificate_chain=Path(tls.client_cert).read_bytes() if tls.client_cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_healthy(
+    target: str, *, timeout: float = 60, proc: subprocess.Popen[Any] | None = None, tls: HealthTLS | None = None
+) -> None:
+    """Poll the gRPC health service at ``target`` until it answers SERVING; over TLS with ``tls``."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with _health_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -49,8 +80,16 @@ def wait_healthy(target: str, *, timeout: float = 60, proc: subprocess.Popen[Any
 class ServerProcess:
     """A CLI server (``airflow-embedding <command> ...``) as a child process on 127.0.0.1."""
 
-    def __init__(self, command: Sequence[str], *, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        port: int | None = None,
+        log_path: Path | None = None,
+        health_tls: HealthTLS | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.health_tls = health_tls
         self.command = [
             sys.executable,
             "-m",
@@ -71,7 +110,7 @@ class ServerProcess:
     def start(self, timeout: float = 120) -> ServerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
-        wait_healthy(self.target, timeout=timeout, proc=self.proc)
+        wait_healthy(self.target, timeout=timeout, proc=self.proc, tls=self.health_tls)
         return self
 
     def stop(self, *, kill: bool = False) -> int | None:
@@ -96,10 +135,12 @@ def airflow_env(
     embedding_target: str,
     cache_target: str | None = None,
     extra: Mapping[str, str] | None = None,
+    grpc_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Environment for an Airflow command in a throwaway ``AIRFLOW_HOME`` with our connections.
 
     ``cache_target`` (``host:port`` of the API server) adds the ``cache_grpc_default`` connection.
+    ``grpc_extra`` is merged into both gRPC connections' extras (``use_tls``, ``ca_cert``, ``token``, ...).
     """
     host, port = embedding_target.rsplit(":", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
@@ -112,7 +153,12 @@ def airflow_env(
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_POSTGRES_DEFAULT": postgres_dsn,
             "AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT": json.dumps(
-                {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 30}}
+                {
+                    "conn_type": "embedding_grpc",
+                    "host": host,
+                    "port": int(port),
+                    "extra": {"timeout": 30, **(grpc_extra or {})},
+                }
             ),
             "RECRUIT_EMBEDDING_SCHEDULE": "none",
         }
@@ -120,7 +166,12 @@ def airflow_env(
     if cache_target is not None:
         cache_host, cache_port = cache_target.rsplit(":", 1)
         env["AIRFLOW_CONN_CACHE_GRPC_DEFAULT"] = json.dumps(
-            {"conn_type": "embedding_grpc", "host": cache_host, "port": int(cache_port), "extra": {"timeout": 5}}
+            {
+                "conn_type": "embedding_grpc",
+                "host": cache_host,
+                "port": int(cache_port),
+                "extra": {"timeout": 5, **(grpc_extra or {})},
+            }
         )
     env.update(extra or {})
     return env
