@@ -1,0 +1,102 @@
+"""The AI side of the client-streaming pattern: stream a loaded ``.pkl`` to the upload server.
+
+Chunks are sent as :class:`RowChunkBytes` (wire-identical to ``RowChunk``) from a generator that
+gRPC pulls only as fast as the transport accepts them, so a slow server slows the push instead of
+filling the pusher's memory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
+from airflow_embedding_provider.ai_server.service import max_chunk_size
+from airflow_embedding_provider.upload_server.service import MAX_MESSAGE_BYTES, UPLOAD_ID_KEY, UPLOAD_METHOD
+from airflow_embedding_provider.wire import embedding_pb2
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+
+DEFAULT_CHUNK_SIZE = 300
+
+
+class UploadError(Exception):
+    """The upload did not complete; the message is one line for the user."""
+
+
+def dataset_chunks(dataset: EmbeddingDataset, chunk_size: int, *, after: str = "") -> Iterator[RowChunkBytes]:
+    """The dataset's rows after ``after`` ('' = all) in id order, ``chunk_size`` rows a message.
+
+    A boundary never separates copies of one id, so ``after`` a logged position resumes exactly.
+    """
+    limit = max_chunk_size(dataset.dimension)
+    if not 1 <= chunk_size <= limit:
+        raise ValueError(f"chunk size {chunk_size} is out of range 1..{limit} at dimension {dataset.dimension}")
+    try:
+        start = dataset.start_after(after)
+    except ValueError:
+        raise ValueError(f"--after {after[:64]!r} is not a UUID") from None
+    # Checked above, before the first send: a generator would only fail inside the gRPC call.
+    return _chunks(dataset, chunk_size, start)
+
+
+def _chunks(dataset: EmbeddingDataset, chunk_size: int, offset: int) -> Iterator[RowChunkBytes]:
+    total = len(dataset)
+    while offset < total:
+        stop = min(dataset.boundary(min(offset + chunk_size, total)), total)
+        yield dataset.chunk(offset, stop)
+        offset = stop
+
+
+def upload(
+    target: str,
+    chunks: Iterator[RowChunkBytes],
+    *,
+    upload_id: str | None = None,
+    connect_timeout: float = 10.0,
+    timeout: float | None = None,
+) -> embedding_pb2.UploadResult:
+    """One ``UploadEmbeddings`` call; raises :class:`UploadError` when it does not complete.
+
+    :param target: ``host:port`` of the upload server.
+    :param upload_id: names the upload in the server's logs, DLQ origins and outbox.
+    :param connect_timeout: seconds to wait for the server to accept a connection.
+    :param timeout: deadline of the whole call in seconds; none by default (uploads can be large).
+    """
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise UploadError(f"cannot reach an upload server at {target} within {connect_timeout:g} s") from None
+        call = channel.stream_unary(
+            UPLOAD_METHOD,
+            request_serializer=RowChunkBytes.SerializeToString,
+            response_deserializer=embedding_pb2.UploadResult.FromString,
+        )
+        metadata = [(UPLOAD_ID_KEY, upload_id or uuid.uuid4().hex[:12])]
+        try:
+            result: embedding_pb2.UploadResult = call(chunks, metadata=metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            name = code.name if code is not None else "ERROR"
+            raise UploadError(f"upload to {target} failed with {name}: {details}") from None
+    return result
+
+
+def push(
+    pkl: str | Path,
+    target: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    after: str = "",
+    connect_timeout: float = 10.0,
+) -> embedding_pb2.UploadResult:
+    """Load ``pkl`` and upload its rows (after ``after``) to ``target``; returns the server's answer."""
+    dataset = load_dataset(pkl)
+    chunks = dataset_chunks(dataset, chunk_size, after=after)
+    upload_id = f"push-{uuid.uuid4().hex[:12]}"
+    return upload(target, chunks, upload_id=upload_id, connect_timeout=connect_timeout)
