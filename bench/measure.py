@@ -1,0 +1,316 @@
+"""One measurement in its own process: ``python -m bench.measure MODE SPEC_JSON OUT_JSON``.
+
+A fresh interpreter per measurement keeps peak RSS per measurement (``VmHWM``) and keeps one
+run's garbage out of the next. Every mode checks what it stored before it reports a figure:
+a fast run that lost rows would be no result at all.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from bench.procmem import children_peak_rss_mib, peak_rss_mib, rss_mib
+
+COPY_READ_BYTES = 4 * 1024 * 1024
+ENCODE_BLOCK_ROWS = 50_000
+#: Rows of the sample whose AI server gives the process's fixed RSS (interpreter, gRPC, pandas).
+TINY_ROWS = 1000
+SERVICE = "/recruit.embedding.v1.EmbeddingStreamService/GetEmbeddings"
+
+Spec = dict[str, Any]
+
+
+def _count(dsn: str) -> tuple[int, int]:
+    with psycopg.connect(dsn) as conn:
+        meta = conn.execute("SELECT count(*) FROM recruit_metadata").fetchone()
+        emb = conn.execute("SELECT count(*) FROM recruit_embedding").fetchone()
+    assert meta is not None and emb is not None
+    return int(meta[0]), int(emb[0])
+
+
+def _check_stored(dsn: str, expected: int) -> None:
+    meta, emb = _count(dsn)
+    if (meta, emb) != (expected, expected):
+        raise SystemExit(f"stored {meta} metadata / {emb} embedding rows, expected {expected} each")
+
+
+def sample(spec: Spec) -> dict[str, Any]:
+    """The sample pkl (``write_sample``) and a copy with ``changed_fraction`` of its rows changed."""
+    import pandas as pd
+
+    from airflow_embedding_provider.devkit.sample import write_sample
+
+    rows, base, changed = int(spec["rows"]), Path(spec["pkl"]), Path(spec["changed_pkl"])
+    if not base.exists():
+        write_sample(base, rows, seed=int(spec["seed"]))
+    tiny = Path(spec["tiny_pkl"])
+    if not tiny.exists():
+        write_sample(tiny, TINY_ROWS, seed=int(spec["seed"]))
+    count = 0
+    if not changed.exists():
+        frame = pd.read_pickle(base)
+        rng = np.random.default_rng(int(spec["seed"]) + 1000)
+        count = max(1, round(rows * float(spec["changed_fraction"])))
+        picked = rng.choice(rows, size=count, replace=False)
+        fresh = rng.standard_normal((count, frame["job_post_vectors"].iloc[0].size), dtype=np.float32)
+        fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+        vectors = frame["job_post_vectors"].to_numpy(copy=True)
+        for k, i in enumerate(picked):
+            vectors[i] = fresh[k]
+        frame["job_post_vectors"] = vectors
+        years = frame["Exp Years"].to_numpy(copy=True)
+        years[picked] = (years[picked] + 1) % 16  # metadata changes too, in the same rows
+        frame["Exp Years"] = years
+        tmp = changed.with_suffix(".tmp")
+        frame.to_pickle(tmp)
+        tmp.rename(changed)
+    return {"rows": rows, "changed_rows": count}
+
+
+def _copy_file(cur: psycopg.Cursor, statement: str, path: Path) -> None:
+    with cur.copy(statement) as copy, open(path, "rb") as f:
+        while block := f.read(COPY_READ_BYTES):
+            copy.write(block)
+
+
+def ceiling(spec: Spec) -> dict[str, Any]:
+    """(a) COPY BINARY of the rows into the empty tables, from streams encoded before timing."""
+    from airflow_embedding_provider.ai_server.dataset import load_dataset
+    from airflow_embedding_provider.storage.schema import apply_schema
+    from bench.copyenc import HEADER, TRAILER, embedding_rows, metadata_rows
+
+    meta_path, emb_path = Path(spec["workdir"]) / "ceiling-meta.copy", Path(spec["workdir"]) / "ceiling-emb.copy"
+    data = load_dataset(spec["pkl"])  # id order, as the server streams them
+    rows, dimension = len(data), data.dimension
+    # Encoded to files block by block: the streams are as large as the data, and holding them in
+    # memory next to the dataset would double the bench's own footprint at 1M rows.
+    with open(meta_path, "wb") as meta, open(emb_path, "wb") as emb:
+        meta.write(HEADER)
+        emb.write(HEADER)
+        for a in range(0, rows, ENCODE_BLOCK_ROWS):
+            b = min(a + ENCODE_BLOCK_ROWS, rows)
+            meta.write(
+                metadata_rows(
+                    data.ids[a:b],
+                    data.company_name[a:b],
+                    data.exp_years[a:b],
+                    data.english_level[a:b],
+                    data.primary_keyword[a:b],
+                )
+            )
+            emb.write(embedding_rows(data.ids[a:b], data.vectors[a:b]))
+        meta.write(TRAILER)
+        emb.write(TRAILER)
+    del data
+    gc.collect()
+    try:
+        with psycopg.connect(spec["dsn"], autocommit=True) as conn:
+            apply_schema(conn, dimension)
+            began = time.perf_counter()
+            with conn.transaction(), conn.cursor() as cur:
+                _copy_file(
+                    cur,
+                    "COPY recruit_metadata (id, company_name, exp_years, english_level, primary_keyword) "
+                    "FROM STDIN (FORMAT BINARY)",
+                    meta_path,
+                )
+                _copy_file(cur, "COPY recruit_embedding (id, vector) FROM STDIN (FORMAT BINARY)", emb_path)
+            seconds = time.perf_counter() - began
+    finally:
+        meta_path.unlink(missing_ok=True)
+        emb_path.unlink(missing_ok=True)
+    _check_stored(spec["dsn"], rows)
+    return {"rows": rows, "seconds": seconds, "peak_rss_mib": None}
+
+
+def naive(spec: Spec) -> dict[str, Any]:
+    """(b) The seed's design done plainly: public ``RowChunk``, ``list(row.vector)``, ``executemany``
+    upserts of each 300-row chunk, metadata then embedding then the checkpoint, one commit a chunk."""
+    import grpc
+    from pgvector.psycopg import register_vector
+
+    from airflow_embedding_provider.storage.schema import apply_schema
+    from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+
+    dimension, chunk_size = int(spec["dimension"]), int(spec["chunk_size"])
+    with psycopg.connect(spec["dsn"], autocommit=True) as setup:
+        apply_schema(setup, dimension)
+    conn = psycopg.connect(spec["dsn"])
+    register_vector(conn)
+    channel = grpc.insecure_channel(spec["target"])
+    grpc.channel_ready_future(channel).result(timeout=30)
+    stub = embedding_pb2_grpc.EmbeddingStreamServiceStub(channel)
+    rss_before = rss_mib()
+    rows = 0
+    began = time.perf_counter()
+    with conn.cursor() as cur:
+        for message in stub.GetEmbeddings(embedding_pb2.StreamEmbeddingRequest(chunk_size=chunk_size)):
+            metadata = []
+            embeddings = []
+            for row in message.rows:
+                metadata.append((row.id, row.company_name, row.exp_years, row.english_level, row.primary_keyword))
+                embeddings.append((row.id, np.array(list(row.vector), dtype=np.float32)))
+            cur.executemany(
+                "INSERT INTO recruit_metadata (id, company_name, exp_years, english_level, primary_keyword) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, "
+                "exp_years = EXCLUDED.exp_years, english_level = EXCLUDED.english_level, "
+                "primary_keyword = EXCLUDED.primary_keyword, updated_at = now()",
+                metadata,
+            )
+            cur.executemany(
+                "INSERT INTO recruit_embedding (id, vector) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now()",
+                embeddings,
+            )
+            cur.execute(
+                "INSERT INTO embedding_batch_checkpoint (stream_name, last_processed_uuid) VALUES ('recruit', %s) "
+                "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = EXCLUDED.last_processed_uuid, "
+                "updated_at = now()",
+                (message.rows[-1].id,),
+            )
+            conn.commit()
+            rows += len(message.rows)
+    seconds = time.perf_counter() - began
+    channel.close()
+    conn.close()
+    _check_stored(spec["dsn"], int(spec["rows"]))
+    return {"rows": rows, "seconds": seconds, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib()}
+
+
+def engine(spec: Spec) -> dict[str, Any]:
+    """(c) Our path: hook stream -> prefetch -> ingest_chunks with K ChunkWriters, sub-batches of S."""
+    host, port = spec["target"].rsplit(":", 1)
+    os.environ["AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT"] = json.dumps(
+        {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 30}}
+    )
+    from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+    from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
+    from airflow_embedding_provider.storage.outbox import CacheRequest
+    from airflow_embedding_provider.storage.schema import apply_schema, ensure_ann_index
+    from airflow_embedding_provider.storage.writer import ChunkWriter
+
+    dimension = int(spec["dimension"])
+    conns = [psycopg.connect(spec["dsn"], autocommit=True) for _ in range(int(spec["connections"]))]
+    apply_schema(conns[0], dimension)
+    # The operator's writers: an outbox entry for the API server's cache, one source a writer.
+    writers = [
+        ChunkWriter(c, dimension=dimension, cache_request=CacheRequest("recruit", f"bench/{i}"))
+        for i, c in enumerate(conns)
+    ]
+    hook = GrpcEmbeddingHook()
+    hook.wait_until_ready()
+    rss_before = rss_mib()
+    profile: Callable[[], None] | None = None
+    if spec.get("profile"):
+        profile = _start_profile()
+    began = time.perf_counter()
+    stats = ingest_chunks(
+        prefetch(hook.stream_chunks(after=None, chunk_size=int(spec["chunk_size"]))),
+        writers,
+        dimension=dimension,
+        sub_batch_size=int(spec["sub_batch_size"]),
+        origin={"bench": "engine"},
+    )
+    seconds = time.perf_counter() - began
+    if profile is not None:
+        profile()
+    hook.close()
+    result: dict[str, Any] = {
+        "rows": stats.rows_received,
+        "seconds": seconds,
+        "inserted": stats.inserted,
+        "updated": stats.updated,
+        "unchanged": stats.unchanged,
+        "rows_dlq": stats.rows_dlq,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if spec.get("build_index"):
+        began = time.perf_counter()
+        ensure_ann_index(conns[0])
+        result["index_seconds"] = time.perf_counter() - began
+    for conn in conns:
+        conn.close()
+    _check_stored(spec["dsn"], int(spec["rows"]))
+    return result
+
+
+def _start_profile() -> Callable[[], None]:
+    """cProfile on every thread (writers and prefetch included); the stop function dumps stats."""
+    import cProfile
+    import threading
+
+    profiles: list[cProfile.Profile] = []
+
+    def per_thread(*_: Any) -> None:
+        p = cProfile.Profile()
+        profiles.append(p)
+        threading.setprofile(None)
+        p.enable()
+
+    main = cProfile.Profile()
+    profiles.append(main)
+    threading.setprofile(per_thread)
+    main.enable()
+
+    def stop() -> None:
+        import pstats
+
+        threading.setprofile(None)
+        for p in profiles:
+            p.disable()
+        stats = pstats.Stats(profiles[0])
+        for p in profiles[1:]:
+            stats.add(p)
+        stats.dump_stats(str(Path(os.environ.get("BENCH_PROFILE_OUT", "engine.prof"))))
+
+    return stop
+
+
+def dag(spec: Spec) -> dict[str, Any]:
+    """(d) ``airflow dags test recruit_embedding_ingest`` as a child: wall time and peak RSS."""
+    from airflow_embedding_provider.devkit.stack import dags_test, task_result
+
+    env = dict(spec["env"])
+    began = time.perf_counter()
+    dags_test(spec["dag_id"], env, conf=spec["conf"])
+    seconds = time.perf_counter() - began
+    final = task_result(Path(env["AIRFLOW_HOME"]), spec["dag_id"], "finalize")
+    _check_stored(spec["dsn"], int(spec["rows"]))
+    return {
+        "rows": int(final["rows_received"]),
+        "seconds": seconds,
+        "finalize": final,
+        # The task runner is a descendant of `airflow dags test`; its peak is the largest.
+        "peak_rss_mib": children_peak_rss_mib(),
+    }
+
+
+MODES: dict[str, Callable[[Spec], dict[str, Any]]] = {
+    "sample": sample,
+    "ceiling": ceiling,
+    "naive": naive,
+    "engine": engine,
+    "dag": dag,
+}
+
+
+def main(argv: list[str]) -> int:
+    mode, spec_json, out = argv
+    result = MODES[mode](json.loads(spec_json))
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

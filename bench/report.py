@@ -1,0 +1,166 @@
+"""Ratios, targets and the markdown table of a bench result (plain data in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ENGINE_VS_CEILING = 0.5
+ENGINE_VS_NAIVE = 5.0
+DAG_VS_ENGINE = 1.3
+RSS_SCALE = 1.25
+AI_SERVER_VS_MATRIX = 1.5
+SCALE_ROWS = 1_000_000
+
+
+def _rate(m: dict[str, Any] | None) -> float | None:
+    return None if m is None else m.get("rows_per_second")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _target(
+    name: str, value: float | None, limit: float, *, at_least: bool, shown: str, note: str = ""
+) -> dict[str, Any]:
+    met = value is not None and (value >= limit if at_least else value <= limit)
+    status = "n/a" if value is None else "PASS" if met else "MISS"
+    return {
+        "target": name,
+        "value": None if value is None else round(value, 3),
+        "limit": f"{'>=' if at_least else '<='} {limit:g}",
+        "status": status,
+        "shown": shown,
+        "note": note,
+    }
+
+
+def targets(result: dict[str, Any], *, rss_baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """PASS/MISS of the issue's targets; ``n/a`` when this run lacks a measurement they need."""
+    m = result["measurements"]
+    engine = m.get(result["default_engine"])
+    c_a = _ratio(_rate(engine), _rate(m.get("ceiling")))
+    c_b = _ratio(_rate(engine), _rate(m.get("naive")))
+    dag = m.get("dag_partitions")
+    d_c = _ratio(dag["seconds"], engine["seconds"]) if dag and engine else None
+    out = [
+        _target("engine rows/s vs COPY ceiling (c/a)", c_a, ENGINE_VS_CEILING, at_least=True, shown=_fmt(c_a)),
+        _target(
+            "engine rows/s vs naive baseline (c/b)", c_b, ENGINE_VS_NAIVE, at_least=True, shown=_fmt(c_b, ".1f", "x")
+        ),
+        _target(
+            "DAG wall time vs engine time (d/c, several partitions)",
+            d_c,
+            DAG_VS_ENGINE,
+            at_least=False,
+            shown=_fmt(d_c, ".2f", "x"),
+            note="whole `airflow dags test` wall (start-up, ivfflat build in finalize, cache call) over the engine's ingest seconds",
+        ),
+    ]
+    # Worker RSS at 1M against 100k: needs both runs; this one and the stored other.
+    rss_ratio: float | None = None
+    note = "run --rows 100000 and --rows 1000000; each run compares with the other's stored result"
+    if rss_baseline is not None and engine is not None:
+        base = rss_baseline["measurements"].get(rss_baseline["default_engine"], {}).get("peak_rss_mib")
+        small, large = (
+            (base, engine["peak_rss_mib"]) if result["rows"] > rss_baseline["rows"] else (engine["peak_rss_mib"], base)
+        )
+        if result["rows"] == SCALE_ROWS and rss_baseline["rows"] == 100_000 and small and large:
+            rss_ratio = large / small
+            note = f"{large:.0f} MiB at 1M / {small:.0f} MiB at 100k"
+    out.append(
+        _target(
+            "worker peak RSS at 1M / at 100k",
+            rss_ratio,
+            RSS_SCALE,
+            at_least=False,
+            shown=_fmt(rss_ratio, ".2f", "x"),
+            note=note,
+        )
+    )
+    ai = result["ai_server"]
+    loaded, fixed = ai.get("rss_after_load_mib"), ai.get("fixed_rss_mib")
+    data_rss = loaded - fixed if loaded is not None and fixed is not None else None
+    ai_ratio = _ratio(data_rss, ai.get("matrix_mib"))
+    out.append(
+        _target(
+            "AI server data RSS / float32 matrix",
+            ai_ratio,
+            AI_SERVER_VS_MATRIX,
+            at_least=False,
+            shown=_fmt(ai_ratio, ".2f", "x"),
+            note=f"RSS after load minus that of a 1000-row server ({_fmt(fixed, '.0f')} MiB)",
+        )
+    )
+    return out
+
+
+_LABELS = {
+    "ceiling": ("(a) ceiling", "COPY BINARY, pre-encoded, 1 conn"),
+    "naive": ("(b) naive", "RowChunk + list(vector), executemany upserts of 300, 1 conn"),
+    "dag_partitions": ("(d) DAG", "recruit_embedding_ingest, several partitions"),
+    "dag_one_partition": ("(d) DAG", "recruit_embedding_ingest, one partition"),
+    "incremental": ("incremental", "10% changed, ivfflat present"),
+}
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["measurements"]
+    a, b = _rate(m.get("ceiling")), _rate(m.get("naive"))
+    default = result["default_engine"]
+    lines = [
+        f"rows: {result['rows']:,}, dimension {result['dimension']}; {result['machine']['cpus']} CPUs "
+        f"({result['machine']['cpu_model']}), load at start {result['machine']['load_at_start']}, "
+        f"at end {result['machine']['load_at_end']}",
+        "",
+        "| measurement | settings | rows | seconds | rows/s | x ceiling | x naive | worker peak RSS MiB | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in m.items():
+        if "rows_per_second" not in r:
+            continue
+        name, settings = _LABELS.get(key, ("(c) engine", r.get("setting", "")))
+        if key == default:
+            name += " [default]"
+        if key.startswith("dag"):
+            f = r["finalize"]
+            settings += f" ({f['partitions']}); tasks {f['task_rows_per_second']:.0f} rows/s, slowest {f['slowest_partition_seconds']:.1f} s"
+        if key == "incremental":
+            settings += (
+                f"; {r['updated']} updated / {r['unchanged']} unchanged (expected {r['expected_changed']} changed)"
+            )
+        if "index_seconds" in r:
+            settings += f"; then ivfflat build {r['index_seconds']:.1f} s (not in seconds)"
+        rate = r["rows_per_second"]
+        lines.append(
+            f"| {name} | {settings} | {r['rows']:,} | {r['seconds']:.2f} | {rate:,.0f} | "
+            f"{_fmt(_ratio(rate, a))} | {_fmt(_ratio(rate, b), '.1f', 'x')} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
+            f"{r['load_before']:.1f} |"
+        )
+    engine = m.get(default)
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines.append(f"| c/a engine / ceiling (rows/s) | {_fmt(_ratio(_rate(engine), a))} |")
+    lines.append(f"| c/b engine / naive (rows/s) | {_fmt(_ratio(_rate(engine), b), '.1f', 'x')} |")
+    for key in ("dag_partitions", "dag_one_partition"):
+        if key in m and engine:
+            lines.append(
+                f"| d/c DAG wall / engine seconds ({_LABELS[key][1].split(', ')[1]}) | {m[key]['seconds'] / engine['seconds']:.2f}x |"
+            )
+    ai = result["ai_server"]
+    lines += [
+        "",
+        f"AI server RSS: {_fmt(ai.get('rss_after_load_mib'), '.0f')} MiB after load, "
+        f"{_fmt(ai.get('rss_after_streams_mib'), '.0f')} MiB after the streams, peak {_fmt(ai.get('peak_rss_mib'), '.0f')} MiB "
+        f"(float32 matrix {ai['matrix_mib']:.0f} MiB; a 1000-row server: {_fmt(ai.get('fixed_rss_mib'), '.0f')} MiB)",
+        "",
+        "| target | value | limit | result |",
+        "|---|---:|---:|---|",
+    ]
+    for t in result["targets"]:
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['target']}{note} | {t['shown']} | {t['limit']} | {t['status']} |")
+    return "\n".join(lines) + "\n"

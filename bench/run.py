@@ -1,0 +1,314 @@
+"""``make bench``: ceiling, naive baseline, engine settings, DAG and an incremental run, in one run.
+
+Everything runs on one embedded PostgreSQL, a fresh database a measurement, against one AI server
+process over the same sample. Absolute seconds on a shared machine are noise; the ratios between
+measurements taken minutes apart in the same run are the figures to read.
+
+    python -m bench.run [--rows N] [--quick] [--skip naive,dag,incremental]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
+from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from bench.measure import TINY_ROWS
+from bench.procmem import peak_rss_mib, rss_mib
+from bench.report import render, targets
+
+DEFAULT_ROWS = 141_897  # the seed's own figure
+DAG_ID = "recruit_embedding_ingest"
+SEED = 7
+CHANGED_FRACTION = 0.10
+SKIPPABLE = ("naive", "settings", "dag", "incremental")
+
+
+@dataclass(frozen=True)
+class EngineSetting:
+    chunk_size: int
+    sub_batch_size: int
+    connections: int
+
+    @property
+    def label(self) -> str:
+        return f"chunk {self.chunk_size}, sub-batch {self.sub_batch_size}, {self.connections} conn"
+
+    @property
+    def key(self) -> str:
+        return f"engine_c{self.chunk_size}_s{self.sub_batch_size}_k{self.connections}"
+
+
+# The DAG's defaults (chunk 300, sub-batch 100, 2 connections): the engine figure the ratios use.
+DEFAULT_SETTING = EngineSetting(300, 100, 2)
+OTHER_SETTINGS = (
+    EngineSetting(300, 100, 1),
+    EngineSetting(300, 300, 2),
+    EngineSetting(1000, 1000, 2),
+    EngineSetting(1000, 1000, 1),
+)
+
+
+class Bench:
+    def __init__(self, workdir: Path, rows: int) -> None:
+        self.workdir = workdir
+        self.rows = rows
+        self.log_path = workdir / f"bench-{rows}.log"
+        self.measurements: dict[str, dict[str, Any]] = {}
+
+    def child(self, mode: str, key: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """Run ``bench.measure`` in a fresh process; its result, with the load around it."""
+        out = self.workdir / f"{key}.json"
+        out.unlink(missing_ok=True)
+        load = os.getloadavg()[0]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n== {key} ({mode}) ==\n".encode())
+            log.flush()
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.measure", mode, json.dumps(spec), str(out)],
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if proc.returncode != 0:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"measurement {key} failed (exit {proc.returncode}); log {self.log_path}:\n{tail}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        out.unlink()
+        result.update(extra, mode=mode, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
+        if "seconds" in result and result.get("rows"):
+            result["rows_per_second"] = result["rows"] / result["seconds"]
+            print(
+                f"  {key:<28} {result['rows']:>9} rows {result['seconds']:8.2f} s "
+                f"{result['rows_per_second']:>9.0f} rows/s   (load {load:.1f})",
+                flush=True,
+            )
+        self.measurements[key] = result
+        return result
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "commit": commit,
+        "load_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--quick", action="store_true", help="only the default engine setting, no DAG runs")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
+    parser.add_argument(
+        "--rss-baseline",
+        type=Path,
+        help="result JSON at 100k rows for the RSS-scaling target (default: WORKDIR/result-100000.json)",
+    )
+    args = parser.parse_args(argv)
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = args.skip - set(SKIPPABLE)
+    if unknown:
+        parser.error(f"unknown --skip part(s) {sorted(unknown)}; choose from {', '.join(SKIPPABLE)}")
+    if args.quick:
+        args.skip |= {"settings", "dag"}
+    if args.rows < 1000:
+        parser.error("--rows must be at least 1000")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = args.rows
+    bench = Bench(workdir, rows)
+    bench.log_path.unlink(missing_ok=True)
+    started = dt.datetime.now(dt.timezone.utc)
+    began = time.monotonic()
+    machine = _machine()
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"bench: {rows} rows, {machine['cpus']} CPUs, load {machine['load_at_start']}; log {bench.log_path}")
+    pkl = workdir / f"sample-{rows}-seed{SEED}.pkl"
+    changed_pkl = workdir / f"sample-{rows}-seed{SEED}-changed{round(CHANGED_FRACTION * 100)}.pkl"
+    tiny_pkl = workdir / f"sample-{TINY_ROWS}-seed{SEED}.pkl"
+    ai_memory: dict[str, Any] = {}
+    with ExitStack() as stack:
+        sample = bench.child(
+            "sample",
+            "sample",
+            {
+                "rows": rows,
+                "pkl": str(pkl),
+                "changed_pkl": str(changed_pkl),
+                "tiny_pkl": str(tiny_pkl),
+                "seed": SEED,
+                "changed_fraction": CHANGED_FRACTION,
+            },
+        )
+        changed_rows = sample["changed_rows"] or max(1, round(rows * CHANGED_FRACTION))
+        pg = EmbeddedPostgres(workdir / "pgdata")
+        pg.start()
+        stack.callback(pg.stop)
+        databases = iter(range(1, 100))
+
+        def fresh_db() -> str:
+            return pg.create_database(f"bench_{next(databases)}")
+
+        print("measuring:")
+        bench.child("ceiling", "ceiling", {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)})
+
+        # The AI server's fixed cost, to tell the data's share of its RSS from the interpreter's.
+        with ServerProcess(["ai-server", "--pkl", str(tiny_pkl)], log_path=workdir / "ai-server.log") as tiny:
+            assert tiny.proc is not None
+            ai_memory["fixed_rss_mib"] = rss_mib(tiny.proc.pid)
+        ai = ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "ai-server.log")
+        ai.start(timeout=600)
+        stack.callback(ai.stop)
+        assert ai.proc is not None
+        ai_pid = ai.proc.pid
+        ai_memory["rss_after_load_mib"] = rss_mib(ai_pid)
+        common = {"target": ai.target, "dimension": DEFAULT_DIMENSION, "rows": rows}
+
+        if "naive" not in args.skip:
+            bench.child("naive", "naive", {**common, "dsn": fresh_db(), "chunk_size": DEFAULT_SETTING.chunk_size})
+
+        def engine(setting: EngineSetting, dsn: str, **spec: Any) -> dict[str, Any]:
+            return bench.child(
+                "engine",
+                setting.key,
+                {
+                    **common,
+                    "dsn": dsn,
+                    "chunk_size": setting.chunk_size,
+                    "sub_batch_size": setting.sub_batch_size,
+                    "connections": setting.connections,
+                    **spec,
+                },
+                setting=setting.label,
+            )
+
+        # The default setting's database keeps its load and gets the ivfflat index: the
+        # incremental run starts from it.
+        loaded_dsn = fresh_db()
+        engine(DEFAULT_SETTING, loaded_dsn, build_index=True)
+        if "settings" not in args.skip:
+            for setting in OTHER_SETTINGS:
+                engine(setting, fresh_db())
+
+        if "dag" not in args.skip:
+            api = ServerProcess(["api-server"], log_path=workdir / "api-server.log")
+            api.start()
+            stack.callback(api.stop)
+            home = workdir / f"airflow-home-{rows}"
+            shutil.rmtree(home, ignore_errors=True)
+            stack.callback(shutil.rmtree, home, ignore_errors=True)
+            quarter = max(100, math.ceil(rows / 4))
+            for key, per_partition in (("dag_partitions", quarter), ("dag_one_partition", max(100, rows))):
+                dsn = fresh_db()
+                env = airflow_env(
+                    home,
+                    postgres_dsn=dsn,
+                    embedding_target=ai.target,
+                    cache_target=api.target,
+                    extra={
+                        "RECRUIT_EMBEDDING_RETRIES": "0",  # a failure shows at once, not after back-off
+                        "RECRUIT_EMBEDDING_DB_CONNECTIONS": str(DEFAULT_SETTING.connections),
+                    },
+                )
+                if not (home / "airflow.db").exists():
+                    prepare_airflow_home(env)  # not timed: a deployment migrates once
+                conf = {
+                    "rows_per_partition": per_partition,
+                    "chunk_size": DEFAULT_SETTING.chunk_size,
+                    "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
+                }
+                bench.child(
+                    "dag",
+                    key,
+                    {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows},
+                    conf=conf,
+                )
+
+        ai_memory["rss_after_streams_mib"] = rss_mib(ai_pid)
+        ai_memory["peak_rss_mib"] = peak_rss_mib(ai_pid)
+        ai.stop()
+
+        if "incremental" not in args.skip:
+            # The same ids with 10% of rows changed, after the full load, with the ivfflat index.
+            ai2 = ServerProcess(["ai-server", "--pkl", str(changed_pkl)], log_path=workdir / "ai-server.log")
+            ai2.start(timeout=600)
+            stack.callback(ai2.stop)
+            bench.child(
+                "engine",
+                "incremental",
+                {
+                    **common,
+                    "target": ai2.target,
+                    "dsn": loaded_dsn,
+                    "chunk_size": DEFAULT_SETTING.chunk_size,
+                    "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
+                    "connections": DEFAULT_SETTING.connections,
+                },
+                setting=DEFAULT_SETTING.label + ", ivfflat present",
+                expected_changed=changed_rows,
+            )
+            ai2.stop()
+
+    ai_memory["matrix_mib"] = rows * DEFAULT_DIMENSION * 4 / 2**20
+    baseline_path = args.rss_baseline or workdir / "result-100000.json"
+    baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() and rows != 100_000 else None
+    result: dict[str, Any] = {
+        "rows": rows,
+        "dimension": DEFAULT_DIMENSION,
+        "command": command.strip(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.monotonic() - began, 1),
+        "machine": machine | {"load_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "default_engine": DEFAULT_SETTING.key,
+        "measurements": bench.measurements,
+        "ai_server": ai_memory,
+    }
+    result["targets"] = targets(result, rss_baseline=baseline)
+    out = workdir / f"result-{rows}.json"
+    out.write_text(json.dumps(result, indent=2))
+    table = render(result)
+    (workdir / f"result-{rows}.md").write_text(table)
+    print()
+    print(table)
+    print(f"result: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
