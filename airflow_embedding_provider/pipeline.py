@@ -55,6 +55,8 @@ class IngestStats:
         return self.rows_received / self.seconds if self.seconds > 0 else 0.0
 
     def add(self, result: WriteResult) -> None:
+        if result.refused:
+            self.dlq_by_reason["database_rejected"] += result.refused
         self.inserted += result.inserted
         self.updated += result.updated
         self.unchanged += result.unchanged

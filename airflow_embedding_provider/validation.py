@@ -43,22 +43,39 @@ class Rejected:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def json_vector(values: np.ndarray) -> list[float | str]:
+    """A float32 vector as JSON values that JSONB keeps exactly.
+
+    JSON has no NaN/Infinity and JSONB's numeric has no -0.0: those are spelled as strings so the
+    payload stays lossless (the replay reads them back with ``float()``).
+    """
+    out: list[float | str] = []
+    for v in values.astype(float).tolist():
+        out.append(v if np.isfinite(v) and (v or not np.signbit(v)) else str(v))
+    return out
+
+
+def json_text(value: str | None) -> str | dict[str, str] | None:
+    """Text as JSONB can hold it: JSONB refuses NUL (``\\u0000``), so such text goes as
+    ``{"base64": <UTF-8 bytes>}`` and the DLQ row is written whatever the text holds."""
+    if value is None or "\x00" not in value:
+        return value
+    return {"base64": base64.b64encode(value.encode("utf-8")).decode()}
+
+
 def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:
     raw = chunk.vectors[i]
     vector: Any
     if len(raw) % 4 == 0:
-        vector = np.frombuffer(raw, dtype=FLOAT32_LE).astype(float).tolist()
-        # JSON has no NaN/Infinity and JSONB's numeric no -0.0: spell those as strings so the
-        # payload stays lossless (the replay reads them back with float()).
-        vector = [v if np.isfinite(v) and (v or not np.signbit(v)) else str(v) for v in vector]
+        vector = json_vector(np.frombuffer(raw, dtype=FLOAT32_LE))
     else:
         vector = {"base64": base64.b64encode(raw).decode()}
     return {
-        "id": chunk.ids[i],
-        "company_name": chunk.company_name[i],
+        "id": json_text(chunk.ids[i]),
+        "company_name": json_text(chunk.company_name[i]),
         "exp_years": chunk.exp_years[i],
-        "english_level": chunk.english_level[i],
-        "primary_keyword": chunk.primary_keyword[i],
+        "english_level": json_text(chunk.english_level[i]),
+        "primary_keyword": json_text(chunk.primary_keyword[i]),
         "vector": vector,
     }
 

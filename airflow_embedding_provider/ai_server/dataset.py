@@ -224,6 +224,10 @@ def _vectors(values: pd.Series, path: Path) -> tuple[FloatMatrix, dict[int, byte
     return matrix, odd, fits
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
 def _key(raw: Any) -> bytes | None:
     try:
         return uuid.UUID(str(raw)).bytes if raw is not None else None
@@ -246,8 +250,9 @@ def load_dataset(path: str | Path) -> EmbeddingDataset:
     valid = [i for i, k in enumerate(keys) if k is not None]
     valid_keys = np.array([keys[i] for i in valid], dtype="S16")
     order = invalid + [valid[j] for j in np.argsort(valid_keys, kind="stable")]
+    # A missing id (None, or NaN once pandas mixed it into a column) travels as "" ("id is missing").
     ids = [
-        ("" if raw_ids[i] is None else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
+        ("" if _missing(raw_ids[i]) else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
         for i in order
     ]
     position = {old: new for new, old in enumerate(order)}

@@ -169,6 +169,11 @@ def _text(payload: Mapping[str, Any], name: str) -> str | None:
     value = payload.get(name)
     if value is None or isinstance(value, str):
         return value
+    if isinstance(value, dict) and isinstance(value.get("base64"), str):
+        try:  # text with NUL bytes, which JSONB cannot hold (validation.json_text)
+            return base64.b64decode(value["base64"], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PayloadError(f"payload {name} has unreadable base64 text: {exc}") from None
     raise PayloadError(f"payload {name} is {value!r}, expected a string or null")
 
 
@@ -194,10 +199,7 @@ def payload_to_chunk(payloads: Iterable[Mapping[str, Any]]) -> WireChunk:
     keyword: list[str | None] = []
     vectors: list[bytes] = []
     for payload in payloads:
-        row_id = payload.get("id")
-        if row_id is not None and not isinstance(row_id, str):
-            raise PayloadError(f"payload id is {row_id!r}, expected a string")
-        ids.append(row_id or "")
+        ids.append(_text(payload, "id") or "")
         company.append(_text(payload, "company_name"))
         years.append(_years(payload))
         english.append(_text(payload, "english_level"))

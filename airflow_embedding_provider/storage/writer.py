@@ -21,7 +21,7 @@ from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
 from airflow_embedding_provider.storage.progress import PartitionKey, low_watermark, record_progress
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
-from airflow_embedding_provider.validation import Rejected
+from airflow_embedding_provider.validation import Rejected, json_vector
 
 DEFAULT_STREAM = "recruit"
 
@@ -39,6 +39,7 @@ class WriteResult:
     unchanged: int
     duplicates: int
     rejected: int
+    refused: int = 0  # of ``rejected``: rows PostgreSQL refused although they passed validation
 
     @property
     def stored(self) -> int:
@@ -124,9 +125,11 @@ class ChunkWriter:
         self._ensure_stage()
         batch, duplicates = keep_last_occurrence(batch)
         inserted = updated = 0
+        refused: list[Rejected] = []
         with self._conn.transaction(), self._conn.cursor() as cur:
             if len(batch):
-                inserted, updated = self._upsert(cur, batch)
+                inserted, updated, refused = self._upsert_isolating(cur, batch)
+                rejected = [*rejected, *refused]
             if (inserted or updated) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
@@ -141,10 +144,33 @@ class ChunkWriter:
         return WriteResult(
             inserted=inserted,
             updated=updated,
-            unchanged=len(batch) - inserted - updated,
+            unchanged=len(batch) - len(refused) - inserted - updated,
             duplicates=duplicates,
             rejected=len(rejected),
+            refused=len(refused),
         )
+
+    def _upsert_isolating(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int, list[Rejected]]:
+        """Upsert; when PostgreSQL refuses the data, halve the batch (each half in a savepoint)
+        until the refused rows stand alone, as Kafka Connect's JDBC sink and Spring Batch's scan
+        do: the others commit, the refused go to the DLQ with the database's message.
+
+        Errors that are not about the data (connection lost, server shutting down, deadlock,
+        timeout) propagate, so that the task retries instead of dead-lettering good rows.
+        """
+        try:
+            with self._conn.transaction():
+                inserted, updated = self._upsert(cur, batch)
+                return inserted, updated, []
+        except psycopg.Error as exc:
+            if not _is_data_error(exc):
+                raise
+            if len(batch) == 1:
+                return 0, 0, [_refused(batch, exc)]
+            middle = len(batch) // 2
+            a = self._upsert_isolating(cur, batch.slice(0, middle))
+            b = self._upsert_isolating(cur, batch.slice(middle, len(batch)))
+            return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
     def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
         # ON COMMIT DELETE ROWS empties the stage only when ours is the outermost transaction;
@@ -194,6 +220,27 @@ class ChunkWriter:
 
     def _dead_letter(self, cur: psycopg.Cursor, rejected: Sequence[Rejected], origin: Mapping[str, Any]) -> None:
         dead_letter(cur, self._tables, rejected, origin)
+
+
+#: SQLSTATE classes that are about the row itself: data exception, integrity constraint violation,
+#: program limit exceeded (say, an index row too large). Anything else is not the row's fault.
+_DATA_ERROR_CLASSES = ("22", "23", "54")
+
+
+def _is_data_error(exc: psycopg.Error) -> bool:
+    return bool(exc.sqlstate) and str(exc.sqlstate)[:2] in _DATA_ERROR_CLASSES
+
+
+def _refused(batch: RowBatch, exc: psycopg.Error) -> Rejected:
+    diag = exc.diag
+    detail = f": {diag.message_detail}" if diag.message_detail else ""
+    payload = batch.row(0) | {"vector": json_vector(batch.vectors[0])}
+    return Rejected(
+        id=batch.ids[0],
+        kind="database_rejected",
+        message=f"PostgreSQL refused the row (SQLSTATE {exc.sqlstate}): {diag.message_primary}{detail}",
+        payload=payload,
+    )
 
 
 def dead_letter(

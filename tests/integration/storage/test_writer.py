@@ -115,15 +115,45 @@ def test_rejected_rows_land_in_the_dlq_with_the_chunk(conn: psycopg.Connection) 
     assert read_checkpoint(conn) == ids[-1]
 
 
-def test_a_failed_chunk_leaves_nothing_behind(conn: psycopg.Connection) -> None:
+def test_rows_the_database_refuses_are_isolated_and_the_rest_commits(conn: psycopg.Connection) -> None:
     writer = ChunkWriter(conn, dimension=DIM)
-    ids = _ids(3)
+    ids = _ids(10)
     conn.execute("ALTER TABLE recruit_metadata ADD CONSTRAINT no_cobol CHECK (primary_keyword <> 'COBOL')")
     conn.commit()
-    with pytest.raises(psycopg.errors.CheckViolation):
-        writer.write(_batch(ids, keyword="COBOL"), checkpoint=ids[-1])
-    conn.rollback()
-    assert _count(conn, "recruit_metadata") == 0 and _count(conn, "recruit_embedding") == 0
+    batch = _batch(ids)
+    keywords = ["COBOL" if i in (3, 7) else "Python" for i in range(10)]
+    batch = RowBatch(
+        ids=batch.ids,
+        company_name=batch.company_name,
+        exp_years=batch.exp_years,
+        english_level=batch.english_level,
+        primary_keyword=keywords,
+        vectors=batch.vectors,
+    )
+    result = writer.write(batch, checkpoint=ids[-1])
+    assert (result.inserted, result.rejected, result.refused) == (8, 2, 2)
+    assert _count(conn, "recruit_metadata") == 8 == _count(conn, "recruit_embedding")
+    rows = conn.execute(
+        "SELECT id::text, error_kind, error_message, payload FROM recruit_embedding_dlq ORDER BY id"
+    ).fetchall()
+    assert [r[0] for r in rows] == [ids[3], ids[7]]
+    assert all(r[1] == "database_rejected" for r in rows)
+    assert "SQLSTATE 23514" in rows[0][2] and "no_cobol" in rows[0][2]
+    assert rows[0][3]["primary_keyword"] == "COBOL" and len(rows[0][3]["vector"]) == DIM
+    assert read_checkpoint(conn) == ids[-1]
+
+
+def test_an_infrastructure_error_is_not_dead_lettered(conn: psycopg.Connection, pg_dsn: str) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    ids = _ids(3)
+    conn.execute("SET lock_timeout = '200ms'")
+    conn.commit()
+    with psycopg.connect(pg_dsn) as other:
+        other.execute("LOCK TABLE recruit_metadata IN ACCESS EXCLUSIVE MODE")  # held until other commits
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            writer.write(_batch(ids), checkpoint=ids[-1])
+        conn.rollback()
+    assert _count(conn, "recruit_metadata") == 0 and _count(conn, "recruit_embedding_dlq") == 0
     assert read_checkpoint(conn) is None
 
 
