@@ -1,0 +1,16 @@
+# Airflow 3.3.2 with this provider installed: one image for the Airflow components and for the
+# provider's own servers (airflow-embedding ai-server / api-server / upload-server).
+FROM apache/airflow:3.3.2
+
+USER root
+# The named volume mounted here takes the folder's owner, so the sample writer (user airflow) can write.
+RUN mkdir -p /data && chown airflow:root /data
+USER airflow
+
+COPY --chown=airflow:root pyproject.toml README.md /opt/provider/
+COPY --chown=airflow:root airflow_embedding_provider /opt/provider/airflow_embedding_provider
+COPY --chown=airflow:root include /opt/provider/include
+# Pin Airflow to the image's version so that resolving our dependencies never upgrades it.
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" /opt/provider
+
+COPY --chown=airflow:root dags /opt/airflow/dags
