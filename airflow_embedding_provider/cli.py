@@ -18,7 +18,7 @@ def _ai_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.security import ServerSecurity
 
     security = ServerSecurity.from_args(args)  # before loading: a bad option fails fast
-    dataset = load_dataset(args.pkl)
+    dataset = load_dataset(args.pkl, trust_pickle=args.trust_pickle)
     serve(dataset, host=args.host, port=args.port, security=security)
     return 0
 
@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ai = sub.add_parser("ai-server", help="serve a .pkl over gRPC (EmbeddingStreamService.GetEmbeddings)")
-    ai.add_argument("--pkl", required=True, help="pickled pandas DataFrame in the design's layout")
+    ai.add_argument("--pkl", required=True, help="DataFrame in the design's layout: a pickle, or .parquet")
+    ai.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle anything (a pickle can run code); by default only plain pandas/numpy data loads",
+    )
     ai.add_argument("--host", default="127.0.0.1")
     ai.add_argument("--port", type=int, default=50051)
     add_cli_options(ai)

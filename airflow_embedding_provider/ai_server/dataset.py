@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from airflow_embedding_provider.ai_server import safe_pickle
 from airflow_embedding_provider.rows import PKL_COLUMNS, FloatMatrix
 from airflow_embedding_provider.wire.codec import encode_rows
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
@@ -120,13 +121,21 @@ class EmbeddingDataset:
         return message
 
 
-def _read(path: Path) -> pd.DataFrame:
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _read(path: Path, *, trust_pickle: bool) -> pd.DataFrame:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: the file is empty, expected a pickled pandas DataFrame")
     try:
-        frame = pd.read_pickle(path)
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            frame = pd.read_parquet(path)  # no code in the file format: the safe alternative
+        else:
+            frame = pd.read_pickle(path) if trust_pickle else safe_pickle.load(path)
+    except safe_pickle.UnsafePickleError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -137,8 +146,10 @@ def _read(path: Path) -> pd.DataFrame:
         ModuleNotFoundError,
         IndexError,
         KeyError,
+        OSError,
     ) as exc:
-        raise DatasetError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+        kind = "Parquet file" if path.suffix.lower() in PARQUET_SUFFIXES else "pickle"
+        raise DatasetError(f"{path}: not a readable {kind} ({type(exc).__name__}: {exc})") from None
     if not isinstance(frame, pd.DataFrame):
         raise DatasetError(
             f"{path}: holds a {type(frame).__name__}, expected a pandas DataFrame with columns {', '.join(PKL_COLUMNS)}"
@@ -235,10 +246,15 @@ def _key(raw: Any) -> bytes | None:
         return None
 
 
-def load_dataset(path: str | Path) -> EmbeddingDataset:
-    """Read and order the file; raises :class:`DatasetError` when it cannot be served."""
+def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDataset:
+    """Read and order the file; raises :class:`DatasetError` when it cannot be served.
+
+    :param path: a pickled DataFrame, or a Parquet file (``.parquet``/``.pq``).
+    :param trust_pickle: load any pickle, which can run code; by default only plain pandas/numpy
+        data is unpickled (:mod:`safe_pickle`).
+    """
     path = Path(path)
-    frame = _read(path)
+    frame = _read(path, trust_pickle=trust_pickle)
     company = _text(frame["Company Name"], "Company Name", path)
     english = _text(frame["English Level"], "English Level", path)
     keyword = _text(frame["Primary Keyword"], "Primary Keyword", path)

@@ -152,3 +152,56 @@ def test_boundaries_never_split_copies_of_one_id(tmp_path: Path) -> None:
     for _begin, end in data.plan(0, rows_per_partition=2, max_partitions=64):
         assert end == len(data) or data.ids[end - 1] != data.ids[end]
     assert data.stop_at(data.ids[first]) == first + 3
+
+
+class _RunsCode:
+    """Unpickles into a call of os.system: what a malicious pickle looks like."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = _write(tmp_path, _RunsCode(marker), "evil.pkl")
+    with pytest.raises(DatasetError, match=r"refusing to load (posix|os)\.system") as info:
+        load_dataset(path)
+    assert "Parquet" in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+    # Hidden inside a DataFrame cell, too.
+    frame = make_sample(3, dimension=4)
+    frame["Company Name"] = frame["Company Name"].astype(object)
+    frame.at[1, "Company Name"] = _RunsCode(marker)
+    with pytest.raises(DatasetError, match="refusing to load"):
+        load_dataset(_write(tmp_path, frame, "evil-cell.pkl"))
+    assert not marker.exists()
+
+
+def test_pandas_eval_is_not_callable_from_a_pickle(tmp_path: Path) -> None:
+    class _Eval:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (pd.eval, ("1 + 1",))
+
+    with pytest.raises(DatasetError, match="refusing to load pandas"):
+        load_dataset(_write(tmp_path, _Eval(), "eval.pkl"))
+
+
+def test_parquet_loads_the_same_rows(tmp_path: Path) -> None:
+    frame = make_sample(50, dimension=8)
+    frame.to_parquet(tmp_path / "data.parquet")
+    from_parquet = load_dataset(tmp_path / "data.parquet")
+    from_pickle = load_dataset(_write(tmp_path, frame))
+    assert from_parquet.ids == from_pickle.ids
+    assert from_parquet.vectors.tobytes() == from_pickle.vectors.tobytes()
+    assert from_parquet.company_name == from_pickle.company_name
+
+
+def test_gzipped_and_older_protocol_pickles_load(tmp_path: Path) -> None:
+    frame = make_sample(20, dimension=4)
+    frame.to_pickle(tmp_path / "data.pkl.gz", compression="gzip", protocol=2)
+    assert len(load_dataset(tmp_path / "data.pkl.gz")) == 20
