@@ -111,6 +111,6 @@ def load(path: Path) -> Any:
     """Unpickle ``path`` (plain or gzip) allowing pandas/numpy data types only."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
-    opener: IO[bytes]
-    with gzip.open(path, "rb") if gzipped else path.open("rb") as opener:
-        return _AllowListUnpickler(opener).load()
+    stream: IO[bytes] = gzip.open(path, "rb") if gzipped else path.open("rb")  # noqa: SIM115 - closed below
+    with stream:
+        return _AllowListUnpickler(stream).load()
