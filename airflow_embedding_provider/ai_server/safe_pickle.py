@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import pickle
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 #: Names (module-independent) that pandas 1.x-3.x and numpy 1.x-2.x pickles of data use.
 _PANDAS_NUMPY_NAMES = frozenset(
@@ -111,6 +111,8 @@ def load(path: Path) -> Any:
     """Unpickle ``path`` (plain or gzip) allowing pandas/numpy data types only."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
-    stream: IO[bytes] = gzip.open(path, "rb") if gzipped else path.open("rb")  # noqa: SIM115 - closed below
-    with stream:
-        return _AllowListUnpickler(stream).load()
+    if gzipped:
+        with gzip.open(path, "rb") as packed:
+            return _AllowListUnpickler(packed).load()
+    with path.open("rb") as plain:
+        return _AllowListUnpickler(plain).load()
