@@ -182,13 +182,17 @@ class GrpcEmbeddingHook(BaseHook):
 
     def wait_until_ready(self) -> None:
         """Block until the channel connects; ``ConnectionError`` after the connection's timeout."""
+        ready = grpc.channel_ready_future(self.channel)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=self.settings.timeout)
+            ready.result(timeout=self.settings.timeout)
         except grpc.FutureTimeoutError:
             raise ConnectionError(
                 f"no gRPC server answered at {self.settings.target} within "
                 f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
             ) from None
+        finally:
+            # Unsubscribe: a future left watching the channel raises "Channel closed" on close().
+            ready.cancel()
 
     def health(self, service: str = EMBEDDING_SERVICE) -> str:
         """The server's health status name for ``service`` (``SERVING`` when healthy)."""
