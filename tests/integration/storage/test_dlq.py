@@ -105,6 +105,22 @@ def test_negative_zero_survives_the_payload(conn: psycopg.Connection) -> None:
     assert payload_to_chunk(e.payload for e in _pending(conn)) == received
 
 
+def test_text_with_nul_survives_the_payload(conn: psycopg.Connection) -> None:
+    received = _chunk([(_uid(1), _tricky(16))])
+    received = WireChunk(
+        ids=received.ids,
+        company_name=["Null\x00Byte GmbH"],
+        exp_years=received.exp_years,
+        english_level=["upper\x00"],
+        primary_keyword=received.primary_keyword,
+        vectors=received.vectors,
+    )
+    _dead_letter(conn, received)  # JSONB refuses \u0000: the text travels as base64
+    entries = _pending(conn)
+    assert entries[0].payload["company_name"] == {"base64": base64.b64encode(b"Null\x00Byte GmbH").decode()}
+    assert payload_to_chunk(e.payload for e in entries) == received
+
+
 def test_payload_strings_and_numbers_decode_to_float32() -> None:
     chunk = payload_to_chunk(
         [{"id": "x", "vector": ["-0.0", "inf", "nan", 1, 2.5, 340282346638528860000000000000000000000], "_origin": {}}]
