@@ -54,6 +54,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _upload_server(args: argparse.Namespace) -> int:
     import psycopg
 
+    from airflow_embedding_provider.security import ServerSecurity
     from airflow_embedding_provider.storage.schema import SchemaMismatchError
     from airflow_embedding_provider.upload_server.service import (
         UploadServicer,
@@ -72,8 +73,9 @@ def _upload_server(args: argparse.Namespace) -> int:
         cache_target=args.cache_target,
     )
     connect = dsn_connector(args.postgres_dsn) if args.postgres_dsn else airflow_connector(args.postgres_conn_id)
+    security = ServerSecurity.from_args(args)
     try:
-        serve(UploadServicer(connect, settings), host=args.host, port=args.port, grace=args.grace)
+        serve(UploadServicer(connect, settings), host=args.host, port=args.port, grace=args.grace, security=security)
     except (SchemaMismatchError, psycopg.Error) as exc:
         print(f"airflow-embedding upload-server: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
     up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")
     up.add_argument("--grace", type=float, default=60.0, help="seconds SIGTERM waits for in-flight uploads")
+    add_cli_options(up)
     up.set_defaults(func=_upload_server)
 
     push = sub.add_parser("push", help="stream a .pkl to an upload server (UploadEmbeddings) and print the result")

@@ -200,15 +200,22 @@ def new_server(
     *,
     security: ServerSecurity | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
 ) -> grpc.Server:
     """``grpc.server`` with the interceptors ``security`` asks for (none when it is ``None``).
 
     :param executor: the thread pool that runs the handlers.
     :param security: TLS and token settings; ``None`` keeps a plain server.
     :param options: channel arguments passed to ``grpc.server``.
+    :param maximum_concurrent_rpcs: passed to ``grpc.server``; more calls are refused.
     """
     interceptors = security.interceptors() if security is not None else []
-    return grpc.server(executor, options=options, interceptors=interceptors or None)
+    return grpc.server(
+        executor,
+        options=options,
+        interceptors=interceptors or None,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
 
 
 def bind_port(server: grpc.Server, host: str, port: int, security: ServerSecurity | None = None) -> int:

@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.pipeline import IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
@@ -232,16 +233,7 @@ class UploadServicer:
             except grpc.RpcError:
                 # The request stream ended abnormally: the client cancelled, its deadline passed or
                 # the server stopped after its grace period. ingest_chunks has written what arrived.
-                log.warning(
-                    "upload %s from %s: aborted by the client after %d rows in %d chunks, all committed; "
-                    "highest id %s. Upload again (idempotent), or push --after that id",
-                    upload_id,
-                    peer,
-                    progress.rows,
-                    progress.chunks,
-                    progress.last_id or "-",
-                )
-                return embedding_pb2.UploadResult(success=False, total_rows=progress.rows, message="aborted")
+                return self._aborted(upload_id, peer, progress)
             except Exception as exc:
                 log.exception("upload %s from %s: failed after %d rows", upload_id, peer, progress.rows)
                 return embedding_pb2.UploadResult(
@@ -253,11 +245,28 @@ class UploadServicer:
                         "committed, uploading again is idempotent"
                     ),
                 )
+        if not context.is_active():
+            # gRPC may end the request iterator of a cancelled call as if the client had finished.
+            return self._aborted(upload_id, peer, progress)
         message = describe(stats, upload_id)
         log.info("%s (peer %s)", message, peer)
         # success: every row is stored; rejected rows are kept in the DLQ but make the upload fail,
         # so that the sender learns that part of its data needs fixing (SEED.md 11).
         return embedding_pb2.UploadResult(success=stats.rows_dlq == 0, total_rows=stats.rows_received, message=message)
+
+    @staticmethod
+    def _aborted(upload_id: str, peer: str, progress: _Progress) -> embedding_pb2.UploadResult:
+        log.warning(
+            "upload %s from %s: aborted by the client after %d rows in %d chunks, all committed; "
+            "highest id %s. Upload again (idempotent), or push --after that id",
+            upload_id,
+            peer,
+            progress.rows,
+            progress.chunks,
+            progress.last_id or "-",
+        )
+        # Nobody receives this answer: the call is over.
+        return embedding_pb2.UploadResult(success=False, total_rows=progress.rows, message="aborted")
 
 
 def _upload_id(context: grpc.ServicerContext) -> str:
@@ -267,11 +276,16 @@ def _upload_id(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex[:12]
 
 
-def build_server(servicer: UploadServicer, *, host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(
+    servicer: UploadServicer, *, host: str, port: int, security: ServerSecurity | None = None
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A not yet started server bound to ``host:port`` (0 = a free port); returns it, the port and
-    its health servicer."""
+    its health servicer.
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
+    """
     limit = servicer.settings.max_concurrent_uploads
-    server = grpc.server(
+    server = new_server(
         # Spare threads beyond the upload limit answer health checks and refuse extra uploads.
         futures.ThreadPoolExecutor(max_workers=limit + 4, thread_name_prefix="upload-server"),
         options=[
@@ -280,6 +294,7 @@ def build_server(servicer: UploadServicer, *, host: str, port: int) -> tuple[grp
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ],
         maximum_concurrent_rpcs=limit + 64,
+        security=security,
     )
     # Receive through the bytes view: wire-identical to RowChunk, vectors arrive as one bytes object.
     handler = grpc.method_handlers_generic_handler(
@@ -295,23 +310,25 @@ def build_server(servicer: UploadServicer, *, host: str, port: int) -> tuple[grp
     server.add_generic_rpc_handlers((handler,))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = bind_port(server, host, port, security)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
 
 
-def serve(servicer: UploadServicer, *, host: str, port: int, grace: float = 60.0) -> None:
+def serve(
+    servicer: UploadServicer, *, host: str, port: int, grace: float = 60.0, security: ServerSecurity | None = None
+) -> None:
     """Apply the schema, serve until SIGTERM or SIGINT, then drain in-flight uploads.
 
     On the signal the health status turns NOT_SERVING and new calls are refused; uploads in
     progress continue for up to ``grace`` seconds, after which they are cancelled (what they
     received is committed either way).
+
+    :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
     """
     servicer.prepare()
-    server, bound, health_servicer = build_server(servicer, host=host, port=port)
+    server, bound, health_servicer = build_server(servicer, host=host, port=port, security=security)
     server.start()
     settings = servicer.settings
     print(

@@ -157,7 +157,9 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
         read_token_file(empty)
 
 
-@pytest.mark.parametrize("command", [["ai-server", "--pkl", "x.pkl"], ["api-server"]])
+@pytest.mark.parametrize(
+    "command", [["ai-server", "--pkl", "x.pkl"], ["api-server"], ["upload-server", "--postgres-dsn", "postgresql://"]]
+)
 def test_both_server_commands_take_the_security_options(command: list[str]) -> None:
     args = build_parser().parse_args(
         [*command, "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca", "--token-file", "t"]

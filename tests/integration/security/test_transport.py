@@ -272,3 +272,31 @@ def test_every_call_shape_is_checked(echo_server: str, pki: Pki, token: str, met
     with_token = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
     with grpc.secure_channel(echo_server, with_token) as channel:
         assert _call(channel, method) == [b"ok"]
+
+
+def test_upload_server_refuses_an_upload_without_the_token(servers: list[grpc.Server], pki: Pki, token: str) -> None:
+    from airflow_embedding_provider.upload_server.service import SERVICE_NAME as UPLOAD_SERVICE
+    from airflow_embedding_provider.upload_server.service import UploadServicer
+    from airflow_embedding_provider.upload_server.service import build_server as build_upload_server
+
+    def no_database() -> Any:
+        raise AssertionError("a refused upload must not reach the database")
+
+    security = _security(pki, mutual=True, token=token)
+    server, port, _health = build_upload_server(
+        UploadServicer(no_database), host="127.0.0.1", port=0, security=security
+    )
+    server.start()
+    servers.append(server)
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+    )
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=UPLOAD_SERVICE), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            channel.stream_unary(f"/{UPLOAD_SERVICE}/UploadEmbeddings")(iter([b""]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.value.details() == UNAUTHENTICATED_MESSAGE
