@@ -4,6 +4,10 @@ our Python fast path reads and writes the same data.
 
 Run as ``python seed_client.py get TARGET [AFTER] [CHUNK]``: prints one JSON line a row, the vector
 as the hex of its little-endian float32 values, decoded the ordinary way (``list(row.vector)``).
+
+Run as ``python seed_client.py upload TARGET PKL [CHUNK]``: reads the ``.pkl`` with pandas, sends its
+rows with ``UploadEmbeddings`` built the ordinary way (``vector=[floats]``), prints the
+``UploadResult`` as one JSON line.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import json
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SEED_PROTO = """
 syntax = "proto3";
@@ -88,7 +94,41 @@ def main(argv: list[str]) -> int:
                         )
                     )
             return 0
+        if mode == "upload":
+            result = upload(
+                pb2, pb2_grpc.EmbeddingStreamServiceStub(channel), argv[2], int(argv[3]) if len(argv) > 3 else 300
+            )
+            print(json.dumps({"success": result.success, "total_rows": result.total_rows, "message": result.message}))
+            return 0
     raise SystemExit(f"unknown mode {mode}")
+
+
+def upload(pb2: ModuleType, stub: Any, pkl: str, chunk: int) -> Any:
+    import pandas as pd
+
+    frame = pd.read_pickle(pkl)
+
+    def chunks() -> Iterator[Any]:
+        rows = []
+        for rec in frame.itertuples(index=False, name=None):
+            row_id, company, years, english, keyword, vector = rec
+            rows.append(
+                pb2.RecruitRow(
+                    id=str(row_id),
+                    company_name=str(company),
+                    exp_years=int(years),
+                    english_level=str(english),
+                    primary_keyword=str(keyword),
+                    vector=[float(x) for x in vector],
+                )
+            )
+            if len(rows) == chunk:
+                yield pb2.RowChunk(rows=rows)
+                rows = []
+        if rows:
+            yield pb2.RowChunk(rows=rows)
+
+    return stub.UploadEmbeddings(chunks(), timeout=300)
 
 
 if __name__ == "__main__":
