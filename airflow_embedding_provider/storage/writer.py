@@ -47,15 +47,18 @@ class WriteResult:
 
 
 def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
-    """The batch with each id once, its last occurrence winning (SEED.md 10.4); and how many went.
+    """The batch with each id once, its last occurrence winning (SEED.md 10.4), in id order; and
+    how many went.
 
     One ``INSERT ... ON CONFLICT`` cannot touch the same row twice, so this also keeps a chunk
-    that repeats an id from failing as a whole.
+    that repeats an id from failing as a whole. Id order makes every writer lock rows in the same
+    order, so two writers with overlapping ids (two uploads, two runs) wait instead of deadlocking.
     """
     last = {row_id: i for i, row_id in enumerate(batch.ids)}
-    if len(last) == len(batch):
-        return batch, 0
-    return batch.take(sorted(last.values())), len(batch) - len(last)
+    order = [last[row_id] for row_id in sorted(last)]
+    if order == list(range(len(batch))):
+        return batch, 0  # the usual case: unique ids that arrived in order
+    return batch.take(order), len(batch) - len(last)
 
 
 class ChunkWriter:

@@ -39,7 +39,7 @@ def _bad_rows(rng: np.random.Generator) -> list[tuple[dict[str, Any], str | None
         }
         return base | changes
 
-    nan, inf = np.float32("nan"), np.float32("inf")
+    nan, inf = float("nan"), float("inf")
 
     def vec(value: float, at: int = 5) -> np.ndarray:
         v = np.ones(DIM, dtype=np.float32)

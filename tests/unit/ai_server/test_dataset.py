@@ -176,7 +176,7 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     # Hidden inside a DataFrame cell, too.
     frame = make_sample(3, dimension=4)
     frame["Company Name"] = frame["Company Name"].astype(object)
-    frame.at[1, "Company Name"] = _RunsCode(marker)
+    frame.at[1, "Company Name"] = _RunsCode(marker)  # type: ignore[assignment]
     with pytest.raises(DatasetError, match="refusing to load"):
         load_dataset(_write(tmp_path, frame, "evil-cell.pkl"))
     assert not marker.exists()
