@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import add_cli_options
+from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
 
 
 def _ai_server(args: argparse.Namespace) -> int:
@@ -83,10 +84,21 @@ def _upload_server(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
     from airflow_embedding_provider.upload_server.client import UploadError, push
 
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV) or None
+    settings = ChannelSettings(
+        target=args.target,
+        use_tls=bool(args.tls_ca or args.tls_cert),
+        ca_cert=args.tls_ca,
+        client_cert=args.tls_cert,
+        client_key=args.tls_key,
+        token=token,
+        tls_server_name=args.tls_server_name,
+    )
     try:
-        result = push(args.pkl, args.target, chunk_size=args.chunk_size, after=args.after or "")
+        result = push(args.pkl, settings, chunk_size=args.chunk_size, after=args.after or "")
     except UploadError as exc:
         print(f"airflow-embedding push: error: {exc}", file=sys.stderr)
         return 1
@@ -147,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--target", required=True, metavar="HOST:PORT", help="the upload server")
     push.add_argument("--chunk-size", type=int, default=300, help="rows a message")
     push.add_argument("--after", metavar="UUID", help="send only rows after this id (resume an aborted push)")
+    push.add_argument("--tls-ca", metavar="PEM", help="TLS on: verify the server with this CA")
+    push.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    push.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
+    push.add_argument("--tls-server-name", help="check the server certificate against this name")
+    push.add_argument("--token-file", metavar="PATH", help=f"bearer token file (default: ${TOKEN_ENV})")
     push.set_defaults(func=_push)
 
     sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")

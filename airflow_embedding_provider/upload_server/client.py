@@ -15,7 +15,8 @@ import grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
 from airflow_embedding_provider.ai_server.service import max_chunk_size
-from airflow_embedding_provider.upload_server.service import MAX_MESSAGE_BYTES, UPLOAD_ID_KEY, UPLOAD_METHOD
+from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.upload_server.service import UPLOAD_ID_KEY, UPLOAD_METHOD
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -51,7 +52,7 @@ def _chunks(dataset: EmbeddingDataset, chunk_size: int, offset: int) -> Iterator
 
 
 def upload(
-    target: str,
+    target: str | ChannelSettings,
     chunks: Iterator[RowChunkBytes],
     *,
     upload_id: str | None = None,
@@ -60,23 +61,28 @@ def upload(
 ) -> embedding_pb2.UploadResult:
     """One ``UploadEmbeddings`` call; raises :class:`UploadError` when it does not complete.
 
-    :param target: ``host:port`` of the upload server.
+    :param target: ``host:port`` of the upload server, or :class:`ChannelSettings` for TLS, mutual
+        TLS and a bearer token (the same settings the hooks use).
     :param upload_id: names the upload in the server's logs, DLQ origins and outbox.
     :param connect_timeout: seconds to wait for the server to accept a connection.
     :param timeout: deadline of the whole call in seconds; none by default (uploads can be large).
     """
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(target, options=options) as channel:
+    settings = target if isinstance(target, ChannelSettings) else ChannelSettings(target=target)
+    target = settings.target
+    with settings.open_channel() as channel:
+        ready = grpc.channel_ready_future(channel)
         try:
-            grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+            ready.result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             raise UploadError(f"cannot reach an upload server at {target} within {connect_timeout:g} s") from None
+        finally:
+            ready.cancel()
         call = channel.stream_unary(
             UPLOAD_METHOD,
             request_serializer=RowChunkBytes.SerializeToString,
             response_deserializer=embedding_pb2.UploadResult.FromString,
         )
-        metadata = [(UPLOAD_ID_KEY, upload_id or uuid.uuid4().hex[:12])]
+        metadata = [(UPLOAD_ID_KEY, upload_id or uuid.uuid4().hex[:12]), *settings.metadata()]
         try:
             result: embedding_pb2.UploadResult = call(chunks, metadata=metadata, timeout=timeout)
         except grpc.RpcError as exc:
@@ -89,7 +95,7 @@ def upload(
 
 def push(
     pkl: str | Path,
-    target: str,
+    target: str | ChannelSettings,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     after: str = "",

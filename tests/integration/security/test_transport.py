@@ -300,3 +300,50 @@ def test_upload_server_refuses_an_upload_without_the_token(servers: list[grpc.Se
             channel.stream_unary(f"/{UPLOAD_SERVICE}/UploadEmbeddings")(iter([b""]), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.value.details() == UNAUTHENTICATED_MESSAGE
+
+
+def test_push_reaches_an_upload_server_over_mutual_tls_with_a_token(
+    pki: Pki, token: str, token_file: Path, pg_dsn: str, sample_pkl: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from airflow_embedding_provider.devkit.stack import HealthTLS, ServerProcess
+
+    command = [
+        "upload-server",
+        "--postgres-dsn",
+        pg_dsn,
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.ca),
+        "--token-file",
+        str(token_file),
+    ]
+    health = HealthTLS(ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
+    with ServerProcess(command, log_path=tmp_path / "upload.log", health_tls=health) as server:
+        base = [
+            sys.executable,
+            "-m",
+            "airflow_embedding_provider.cli",
+            "push",
+            "--pkl",
+            str(sample_pkl),
+            "--target",
+            server.target,
+            "--tls-ca",
+            str(pki.ca),
+            "--tls-cert",
+            str(pki.client_cert),
+            "--tls-key",
+            str(pki.client_key),
+        ]
+        refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        pushed = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, timeout=300)
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.startswith("pushed 3000 rows")
+    assert token not in pushed.stdout + pushed.stderr + refused.stderr + (tmp_path / "upload.log").read_text()
