@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from bench.procmem import children_peak_rss_mib, peak_rss_mib, rss_mib
+from bench.procmem import children_peak_rss_mib, own_cpu_seconds, peak_rss_mib, rss_mib
 
 COPY_READ_BYTES = 4 * 1024 * 1024
 ENCODE_BLOCK_ROWS = 50_000
@@ -116,7 +116,7 @@ def ceiling(spec: Spec) -> dict[str, Any]:
     try:
         with psycopg.connect(spec["dsn"], autocommit=True) as conn:
             apply_schema(conn, dimension)
-            began = time.perf_counter()
+            cpu, began = own_cpu_seconds(), time.perf_counter()
             with conn.transaction(), conn.cursor() as cur:
                 _copy_file(
                     cur,
@@ -125,12 +125,12 @@ def ceiling(spec: Spec) -> dict[str, Any]:
                     meta_path,
                 )
                 _copy_file(cur, "COPY recruit_embedding (id, vector) FROM STDIN (FORMAT BINARY)", emb_path)
-            seconds = time.perf_counter() - began
+            seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
     finally:
         meta_path.unlink(missing_ok=True)
         emb_path.unlink(missing_ok=True)
     _check_stored(spec["dsn"], rows)
-    return {"rows": rows, "seconds": seconds, "peak_rss_mib": None}
+    return {"rows": rows, "seconds": seconds, "worker_cpu_seconds": cpu, "peak_rss_mib": None}
 
 
 def naive(spec: Spec) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def naive(spec: Spec) -> dict[str, Any]:
     stub = embedding_pb2_grpc.EmbeddingStreamServiceStub(channel)
     rss_before = rss_mib()
     rows = 0
-    began = time.perf_counter()
+    cpu, began = own_cpu_seconds(), time.perf_counter()
     with conn.cursor() as cur:
         for message in stub.GetEmbeddings(embedding_pb2.StreamEmbeddingRequest(chunk_size=chunk_size)):
             metadata = []
@@ -180,11 +180,17 @@ def naive(spec: Spec) -> dict[str, Any]:
             )
             conn.commit()
             rows += len(message.rows)
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
     channel.close()
     conn.close()
     _check_stored(spec["dsn"], int(spec["rows"]))
-    return {"rows": rows, "seconds": seconds, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "worker_cpu_seconds": cpu,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def engine(spec: Spec) -> dict[str, Any]:
@@ -213,7 +219,7 @@ def engine(spec: Spec) -> dict[str, Any]:
     profile: Callable[[], None] | None = None
     if spec.get("profile"):
         profile = _start_profile()
-    began = time.perf_counter()
+    cpu, began = own_cpu_seconds(), time.perf_counter()
     stats = ingest_chunks(
         prefetch(hook.stream_chunks(after=None, chunk_size=int(spec["chunk_size"]))),
         writers,
@@ -221,13 +227,14 @@ def engine(spec: Spec) -> dict[str, Any]:
         sub_batch_size=int(spec["sub_batch_size"]),
         origin={"bench": "engine"},
     )
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
     if profile is not None:
         profile()
     hook.close()
     result: dict[str, Any] = {
         "rows": stats.rows_received,
         "seconds": seconds,
+        "worker_cpu_seconds": cpu,
         "inserted": stats.inserted,
         "updated": stats.updated,
         "unchanged": stats.unchanged,
@@ -253,9 +260,10 @@ def _start_profile() -> Callable[[], None]:
     profiles: list[cProfile.Profile] = []
 
     def per_thread(*_: Any) -> None:
+        # First event of a new thread: swap this hook for the thread's own profiler.
+        sys.setprofile(None)
         p = cProfile.Profile()
         profiles.append(p)
-        threading.setprofile(None)
         p.enable()
 
     main = cProfile.Profile()
@@ -291,9 +299,17 @@ def dag(spec: Spec) -> dict[str, Any]:
         "rows": int(final["rows_received"]),
         "seconds": seconds,
         "finalize": final,
+        "worker_cpu_seconds": _children_cpu(),
         # The task runner is a descendant of `airflow dags test`; its peak is the largest.
         "peak_rss_mib": children_peak_rss_mib(),
     }
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 MODES: dict[str, Callable[[Spec], dict[str, Any]]] = {

@@ -28,7 +28,7 @@ from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.measure import TINY_ROWS
-from bench.procmem import peak_rss_mib, rss_mib
+from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
 from bench.report import render, targets
 
 DEFAULT_ROWS = 141_897  # the seed's own figure
@@ -65,6 +65,8 @@ OTHER_SETTINGS = (
 
 class Bench:
     def __init__(self, workdir: Path, rows: int) -> None:
+        #: pids whose CPU (with descendants) is charged to each measurement: PostgreSQL, AI server.
+        self.cpu_pids: dict[str, int] = {}
         self.workdir = workdir
         self.rows = rows
         self.log_path = workdir / f"bench-{rows}.log"
@@ -75,6 +77,7 @@ class Bench:
         out = self.workdir / f"{key}.json"
         out.unlink(missing_ok=True)
         load = os.getloadavg()[0]
+        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in self.cpu_pids.items()}
         with open(self.log_path, "ab") as log:
             log.write(f"\n== {key} ({mode}) ==\n".encode())
             log.flush()
@@ -90,6 +93,10 @@ class Bench:
             raise RuntimeError(f"measurement {key} failed (exit {proc.returncode}); log {self.log_path}:\n{tail}")
         result: dict[str, Any] = json.loads(out.read_text())
         out.unlink()
+        for name, pid in self.cpu_pids.items():
+            before, after = cpu_before.get(name), tree_cpu_seconds(pid)
+            if before is not None and after is not None:
+                result[f"{name}_cpu_seconds"] = after - before
         result.update(extra, mode=mode, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
         if "seconds" in result and result.get("rows"):
             result["rows_per_second"] = result["rows"] / result["seconds"]
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         pg = EmbeddedPostgres(workdir / "pgdata")
         pg.start()
         stack.callback(pg.stop)
+        bench.cpu_pids["pg"] = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
         databases = iter(range(1, 100))
 
         def fresh_db() -> str:
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(ai.stop)
         assert ai.proc is not None
         ai_pid = ai.proc.pid
+        bench.cpu_pids["ai"] = ai_pid
         ai_memory["rss_after_load_mib"] = rss_mib(ai_pid)
         common = {"target": ai.target, "dimension": DEFAULT_DIMENSION, "rows": rows}
 
@@ -263,12 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         ai_memory["rss_after_streams_mib"] = rss_mib(ai_pid)
         ai_memory["peak_rss_mib"] = peak_rss_mib(ai_pid)
         ai.stop()
+        del bench.cpu_pids["ai"]
 
         if "incremental" not in args.skip:
             # The same ids with 10% of rows changed, after the full load, with the ivfflat index.
             ai2 = ServerProcess(["ai-server", "--pkl", str(changed_pkl)], log_path=workdir / "ai-server.log")
             ai2.start(timeout=600)
             stack.callback(ai2.stop)
+            assert ai2.proc is not None
+            bench.cpu_pids["ai"] = ai2.proc.pid
             bench.child(
                 "engine",
                 "incremental",

@@ -1,0 +1,187 @@
+"""Where the engine's time goes, read-only: ``python -m bench.profile_engine [--rows N] [--cprofile]``.
+
+``stages`` times each step of the hot path on pre-serialized chunks, without gRPC or a database
+(microseconds a row, single thread), then the same writes against PostgreSQL split into their
+statements. ``--cprofile`` additionally runs one whole engine measurement under cProfile on every
+thread and prints the top functions. Nothing here changes engine code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_embedding_provider.ai_server.dataset import load_dataset
+from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
+from airflow_embedding_provider.devkit.sample import write_sample
+from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
+from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.writer import ChunkWriter, keep_last_occurrence
+from airflow_embedding_provider.validation import validate_chunk
+from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+
+CHUNK = 300
+SUB_BATCH = 100
+
+
+def _time(label: str, rows: int, fn: Callable[[], Any], table: list[tuple[str, float]]) -> Any:
+    began = time.perf_counter()
+    out = fn()
+    table.append((label, (time.perf_counter() - began) / rows * 1e6))
+    return out
+
+
+def stages(pkl: Path, dsn: str) -> list[tuple[str, float]]:
+    """Microseconds a row for each step, on the whole sample."""
+    data = load_dataset(pkl)
+    n = len(data)
+    table: list[tuple[str, float]] = []
+    ranges = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+    messages: list[RowChunkBytes] = _time(
+        "server: dataset.chunk (encode_rows)", n, lambda: [data.chunk(a, b) for a, b in ranges], table
+    )
+    wire: list[bytes] = _time("server: SerializeToString", n, lambda: [m.SerializeToString() for m in messages], table)
+    chunks: list[WireChunk] = _time(
+        "client: parse_chunk (FromString + decode)", n, lambda: [parse_chunk(w) for w in wire], table
+    )
+    subs = [c.slice(s, s + SUB_BATCH) for c in chunks for s in range(0, len(c), SUB_BATCH)]
+    validated = _time("client: validate_chunk", n, lambda: [validate_chunk(s, DEFAULT_DIMENSION) for s in subs], table)
+    batches: list[RowBatch] = [b for b, _ in validated]
+    _time("client: keep_last_occurrence", n, lambda: [keep_last_occurrence(b) for b in batches], table)
+    _time("client: embedding_copy_buffer", n, lambda: [embedding_copy_buffer(b.ids, b.vectors) for b in batches], table)
+    _time("client: uuid.UUID(id) a row", n, lambda: [[uuid.UUID(i) for i in b.ids] for b in batches], table)
+
+    # The writer's statements, one sub-batch a transaction, on one connection (no threads).
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_schema(conn, DEFAULT_DIMENSION)
+        writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
+        _time("db: ChunkWriter.write (whole, 1 conn)", n, lambda: [writer.write(b) for b in batches], table)
+        conn.execute("TRUNCATE recruit_metadata CASCADE")
+        _split_writes(conn, batches, n, table)
+    return table
+
+
+def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, table: list[tuple[str, float]]) -> None:
+    """The statements of ``ChunkWriter._upsert`` timed one by one (a copy of its SQL, same order)."""
+    stage_meta, stage_vec = sql.Identifier("_embedding_stage_metadata"), sql.Identifier("_embedding_stage_vector")
+    parts = dict.fromkeys(
+        ("copy metadata (write_row)", "copy embedding", "upsert metadata", "upsert embedding", "commit"), 0.0
+    )
+    for batch in batches:
+        with conn.transaction(), conn.cursor() as cur:
+            t0 = time.perf_counter()
+            cur.execute(sql.SQL("DELETE FROM {}").format(stage_meta))
+            cur.execute(sql.SQL("DELETE FROM {}").format(stage_vec))
+            with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(stage_meta)) as copy:
+                copy.set_types(["uuid", "text", "int4", "text", "text"])
+                for i in range(len(batch)):
+                    copy.write_row(
+                        (
+                            uuid.UUID(batch.ids[i]),
+                            batch.company_name[i],
+                            batch.exp_years[i],
+                            batch.english_level[i],
+                            batch.primary_keyword[i],
+                        )
+                    )
+            t1 = time.perf_counter()
+            with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(stage_vec)) as copy:
+                copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+            t2 = time.perf_counter()
+            cur.execute(
+                sql.SQL(
+                    "WITH up AS (INSERT INTO recruit_metadata AS t (id, company_name, exp_years, english_level, "
+                    "primary_keyword) SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
+                    "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = "
+                    "EXCLUDED.exp_years, english_level = EXCLUDED.english_level, primary_keyword = "
+                    "EXCLUDED.primary_keyword, updated_at = now() WHERE (t.company_name, t.exp_years, "
+                    "t.english_level, t.primary_keyword) IS DISTINCT FROM (EXCLUDED.company_name, "
+                    "EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
+                    "RETURNING id, xmax = 0 AS inserted) SELECT count(*) FILTER (WHERE inserted), "
+                    "coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
+                ).format(s=stage_meta)
+            )
+            t3 = time.perf_counter()
+            cur.execute(
+                sql.SQL(
+                    "WITH up AS (INSERT INTO recruit_embedding AS t (id, vector) SELECT id, vector FROM {s} "
+                    "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
+                    "WHERE t.vector IS DISTINCT FROM EXCLUDED.vector RETURNING id, xmax = 0 AS inserted) "
+                    "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
+                ).format(s=stage_vec)
+            )
+            t4 = time.perf_counter()
+            parts["copy metadata (write_row)"] += t1 - t0
+            parts["copy embedding"] += t2 - t1
+            parts["upsert metadata"] += t3 - t2
+            parts["upsert embedding"] += t4 - t3
+            tx_began = time.perf_counter()
+        parts["commit"] += time.perf_counter() - tx_began
+    for name, seconds in parts.items():
+        table.append((f"db split: {name}", seconds / n * 1e6))
+
+
+def cprofile(pkl: Path, dsn: str, rows: int, out: Path) -> None:
+    """One engine measurement (default setting) under cProfile; prints the top functions."""
+    with ServerProcess(["ai-server", "--pkl", str(pkl)]) as ai:
+        spec = {
+            "target": ai.target,
+            "dimension": DEFAULT_DIMENSION,
+            "rows": rows,
+            "dsn": dsn,
+            "chunk_size": CHUNK,
+            "sub_batch_size": SUB_BATCH,
+            "connections": 2,
+            "profile": True,
+        }
+        result = out.with_suffix(".json")
+        subprocess.run(
+            [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result)],
+            cwd=REPO_ROOT,
+            env={**os.environ, "BENCH_PROFILE_OUT": str(out)},
+            check=True,
+        )
+    print(f"engine under cProfile: {json.loads(result.read_text())}")
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("tottime").print_stats(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=30_000)
+    parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
+    args = parser.parse_args(argv)
+    workdir: Path = args.workdir.resolve()
+    pkl = workdir / f"profile-{args.rows}.pkl"
+    if not pkl.exists():
+        write_sample(pkl, args.rows)
+    folder = Path(tempfile.mkdtemp(prefix="bench-profile-pg-", dir=workdir))
+    with EmbeddedPostgres(folder / "data") as pg:
+        table = stages(pkl, pg.create_database("profile_stages"))
+        print(f"\nper-row cost of each step, {args.rows} rows (microseconds a row, one thread):")
+        for label, micros in table:
+            print(f"  {label:<46} {micros:8.1f} us/row")
+        if args.cprofile:
+            cprofile(pkl, pg.create_database("profile_engine"), args.rows, workdir / "engine.prof")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

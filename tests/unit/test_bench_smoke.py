@@ -1,0 +1,47 @@
+"""``make bench`` end to end at a tiny size: it runs, stores every row, and writes a valid result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from airflow_embedding_provider.devkit.stack import REPO_ROOT
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
+    # Outside pytest's basetemp: PostgreSQL runs as another user when we are root.
+    workdir = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.run", "--rows", "2000", "--quick", "--workdir", str(workdir)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads((workdir / "result-2000.json").read_text())
+        measured = result["measurements"]
+        assert {"ceiling", "naive", result["default_engine"], "incremental"} <= measured.keys()
+        for key in ("ceiling", "naive", result["default_engine"], "incremental"):
+            assert measured[key]["rows"] == 2000
+            assert measured[key]["rows_per_second"] > 0
+        engine = measured[result["default_engine"]]
+        assert (engine["inserted"], engine["rows_dlq"]) == (2000, 0)
+        assert engine["peak_rss_mib"] > 0
+        assert "index_seconds" in engine  # the incremental run had the ivfflat index
+        incremental = measured["incremental"]
+        assert incremental["updated"] == incremental["expected_changed"] == 200
+        assert incremental["unchanged"] == 1800
+        statuses = {t["target"]: t["status"] for t in result["targets"]}
+        assert set(statuses.values()) <= {"PASS", "MISS", "n/a"}
+        assert "| (c) engine [default] |" in proc.stdout
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
