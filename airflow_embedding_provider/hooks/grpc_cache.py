@@ -15,15 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-from airflow.sdk import BaseHook
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 
 CACHE_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -85,54 +82,17 @@ class RetryPolicy:
         return retrying(fn)
 
 
-class GrpcCacheHook(BaseHook):
+class GrpcCacheHook(GrpcServiceHook):
     """Calls ``CacheService.InvalidateCache`` on the API server.
 
-    :param grpc_conn_id: an ``embedding_grpc`` connection to the API server (host, port and the
-        extras ``use_tls``, ``ca_cert``, ``client_cert``, ``client_key``, ``token``, ``timeout``);
-        ``timeout`` is the default deadline of a call.
+    :param grpc_conn_id: an ``embedding_grpc`` connection to the API server (see
+        :class:`GrpcServiceHook`); its ``timeout`` is the default deadline of a call.
     """
 
-    conn_name_attr = "grpc_conn_id"
     default_conn_name = "cache_grpc_default"
-    conn_type = "embedding_grpc"
     hook_name = "Embedding cache invalidation gRPC"
-
-    def __init__(self, grpc_conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.grpc_conn_id = grpc_conn_id
-
-    @cached_property
-    def settings(self) -> ChannelSettings:
-        return ChannelSettings.from_connection(self.get_connection(self.grpc_conn_id), default_port=DEFAULT_PORT)
-
-    @cached_property
-    def channel(self) -> grpc.Channel:
-        return self.settings.open_channel()
-
-    def get_conn(self) -> grpc.Channel:
-        return self.channel
-
-    def close(self) -> None:
-        if "channel" in self.__dict__:
-            self.__dict__.pop("channel").close()
-
-    def test_connection(self) -> tuple[bool, str]:
-        """Used by the connection form's Test button: asks the server's health service about CacheService."""
-        try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=CACHE_SERVICE),
-                timeout=self.settings.timeout,
-                metadata=self.settings.metadata(),
-            )
-        except grpc.RpcError as exc:
-            return False, f"{self.settings.target}: {exc.code().name}: {exc.details()}"
-        except (ValueError, OSError) as exc:
-            return False, str(exc)
-        finally:
-            self.close()
-        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        return status == "SERVING", f"{self.settings.target}: {status}"
+    default_port = DEFAULT_PORT
+    service_name = CACHE_SERVICE
 
     def invalidate(self, target: str, *, timeout: float | None = None) -> None:
         """One ``InvalidateCache(target)`` call; :class:`CacheInvalidationError` unless it answers success.

@@ -6,14 +6,10 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
-from functools import cached_property
-from typing import Any
 
 import grpc
-from airflow.sdk import BaseHook
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
@@ -62,36 +58,16 @@ def _max_id(position: str | None, chunk: WireChunk) -> str | None:
     return best
 
 
-class GrpcEmbeddingHook(BaseHook):
-    """Streams rows from the AI server.
+class GrpcEmbeddingHook(GrpcServiceHook):
+    """Streams rows from the AI server (``EmbeddingStreamService``).
 
-    :param grpc_conn_id: an ``embedding_grpc`` connection: host, port and the extras ``use_tls``,
-        ``ca_cert``, ``client_cert``, ``client_key``, ``token`` and ``timeout`` (seconds).
+    :param grpc_conn_id: an ``embedding_grpc`` connection (see :class:`GrpcServiceHook`).
     """
 
-    conn_name_attr = "grpc_conn_id"
     default_conn_name = "embedding_grpc_default"
-    conn_type = "embedding_grpc"
     hook_name = "Embedding gRPC"
-
-    def __init__(self, grpc_conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.grpc_conn_id = grpc_conn_id
-
-    @cached_property
-    def settings(self) -> ChannelSettings:
-        return ChannelSettings.from_connection(self.get_connection(self.grpc_conn_id), default_port=DEFAULT_PORT)
-
-    @cached_property
-    def channel(self) -> grpc.Channel:
-        return self.settings.open_channel()
-
-    def get_conn(self) -> grpc.Channel:
-        return self.channel
-
-    def close(self) -> None:
-        if "channel" in self.__dict__:
-            self.__dict__.pop("channel").close()
+    default_port = DEFAULT_PORT
+    service_name = EMBEDDING_SERVICE
 
     def stream_chunks(
         self,
@@ -179,39 +155,3 @@ class GrpcEmbeddingHook(BaseHook):
             for p in plan.partitions
         ]
         return partitions, int(plan.total_rows)
-
-    def wait_until_ready(self) -> None:
-        """Block until the channel connects; ``ConnectionError`` after the connection's timeout."""
-        ready = grpc.channel_ready_future(self.channel)
-        try:
-            ready.result(timeout=self.settings.timeout)
-        except grpc.FutureTimeoutError:
-            raise ConnectionError(
-                f"no gRPC server answered at {self.settings.target} within "
-                f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
-            ) from None
-        finally:
-            # Unsubscribe: a future left watching the channel raises "Channel closed" on close().
-            ready.cancel()
-
-    def health(self, service: str = EMBEDDING_SERVICE) -> str:
-        """The server's health status name for ``service`` (``SERVING`` when healthy)."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        reply = stub.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=self.settings.timeout,
-            metadata=self.settings.metadata(),
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-    def test_connection(self) -> tuple[bool, str]:
-        """Used by the connection form's Test button: asks the server's health service."""
-        try:
-            status = self.health()
-        except grpc.RpcError as exc:
-            return False, f"{self.settings.target}: {exc.code().name}: {exc.details()}"
-        except (ValueError, OSError) as exc:
-            return False, str(exc)
-        finally:
-            self.close()
-        return status == "SERVING", f"{self.settings.target}: {status}"

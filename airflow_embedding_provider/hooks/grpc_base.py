@@ -1,0 +1,84 @@
+"""``GrpcServiceHook``: what the provider's gRPC hooks share — the channel from an
+``embedding_grpc`` connection, readiness, health checking and ``test_connection``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, ClassVar
+
+import grpc
+from airflow.sdk import BaseHook
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+
+
+class GrpcServiceHook(BaseHook):
+    """A hook on one gRPC service of an ``embedding_grpc`` connection.
+
+    :param grpc_conn_id: an ``embedding_grpc`` connection: host, port and the extras ``use_tls``,
+        ``ca_cert``, ``client_cert``, ``client_key``, ``tls_server_name``, ``token`` and ``timeout``
+        (seconds: the deadline of unary calls and of waiting for the server).
+    """
+
+    conn_name_attr = "grpc_conn_id"
+    default_conn_name = ""
+    conn_type = "embedding_grpc"
+    hook_name = "Embedding gRPC"
+    #: the port when the connection names none, and the service health checks ask about
+    default_port: ClassVar[int] = 50051
+    service_name: ClassVar[str] = ""
+
+    def __init__(self, grpc_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.grpc_conn_id = grpc_conn_id or self.default_conn_name
+
+    @cached_property
+    def settings(self) -> ChannelSettings:
+        return ChannelSettings.from_connection(self.get_connection(self.grpc_conn_id), default_port=self.default_port)
+
+    @cached_property
+    def channel(self) -> grpc.Channel:
+        return self.settings.open_channel()
+
+    def get_conn(self) -> grpc.Channel:
+        return self.channel
+
+    def close(self) -> None:
+        if "channel" in self.__dict__:
+            self.__dict__.pop("channel").close()
+
+    def wait_until_ready(self) -> None:
+        """Block until the channel connects; ``ConnectionError`` after the connection's timeout."""
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=self.settings.timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(
+                f"no gRPC server answered at {self.settings.target} within "
+                f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
+            ) from None
+        finally:
+            # Unsubscribe: a future left watching the channel raises "Channel closed" on close().
+            ready.cancel()
+
+    def health(self, service: str | None = None) -> str:
+        """The server's health status name for ``service`` (this hook's by default)."""
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=self.service_name if service is None else service),
+            timeout=self.settings.timeout,
+            metadata=self.settings.metadata(),
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Used by the connection form's Test button: asks the server's health service."""
+        try:
+            status = self.health()
+        except grpc.RpcError as exc:
+            return False, f"{self.settings.target}: {exc.code().name}: {exc.details()}"
+        except (ValueError, OSError) as exc:
+            return False, str(exc)
+        finally:
+            self.close()
+        return status == "SERVING", f"{self.settings.target}: {status}"
