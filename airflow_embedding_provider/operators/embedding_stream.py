@@ -224,7 +224,6 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         chunk_size, sub_batch = int(self.chunk_size), int(self.sub_batch_size)
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
-        cache = CacheRequest(self.cache_target, source) if self.cache_target else None
         with _connections(self.postgres_conn_id, max(1, int(self.db_connections))) as conns:
             conn = conns[0]
             key: PartitionKey | None = None
@@ -252,9 +251,15 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 sub_batch,
                 len(conns),
             )
+            # One outbox entry per writer connection, so that writers never wait on each other's row.
             writers = [
-                ChunkWriter(c, dimension=self.dimension, stream_name=self.stream_name, cache_request=cache)
-                for c in conns
+                ChunkWriter(
+                    c,
+                    dimension=self.dimension,
+                    stream_name=self.stream_name,
+                    cache_request=CacheRequest(self.cache_target, f"{source}/{i}") if self.cache_target else None,
+                )
+                for i, c in enumerate(conns)
             ]
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
                 stats = ingest_chunks(

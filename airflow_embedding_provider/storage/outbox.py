@@ -26,12 +26,18 @@ class CacheRequest:
 
 
 def request_invalidation(cur: psycopg.Cursor, tables: TableNames, request: CacheRequest) -> None:
-    """Add a pending entry unless this source already has one for the target."""
+    """Add a pending entry, or bump the version of this source's pending one.
+
+    The bump matters when a deliverer has read the entry and is calling right now: a change that
+    commits during its call may reach the API server after the cache was dropped, so the
+    deliverer must leave the entry pending (it marks only the versions it read).
+    """
     cur.execute(
         sql.SQL(
-            "INSERT INTO {} (target, source) VALUES (%s, %s) "
-            "ON CONFLICT (target, source) WHERE delivered_at IS NULL DO NOTHING"
-        ).format(tables.identifiers()["outbox"]),
+            "INSERT INTO {t} AS t (target, source) VALUES (%s, %s) "
+            "ON CONFLICT (target, source) WHERE delivered_at IS NULL "
+            "DO UPDATE SET version = t.version + 1, requested_at = now()"
+        ).format(t=tables.identifiers()["outbox"]),
         (request.target, request.source),
     )
 
@@ -84,13 +90,17 @@ def pending_entries(conn: psycopg.Connection, target: str, tables: TableNames = 
 
 
 def _pending_ids(conn: psycopg.Connection, target: str, tables: TableNames) -> list[int]:
+    return [entry_id for entry_id, _ in _pending_versions(conn, target, tables)]
+
+
+def _pending_versions(conn: psycopg.Connection, target: str, tables: TableNames) -> list[tuple[int, int]]:
     rows = conn.execute(
-        sql.SQL("SELECT id FROM {} WHERE target = %s AND delivered_at IS NULL ORDER BY id").format(
+        sql.SQL("SELECT id, version FROM {} WHERE target = %s AND delivered_at IS NULL ORDER BY id").format(
             tables.identifiers()["outbox"]
         ),
         (target,),
     ).fetchall()
-    return [int(row[0]) for row in rows]
+    return [(int(row[0]), int(row[1])) for row in rows]
 
 
 def lock_target(conn: psycopg.Connection, target: str, tables: TableNames = DEFAULT_TABLES) -> None:
@@ -108,9 +118,10 @@ def deliver(
 ) -> Delivery:
     """Deliver the target's pending entries with one ``call(target)``, single-flight across processes.
 
-    Under the target's advisory lock: read the pending ids; none, no call; else call, then mark
-    exactly those ids delivered. A request that arrives during the call is not among them, so it
-    stays pending and causes exactly one more call later (a waiting deliverer or the retry DAG).
+    Under the target's advisory lock: read the pending entries; none, no call; else call, then mark
+    exactly those entries, at the versions read, delivered. A request that arrives during the call
+    (a new entry, or a change that bumps a read entry's version) stays pending and causes exactly
+    one more call later (a waiting deliverer or the retry DAG).
     Deliverers that queued behind the lock find their entries delivered and make no call: that
     is the coalescing (SEED.md 10.1).
 
@@ -136,7 +147,8 @@ def deliver(
                 return Delivery(target, "nothing_pending")
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(lock_wait * 1000))}ms",))
             lock_target(conn, target, tables)
-            ids = _pending_ids(conn, target, tables)
+            versions = _pending_versions(conn, target, tables)
+            ids = [entry_id for entry_id, _ in versions]
             if not ids:
                 return Delivery(target, "nothing_pending")
             try:
@@ -148,12 +160,14 @@ def deliver(
                     (str(exc)[:2000], ids),
                 )
             else:
+                # Only the versions read: an entry re-requested during the call stays pending.
                 conn.execute(
                     sql.SQL(
-                        "UPDATE {} SET delivered_at = NOW(), attempts = attempts + 1, last_error = NULL "
-                        "WHERE id = ANY(%s)"
+                        "UPDATE {} AS t SET delivered_at = NOW(), attempts = attempts + 1, last_error = NULL "
+                        "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, version) "
+                        "WHERE t.id = d.id AND t.version = d.version"
                     ).format(outbox),
-                    (ids,),
+                    (ids, [version for _, version in versions]),
                 )
     except psycopg.errors.LockNotAvailable:
         return Delivery(target, "busy")

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS {checkpoint} (
     last_processed_uuid UUID,
     updated_at TIMESTAMP DEFAULT NOW()
 );
--- One row a stream, updated in place and never moved backwards (see storage/checkpoint.py).
+-- One row a stream, updated in place and never moved backwards (storage/writer.py: advance_checkpoint).
 ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS stream_name TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS {checkpoint_stream_index} ON {checkpoint} (stream_name);
 
@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS {outbox} (
     last_error TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS {outbox_pending_index} ON {outbox} (target, source) WHERE delivered_at IS NULL;
+-- version: bumped by every change that re-requests a pending entry, so that a deliverer marks it
+-- delivered only when no change arrived after it read the entry (storage/outbox.py: deliver).
+ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 0;
 
 -- Progress of each partition of a mapped ingest run: a retried task resumes after committed_uuid;
 -- the stream's checkpoint is the low watermark over a run's partitions (storage/progress.py).

@@ -95,6 +95,26 @@ def test_delivery_marks_exactly_what_it_read(dsn: str, tmp_path: Path, hook) -> 
         assert read_stats(stats).invalidations == {"recruit": 2}
 
 
+def test_a_change_by_the_same_source_during_the_call_keeps_its_entry_pending(
+    dsn: str, tmp_path: Path, hook
+) -> None:
+    _request(dsn, "run-1/0")
+    server, stats = _server(tmp_path)
+    with server, psycopg.connect(dsn) as conn:
+        cache = hook(server.target)
+
+        def call_while_the_same_writer_commits_again(target: str) -> None:
+            cache.invalidate(target)
+            _request(dsn, "run-1/0")  # its change may reach the API server after the cache was dropped
+
+        first = deliver(conn, "recruit", call_while_the_same_writer_commits_again, lock_wait=10)
+        assert first.outcome == "delivered"
+        assert len(pending_entries(conn, "recruit")) == 1  # the entry read, bumped meanwhile, is still pending
+        assert deliver(conn, "recruit", cache.invalidate, lock_wait=10).outcome == "delivered"
+        assert pending_entries(conn, "recruit") == []
+        assert read_stats(stats).invalidations == {"recruit": 2}
+
+
 def test_a_failed_call_keeps_the_entries_pending_with_the_error(dsn: str, tmp_path: Path, hook) -> None:
     _request(dsn, "run-1")
     server, stats = _server(tmp_path, "--fail-first", "1")
