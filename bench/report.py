@@ -105,6 +105,7 @@ _LABELS = {
     "dag_partitions": ("(d) DAG", "recruit_embedding_ingest, several partitions"),
     "dag_one_partition": ("(d) DAG", "recruit_embedding_ingest, one partition"),
     "incremental": ("incremental", "10% changed, ivfflat present"),
+    "ivfflat_build": ("ivfflat build", "ensure_ann_index after the default engine load (as finalize does)"),
 }
 
 
@@ -140,8 +141,6 @@ def render(result: dict[str, Any]) -> str:
             settings += (
                 f"; {r['updated']} updated / {r['unchanged']} unchanged (expected {r['expected_changed']} changed)"
             )
-        if "index_seconds" in r:
-            settings += f"; then ivfflat build {r['index_seconds']:.1f} s (not in seconds)"
         rate = r["rows_per_second"]
         lines.append(
             f"| {name} | {settings} | {r['rows']:,} | {r['seconds']:.2f} | {rate:,.0f} | "
@@ -152,11 +151,16 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines.append(f"| c/a engine / ceiling (rows/s) | {_fmt(_ratio(_rate(engine), a))} |")
     lines.append(f"| c/b engine / naive (rows/s) | {_fmt(_ratio(_rate(engine), b), '.1f', 'x')} |")
+    index = m.get("ivfflat_build")
     for key in ("dag_partitions", "dag_one_partition"):
         if key in m and engine:
-            lines.append(
-                f"| d/c DAG wall / engine seconds ({_LABELS[key][1].split(', ')[1]}) | {m[key]['seconds'] / engine['seconds']:.2f}x |"
-            )
+            what = _LABELS[key][1].split(", ")[1]
+            lines.append(f"| d/c DAG wall / engine seconds ({what}) | {m[key]['seconds'] / engine['seconds']:.2f}x |")
+            if index:
+                lines.append(
+                    f"| d/(c + ivfflat build) ({what}; informational, the DAG builds the index too) | "
+                    f"{m[key]['seconds'] / (engine['seconds'] + index['seconds']):.2f}x |"
+                )
     ai = result["ai_server"]
     lines += [
         "",

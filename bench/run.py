@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         # The default setting's database keeps its load and gets the ivfflat index: the
         # incremental run starts from it.
         loaded_dsn = fresh_db()
-        engine(DEFAULT_SETTING, loaded_dsn, build_index=True)
+        engine(DEFAULT_SETTING, loaded_dsn)
+        # Its own measurement, so that the engine's CPU figures leave the index build out.
+        bench.child("index", "ivfflat_build", {"dsn": loaded_dsn, "rows": rows})
         if "settings" not in args.skip:
             for setting in OTHER_SETTINGS:
                 engine(setting, fresh_db())
