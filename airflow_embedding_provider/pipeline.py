@@ -8,13 +8,14 @@ prefetch thread, so blocking database work never stalls the stream (SEED.md 9).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -78,20 +79,29 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(item: Any) -> bool:
+        """Put ``item`` unless the consumer has gone; ``False`` when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def pump() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(item):
                     return
-            buffer.put(_DONE)
+            hand_over(_DONE)
         except BaseException as exc:  # handed to the consumer, re-raised there
-            buffer.put(exc)
+            hand_over(exc)
+        finally:
+            # Close the source here, on its own thread: a gRPC stream's generator cancels its call.
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=pump, name="chunk-prefetch", daemon=True)
     thread.start()
@@ -154,6 +164,19 @@ def _max_id(a: str | None, b: str | None) -> str | None:
     return b if a is None else a if b is None else max(a, b)
 
 
+def _sub_batches(ids: Sequence[str], size: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` cuts of about ``size`` rows that never separate copies of one id: split
+    over two transactions, the earlier copy could commit last, or a retry resuming "after" that id
+    could skip the later copy (the AI server keeps such copies in one chunk for the same reason)."""
+    start = 0
+    while start < len(ids):
+        stop = min(start + size, len(ids))
+        while stop < len(ids) and ids[stop] == ids[stop - 1]:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
 def _last_valid_id(batch: RowBatch, rejected: Sequence[Rejected]) -> str | None:
     """Highest id of a sub-batch (stored or rejected); invalid ids have no place in the order."""
     ids = [*batch.ids, *(r.id for r in rejected if r.id is not None)]
@@ -207,8 +230,13 @@ def ingest_chunks(
 
     pending: set[Future[WriteResult]] = set()
     seq = 0
-    with ThreadPoolExecutor(max_workers=len(writers), thread_name_prefix="pgvector-writer") as pool:
-        source = iter(chunks)
+    source = iter(chunks)
+    # The source is closed on the way out, whatever happens: a prefetch thread stops, a stream's
+    # call is cancelled, before the caller closes the channel under them.
+    with (
+        ThreadPoolExecutor(max_workers=len(writers), thread_name_prefix="pgvector-writer") as pool,
+        contextlib.closing(source) if isinstance(source, Generator) else contextlib.nullcontext(),
+    ):
         try:
             for chunk_no in itertools.count():
                 try:
@@ -222,8 +250,8 @@ def ingest_chunks(
                     raise
                 stats.rows_received += len(chunk)
                 stats.chunks += 1
-                for start in range(0, len(chunk), sub_batch_size):
-                    batch, rejected = validate_chunk(chunk.slice(start, start + sub_batch_size), dimension)
+                for start, stop in _sub_batches(chunk.ids, sub_batch_size):
+                    batch, rejected = validate_chunk(chunk.slice(start, stop), dimension)
                     _report(chunk_no, rejected)
                     stats.dlq_by_reason.update(r.kind for r in rejected)
                     frontier.register(seq, _last_valid_id(batch, rejected))

@@ -32,6 +32,7 @@ class GrpcServiceHook(BaseHook):
     def __init__(self, grpc_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.grpc_conn_id = grpc_conn_id or self.default_conn_name
+        self.closed = False
 
     @cached_property
     def settings(self) -> ChannelSettings:
@@ -39,12 +40,16 @@ class GrpcServiceHook(BaseHook):
 
     @cached_property
     def channel(self) -> grpc.Channel:
+        self.closed = False
         return self.settings.open_channel()
 
     def get_conn(self) -> grpc.Channel:
         return self.channel
 
     def close(self) -> None:
+        """Close the channel; calls in flight end with CANCELLED, which is then not a reason to
+        reconnect (``closed`` says so)."""
+        self.closed = True
         if "channel" in self.__dict__:
             self.__dict__.pop("channel").close()
 

@@ -98,7 +98,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
                 return
             except (grpc.RpcError, ConnectionError) as exc:
                 # tenacity's context manager would swallow GeneratorExit here, so the loop is ours.
-                if not _stream_cut(exc) or failures >= reconnects:
+                if self.closed or not _stream_cut(exc) or failures >= reconnects:
                     raise
                 failures += 1
                 delay = min(RECONNECT_MAX_SECONDS, RECONNECT_FIRST_SECONDS * 2 ** (failures - 1))

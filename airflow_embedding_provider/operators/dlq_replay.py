@@ -51,7 +51,6 @@ DEFAULT_BATCH_SIZE = 500
 REFETCH_CHUNK_SIZE = 8
 #: The database refused a row that passed validation (constraint, value out of a column's range).
 #: Connection loss and other infrastructure errors are not caught: the task fails and retries.
-DATABASE_ERRORS = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
 
 #: Given a row id, the AI server's current version of that row as a one-row chunk, or ``None``.
 Refetch = Callable[[str], WireChunk | None]
@@ -131,12 +130,6 @@ def _concat(batches: Sequence[RowBatch], dimension: int) -> RowBatch:
         primary_keyword=[v for b in batches for v in b.primary_keyword],
         vectors=np.vstack([b.vectors for b in batches]) if batches else np.empty((0, dimension), np.float32),
     )
-
-
-def _database_message(exc: psycopg.Error) -> str:
-    # The server's own words only: never the connection string or the statement's parameters.
-    primary = exc.diag.message_primary or type(exc).__name__
-    return f"the database refused the row: {primary} (SQLSTATE {exc.sqlstate})"
 
 
 class _Batch:
@@ -223,23 +216,19 @@ def _write(writer: ChunkWriter, page: _Batch, dimension: int, stats: ReplayStats
     """Upsert the page's good rows; returns the entries whose rows are now stored."""
     if not page.good:
         return []
-    try:
-        results = [writer.write(_concat([b for _, b in page.good], dimension))]
-        stored = [e for e, _ in page.good]
-    except DATABASE_ERRORS:
-        # The writer's savepoint rolled the page back; find the refused rows one by one.
-        results, stored = [], []
-        for entry, batch in page.good:
-            try:
-                results.append(writer.write(batch))
-            except DATABASE_ERRORS as exc:
-                page.fail(entry, "database_rejected", _database_message(exc))
-            else:
-                stored.append(entry)
-    for result in results:
-        stats.inserted += result.inserted
-        stats.updated += result.updated
-        stats.unchanged += result.unchanged
+    # The writer isolates rows PostgreSQL refuses; they stay in their own entries, not new ones.
+    result = writer.write(_concat([b for _, b in page.good], dimension), dead_letter_refused=False)
+    refused = {r.id: r for r in result.refused_rows}
+    stored = []
+    for entry, batch in page.good:
+        rejection = refused.get(batch.ids[0])
+        if rejection is None:
+            stored.append(entry)
+        else:
+            page.fail(entry, rejection.kind, rejection.message)
+    stats.inserted += result.inserted
+    stats.updated += result.updated
+    stats.unchanged += result.unchanged
     return stored
 
 

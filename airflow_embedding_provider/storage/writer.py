@@ -1,7 +1,8 @@
-"""Write one chunk: metadata, then embeddings, then DLQ rows and the checkpoint, in one transaction.
+"""Write one batch: metadata, then embeddings, then DLQ rows, progress and checkpoint, in one
+transaction.
 
-One transaction a chunk means a crash keeps either all of a chunk (good rows, rejected rows and
-the checkpoint that covers them) or none of it; re-running then re-sends the chunk and the upserts
+One transaction a batch means a crash keeps either all of a batch (good rows, rejected rows and
+the position that covers them) or none of it; re-running then re-sends the batch and the upserts
 make that harmless (SEED.md 2, 7.3, 8).
 """
 
@@ -40,6 +41,7 @@ class WriteResult:
     duplicates: int
     rejected: int
     refused: int = 0  # of ``rejected``: rows PostgreSQL refused although they passed validation
+    refused_rows: tuple[Rejected, ...] = ()
 
     @property
     def stored(self) -> int:
@@ -47,7 +49,7 @@ class WriteResult:
 
 
 def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
-    """The batch with each id once, its last occurrence winning (SEED.md 10.4), in id order; and
+    """The batch with each id once, its last occurrence winning (the latest row, SEED.md 10.4), in id order; and
     how many went.
 
     One ``INSERT ... ON CONFLICT`` cannot touch the same row twice, so this also keeps a chunk
@@ -69,8 +71,8 @@ class ChunkWriter:
     :param dimension: the configured vector dimension; the staging table is declared with it.
     :param tables: table names; the design's by default.
     :param stream_name: the checkpoint row this writer advances.
-    :param cache_request: when given, every chunk that inserts or changes rows records in the
-        outbox, in its own transaction, that this cache target is stale.
+    :param cache_request: when given, every batch that inserts or changes rows records in the
+        outbox, in the same transaction, that this cache target is stale.
     """
 
     def __init__(
@@ -116,12 +118,17 @@ class ChunkWriter:
         origin: Mapping[str, Any] | None = None,
         partition: PartitionKey | None = None,
         done: bool = False,
+        dead_letter_refused: bool = True,
     ) -> WriteResult:
         """Store ``batch`` and ``rejected`` and advance the position to ``checkpoint``, atomically.
 
         Without ``partition`` the stream's checkpoint moves to ``checkpoint``. With it, the
         partition's committed position does (and ``done`` marks it finished), and the stream's
         checkpoint moves to the run's low watermark over all its partitions.
+
+        Rows PostgreSQL refuses are isolated (see :meth:`_upsert_isolating`) and dead-lettered,
+        unless ``dead_letter_refused`` is false: then they are only returned in ``refused_rows``
+        (the DLQ replay updates the entries they came from instead of adding new ones).
         """
         if batch.dimension != self._dimension and len(batch):
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
@@ -132,7 +139,8 @@ class ChunkWriter:
         with self._conn.transaction(), self._conn.cursor() as cur:
             if len(batch):
                 inserted, updated, refused = self._upsert_isolating(cur, batch)
-                rejected = [*rejected, *refused]
+                if dead_letter_refused:
+                    rejected = [*rejected, *refused]
             if (inserted or updated) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
@@ -151,6 +159,7 @@ class ChunkWriter:
             duplicates=duplicates,
             rejected=len(rejected),
             refused=len(refused),
+            refused_rows=tuple(refused),
         )
 
     def _upsert_isolating(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int, list[Rejected]]:
@@ -250,12 +259,13 @@ def dead_letter(
     cur: psycopg.Cursor, tables: TableNames, rejected: Sequence[Rejected], origin: Mapping[str, Any]
 ) -> None:
     """Insert rejected rows once each (by ``row_key``); a pending entry seen again keeps its first
-    origin and takes the newest reason, so re-running a load leaves the DLQ as it was."""
+    origin and takes the newest reason, so re-running a load leaves the DLQ as it was. A resolved
+    entry whose row is rejected again is pending again: the row came back and was not stored."""
     cur.executemany(
         sql.SQL(
             "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key) VALUES (%s, %s, %s, %s, %s) "
-            "ON CONFLICT (row_key) DO UPDATE SET error_kind = EXCLUDED.error_kind, "
-            "error_message = EXCLUDED.error_message WHERE t.status = 'pending' AND "
+            "ON CONFLICT (row_key) DO UPDATE SET status = 'pending', error_kind = EXCLUDED.error_kind, "
+            "error_message = EXCLUDED.error_message WHERE t.status <> 'pending' OR "
             "(t.error_kind, t.error_message) IS DISTINCT FROM (EXCLUDED.error_kind, EXCLUDED.error_message)"
         ).format(dlq=tables.identifiers()["dlq"]),
         [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key) for r in rejected],
@@ -263,7 +273,19 @@ def dead_letter(
 
 
 def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:
-    """Move the stream's checkpoint forward; ``GREATEST`` keeps it from ever moving back."""
+    """Move the stream's checkpoint forward; ``GREATEST`` keeps it from ever moving back.
+
+    Every sub-batch of every partition comes here, but only those that move the watermark write:
+    a plain read first, so that the others do not queue on the one checkpoint row's lock.
+    """
+    current = cur.execute(
+        sql.SQL("SELECT last_processed_uuid::text FROM {} WHERE stream_name = %s").format(
+            tables.identifiers()["checkpoint"]
+        ),
+        (stream_name,),
+    ).fetchone()
+    if current is not None and current[0] is not None and current[0] >= last_processed_uuid:
+        return
     cur.execute(
         sql.SQL(
             "INSERT INTO {c} AS c (stream_name, last_processed_uuid, updated_at) VALUES (%s, %s, now()) "

@@ -49,3 +49,13 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
             break
     gen.close()
     assert consumed == list(range(6))
+
+
+def test_sub_batches_never_separate_copies_of_one_id() -> None:
+    from airflow_embedding_provider.pipeline import _sub_batches
+
+    ids = ["a", "b", "c", "c", "c", "d", "e", "f", "f", "g"]
+    # Cuts at 3 and 8 would separate the copies of "c" and of "f": they move past them.
+    assert list(_sub_batches(ids, 3)) == [(0, 5), (5, 9), (9, 10)]
+    assert list(_sub_batches(["x"] * 7, 2)) == [(0, 7)]
+    assert list(_sub_batches([], 3)) == []

@@ -115,6 +115,18 @@ def test_rejected_rows_land_in_the_dlq_with_the_chunk(conn: psycopg.Connection) 
     assert read_checkpoint(conn) == ids[-1]
 
 
+def test_a_resolved_dlq_entry_whose_row_is_rejected_again_is_pending_again(conn: psycopg.Connection) -> None:
+    writer = ChunkWriter(conn, dimension=DIM)
+    bad = Rejected(id=None, kind="invalid_id", message="id 'x' is not a UUID", payload={"id": "x"})
+    writer.write(RowBatch.empty(DIM), [bad])
+    writer.write(RowBatch.empty(DIM), [bad])  # the same row again: still one entry
+    assert conn.execute("SELECT count(*), min(status) FROM recruit_embedding_dlq").fetchone() == (1, "pending")
+    conn.execute("UPDATE recruit_embedding_dlq SET status = 'resolved'")
+    conn.commit()
+    writer.write(RowBatch.empty(DIM), [bad])
+    assert conn.execute("SELECT count(*), min(status) FROM recruit_embedding_dlq").fetchone() == (1, "pending")
+
+
 def test_rows_the_database_refuses_are_isolated_and_the_rest_commits(conn: psycopg.Connection) -> None:
     writer = ChunkWriter(conn, dimension=DIM)
     ids = _ids(10)
