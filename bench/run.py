@@ -4,7 +4,9 @@ Everything runs on one embedded PostgreSQL, a fresh database a measurement, agai
 process over the same sample. Absolute seconds on a shared machine are noise; the ratios between
 measurements taken minutes apart in the same run are the figures to read.
 
-    python -m bench.run [--rows N] [--quick] [--skip naive,dag,incremental]
+    python -m bench.run [--rows N] [--quick] [--skip naive,settings,dag,incremental]
+
+The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, ai
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.measure import TINY_ROWS
 from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
-from bench.report import render, targets
+from bench.report import render, rss_runs, targets
 
 DEFAULT_ROWS = 141_897  # the seed's own figure
 DAG_ID = "recruit_embedding_ingest"
@@ -137,11 +139,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="only the default engine setting, no DAG runs")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
-    parser.add_argument(
-        "--rss-baseline",
-        type=Path,
-        help="result JSON at 100k rows for the RSS-scaling target (default: WORKDIR/result-100000.json)",
-    )
     args = parser.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip - set(SKIPPABLE)
@@ -300,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
             ai2.stop()
 
     ai_memory["matrix_mib"] = rows * DEFAULT_DIMENSION * 4 / 2**20
-    baseline_path = args.rss_baseline or workdir / "result-100000.json"
-    baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() and rows != 100_000 else None
     result: dict[str, Any] = {
         "rows": rows,
         "dimension": DEFAULT_DIMENSION,
@@ -313,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": bench.measurements,
         "ai_server": ai_memory,
     }
-    result["targets"] = targets(result, rss_baseline=baseline)
+    result["targets"] = targets(result, rss_runs=rss_runs(result, workdir))
     out = workdir / f"result-{rows}.json"
     out.write_text(json.dumps(result, indent=2))
     table = render(result)
