@@ -14,6 +14,7 @@ import pickle
 import re
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,20 @@ class EmbeddingDataset:
         ranges: list[tuple[int, int]] = []
         begin = start
         while begin < len(self.ids):
-            end = self.boundary(min(begin + size, len(self.ids)))
+            end = min(begin + size, len(self.ids))
             if begin < self.invalid_prefix:
                 end = max(end, self.invalid_prefix + 1)  # an until bound must be a real id
-            end = min(end, len(self.ids))
+            end = min(self.boundary(end), len(self.ids))
             ranges.append((begin, end))
             begin = end
         return ranges
+
+    def chunks(self, start: int, stop: int, size: int) -> Iterator[RowChunkBytes]:
+        """Messages of about ``size`` rows from ``start`` up to ``stop``, cut at :meth:`boundary`."""
+        while start < stop:
+            end = min(self.boundary(min(start + size, stop)), stop)
+            yield self.chunk(start, end)
+            start = end
 
     def chunk(self, start: int, stop: int) -> RowChunkBytes:
         vectors = self.vectors[start:stop]

@@ -57,12 +57,11 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
         began, sent = time.monotonic(), 0
         peer = context.peer()
         try:
-            offset = start
-            while offset < total and context.is_active():
-                stop = min(self._dataset.boundary(min(offset + size, total)), total)
-                yield self._dataset.chunk(offset, stop)
-                sent += stop - offset
-                offset = stop
+            for message in self._dataset.chunks(start, total, size):
+                if not context.is_active():
+                    break
+                yield message
+                sent += len(message.rows)
         finally:
             elapsed = max(time.monotonic() - began, 1e-9)
             log.info(

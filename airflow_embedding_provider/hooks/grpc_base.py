@@ -54,18 +54,28 @@ class GrpcServiceHook(BaseHook):
             self.__dict__.pop("channel").close()
 
     def wait_until_ready(self) -> None:
-        """Block until the channel connects; ``ConnectionError`` after the connection's timeout."""
-        ready = grpc.channel_ready_future(self.channel)
+        """Block until the server answers; ``ConnectionError`` after the connection's timeout.
+
+        A health check that waits for the connection, rather than ``channel_ready_future``, whose
+        polling thread outlives it and fails noisily once the channel is closed. Any answer counts,
+        UNIMPLEMENTED included: a server without health checking is still there.
+        """
         try:
-            ready.result(timeout=self.settings.timeout)
-        except grpc.FutureTimeoutError:
-            raise ConnectionError(
-                f"no gRPC server answered at {self.settings.target} within "
-                f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
-            ) from None
-        finally:
-            # Unsubscribe: a future left watching the channel raises "Channel closed" on close().
-            ready.cancel()
+            health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=self.settings.timeout,
+                metadata=self.settings.metadata(),
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                detail = exc.details() if isinstance(exc, grpc.Call) else ""
+                raise ConnectionError(
+                    f"no gRPC server answered at {self.settings.target} within "
+                    f"{self.settings.timeout:g} s (connection {self.grpc_conn_id!r})"
+                    + (f": {detail}" if detail and code == grpc.StatusCode.UNAVAILABLE else "")
+                ) from None
 
     def health(self, service: str | None = None) -> str:
         """The server's health status name for ``service`` (this hook's by default)."""

@@ -46,7 +46,7 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
-def _max_id(position: str | None, chunk: WireChunk) -> str | None:
+def _resume_after(position: str | None, chunk: WireChunk) -> str | None:
     """The resume point after ``chunk``: its highest UUID id (ids arrive in order)."""
     best = position
     for raw in reversed(chunk.ids):
@@ -93,7 +93,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
             try:
                 for chunk in self._stream_once(after=position, until=until, chunk_size=chunk_size, timeout=timeout):
                     failures = 0
-                    position = _max_id(position, chunk)
+                    position = _resume_after(position, chunk)
                     yield chunk
                 return
             except (grpc.RpcError, ConnectionError) as exc:

@@ -6,12 +6,11 @@ import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseOperator
 from tenacity import RetryCallState
 
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook, RetryPolicy
-from airflow_embedding_provider.operators.embedding_stream import psycopg3_connection
+from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.storage.outbox import deliver, pending_entries
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ class CacheInvalidateOperator(BaseOperator):
                 self.policy.run(lambda: call(target), before_sleep=self._log_retry)
                 self.log.info("invalidated the API server's cache %r with %d call(s)", target, calls)
                 return self._result(target, "invalidated", calls, 0)
-            conn = psycopg3_connection(PostgresHook(postgres_conn_id=self.postgres_conn_id))
+            conn = psycopg3_connection(self.postgres_conn_id)
             with contextlib.closing(conn):
                 try:
                     delivery = self.policy.run(

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psycopg
-from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseOperator
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
-from airflow_embedding_provider.operators.embedding_stream import psycopg3_connection
+from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.operators._rendered import flag
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch, canonical_uuid
 from airflow_embedding_provider.storage.dlq import (
     ALL_PENDING,
@@ -232,17 +232,6 @@ def _write(writer: ChunkWriter, page: _Batch, dimension: int, stats: ReplayStats
     return stored
 
 
-def _flag(value: bool | str, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "", "none"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
 def _strings(value: Sequence[str] | str | None) -> list[str]:
     """A list from a list, a JSON array (a rendered ``{{ params.x | tojson }}``) or ``a,b,c``."""
     if value is None:
@@ -357,7 +346,7 @@ class EmbeddingDlqReplayOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         scope = self.scope()
-        refetch = _flag(self.refetch, "refetch")
+        refetch = flag(self.refetch, "refetch")
         batch_size = int(self.batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -372,7 +361,7 @@ class EmbeddingDlqReplayOperator(BaseOperator):
             self.dimension,
         )
         hook = GrpcEmbeddingHook(self.grpc_conn_id) if refetch else None
-        conn = psycopg3_connection(PostgresHook(postgres_conn_id=self.postgres_conn_id))
+        conn = psycopg3_connection(self.postgres_conn_id)
         with contextlib.closing(conn), contextlib.ExitStack() as stack:
             if hook is not None:
                 stack.callback(hook.close)

@@ -15,14 +15,15 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION, canonical_uuid
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
     PartitionKey,
@@ -42,43 +43,16 @@ DEFAULT_CHUNK_SIZE = 300
 MAX_MAP_LENGTH = 1024
 
 
-def psycopg3_connection(hook: PostgresHook) -> psycopg.Connection:
-    """The hook's connection, which must be psycopg 3 (COPY BINARY and pgvector's adapter need it)."""
-    conn = hook.get_conn()
-    if not isinstance(conn, psycopg.Connection):
-        conn.close()
-        raise RuntimeError(
-            "the Postgres provider returned a psycopg2 connection; this provider needs psycopg 3: "
-            "install psycopg[binary]>=3.2 with SQLAlchemy 2 (the postgres provider then uses psycopg 3)"
-        )
-    return conn
-
-
 @contextlib.contextmanager
 def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Connection]]:
-    hook = PostgresHook(postgres_conn_id=postgres_conn_id)
     conns: list[psycopg.Connection] = []
     try:
         for _ in range(count):
-            conn = psycopg3_connection(hook)
-            # Every write runs in an explicit conn.transaction(); with autocommit off, a bare read
-            # would open an implicit transaction that turns those into savepoints, never committed.
-            conn.autocommit = True
-            conns.append(conn)
+            conns.append(psycopg3_connection(postgres_conn_id))
         yield conns
     finally:
         for conn in conns:
             conn.close()
-
-
-def _uuid_or_none(value: Any) -> str | None:
-    """A rendered template value: '', 'None' and 'null' mean no id."""
-    text = "" if value is None else str(value).strip()
-    return None if text.lower() in ("", "none", "null") else canonical_uuid(text)
-
-
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 class EmbeddingStreamPlanOperator(BaseOperator):
@@ -125,16 +99,17 @@ class EmbeddingStreamPlanOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         max_partitions = min(int(self.max_partitions), MAX_MAP_LENGTH)
-        requested = _uuid_or_none(self.last_processed_uuid)
+        requested = uuid_or_none(self.last_processed_uuid)
         run_id = context["ti"].run_id
         with _connections(self.postgres_conn_id, 1) as (conn,):
             apply_schema(conn, self.dimension)
             existing = load_plan(conn, DEFAULT_TABLES, self.stream_name, run_id)
             if existing:
                 self.log.info("this run was planned before (a retry): reusing its %d partitions", len(existing))
+                context["ti"].xcom_push(key="start_after", value=existing[0].after_uuid)
                 return [p.as_dict() | {"label": p.label} for p in existing]
             stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
-            start = requested if requested is not None else None if _flag(self.full_refresh) else stored
+            start = requested if requested is not None else None if flag(self.full_refresh, "full_refresh") else stored
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
                 partitions, total = hook.plan_partitions(
                     after=start, rows_per_partition=int(self.rows_per_partition), max_partitions=max_partitions
@@ -145,7 +120,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
             total,
             start or "the beginning",
             requested or "-",
-            _flag(self.full_refresh),
+            flag(self.full_refresh, "full_refresh"),
             stored or "-",
             len(partitions),
         )
@@ -229,7 +204,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
             key: PartitionKey | None = None
             if part is None:
                 apply_schema(conn, self.dimension)
-                requested = _uuid_or_none(self.last_processed_uuid)
+                requested = uuid_or_none(self.last_processed_uuid)
                 stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
                 start, until = (requested if requested is not None else stored), None
             else:

@@ -40,15 +40,7 @@ def dataset_chunks(dataset: EmbeddingDataset, chunk_size: int, *, after: str = "
     except ValueError:
         raise ValueError(f"--after {after[:64]!r} is not a UUID") from None
     # Checked above, before the first send: a generator would only fail inside the gRPC call.
-    return _chunks(dataset, chunk_size, start)
-
-
-def _chunks(dataset: EmbeddingDataset, chunk_size: int, offset: int) -> Iterator[RowChunkBytes]:
-    total = len(dataset)
-    while offset < total:
-        stop = min(dataset.boundary(min(offset + chunk_size, total)), total)
-        yield dataset.chunk(offset, stop)
-        offset = stop
+    return dataset.chunks(start, len(dataset), chunk_size)
 
 
 def upload(

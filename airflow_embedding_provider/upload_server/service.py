@@ -72,22 +72,9 @@ def dsn_connector(dsn: str) -> ConnectionFactory:
 
 def airflow_connector(postgres_conn_id: str) -> ConnectionFactory:
     """Connections from an Airflow connection through ``PostgresHook``, in autocommit mode."""
-    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 
-    def connect() -> psycopg.Connection:
-        conn = PostgresHook(postgres_conn_id=postgres_conn_id).get_conn()
-        if not isinstance(conn, psycopg.Connection):
-            conn.close()
-            raise RuntimeError(
-                "the Postgres provider returned a psycopg2 connection; the upload server needs psycopg 3 "
-                "(install psycopg[binary]>=3.2 with SQLAlchemy 2)"
-            )
-        # Writes run in explicit conn.transaction() blocks; without autocommit a bare read would
-        # open an implicit transaction that turns them into savepoints nobody commits.
-        conn.autocommit = True
-        return conn
-
-    return connect
+    return lambda: psycopg3_connection(postgres_conn_id)
 
 
 @dataclass(frozen=True)
