@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,13 +81,25 @@ def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:
     }
 
 
-def _check_row(chunk: WireChunk, i: int, dimension: int) -> tuple[str, str] | None:
+# The form our AI server sends: checked by a regular expression, far cheaper than uuid.UUID().
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _canonical(raw_id: str) -> str | None:
+    """The canonical form of a UUID id, or ``None`` when it is not one."""
+    if _CANONICAL_UUID.fullmatch(raw_id):
+        return raw_id
+    try:
+        return str(uuid.UUID(raw_id))
+    except ValueError:
+        return None
+
+
+def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) -> tuple[str, str] | None:
     raw_id = chunk.ids[i]
     if not raw_id:
         return "missing_id", "id is missing"
-    try:
-        uuid.UUID(raw_id)
-    except ValueError:
+    if canonical is None:
         return "invalid_id", f"id {raw_id[:80]!r} is not a UUID"
     for name in TEXT_FIELDS:
         value = getattr(chunk, name)[i]
@@ -113,14 +126,15 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
     """Split a received chunk into rows fit to store and rejected rows, keeping stream order."""
     good: list[int] = []
     rejected: list[Rejected] = []
+    ids = [_canonical(raw) for raw in chunk.ids]
     for i in range(len(chunk)):
-        problem = _check_row(chunk, i, dimension)
+        problem = _check_row(chunk, i, ids[i], dimension)
         if problem is None:
             good.append(i)
         else:
             rejected.append(
                 Rejected(
-                    None if problem[0] in ("missing_id", "invalid_id") else str(uuid.UUID(chunk.ids[i])),
+                    ids[i],
                     problem[0],
                     problem[1],
                     _payload(chunk, i),
@@ -135,7 +149,7 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
             bad = np.flatnonzero(~np.isfinite(vectors[pos]))
             rejected.append(
                 Rejected(
-                    str(uuid.UUID(chunk.ids[i])),
+                    ids[i],
                     "non_finite_vector",
                     f"vector has non-finite values (NaN or infinity) at positions "
                     f"{bad[:5].tolist()}{'...' if bad.size > 5 else ''}",
@@ -145,7 +159,7 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
         good = [good[pos] for pos in np.flatnonzero(finite)]
         vectors = vectors[finite]
     batch = RowBatch(
-        ids=[str(uuid.UUID(chunk.ids[i])) for i in good],
+        ids=[ids[i] for i in good],  # type: ignore[misc]  # every good row has a canonical id
         company_name=[chunk.company_name[i] for i in good],
         exp_years=[chunk.exp_years[i] for i in good],
         english_level=[chunk.english_level[i] for i in good],

@@ -184,12 +184,13 @@ class ChunkWriter:
             b = self._upsert_isolating(cur, batch.slice(middle, len(batch)))
             return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
-    def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
-        # ON COMMIT DELETE ROWS empties the stage only when ours is the outermost transaction;
-        # inside a caller's transaction this is a savepoint, so empty it explicitly.
-        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
-        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
-        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_META)) as copy:
+    def _copy_in(self, cur: psycopg.Cursor, batch: RowBatch, metadata: sql.Composable, vector: sql.Composable) -> None:
+        """COPY BINARY the batch's metadata and embedding rows into the two tables named."""
+        with cur.copy(
+            sql.SQL(
+                "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
+            ).format(metadata)
+        ) as copy:
             copy.set_types(["uuid", "text", "int4", "text", "text"])
             for i in range(len(batch)):
                 copy.write_row(
@@ -201,8 +202,17 @@ class ChunkWriter:
                         batch.primary_keyword[i],
                     )
                 )
-        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_STAGE_VEC)) as copy:
+        with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(vector)) as copy:
             copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+
+    def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
+        # Staging then upserting measured faster here than COPY straight into the tables (their
+        # keys and foreign key checked row by row), even for new rows at sub-batch sizes.
+        # ON COMMIT DELETE ROWS empties the stage only when ours is the outermost transaction;
+        # inside a caller's transaction this is a savepoint, so empty it explicitly.
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
+        self._copy_in(cur, batch, _STAGE_META, _STAGE_VEC)
         # Metadata first: the embedding's foreign key needs it (SEED.md 7.3). Unchanged rows are
         # skipped by the WHERE clauses, so a re-run rewrites nothing and keeps updated_at.
         meta = cur.execute(
