@@ -9,9 +9,11 @@ thread and prints the top functions. Nothing here changes engine code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if not pkl.exists():
         write_sample(pkl, args.rows)
     folder = Path(tempfile.mkdtemp(prefix="bench-profile-pg-", dir=workdir))
-    with EmbeddedPostgres(folder / "data") as pg:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        pg = stack.enter_context(EmbeddedPostgres(folder / "data"))
         table = stages(pkl, pg.create_database("profile_stages"))
         print(f"\nper-row cost of each step, {args.rows} rows (microseconds a row, one thread):")
         for label, micros in table:

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
@@ -111,6 +114,12 @@ class Bench:
         return result
 
 
+def _drop_databases(pg: EmbeddedPostgres, names: list[str]) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 def _machine() -> dict[str, Any]:
     model = ""
     try:
@@ -186,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(pg.stop)
         bench.cpu_pids["pg"] = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
         databases = iter(range(1, 100))
+        created: list[str] = []
+        # Dropped at the end (before the server stops): at 1M rows each holds gigabytes.
+        stack.callback(_drop_databases, pg, created)
 
         def fresh_db() -> str:
-            return pg.create_database(f"bench_{next(databases)}")
+            created.append(f"bench_{next(databases)}")
+            return pg.create_database(created[-1])
 
         print("measuring:")
         bench.child("ceiling", "ceiling", {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)})
