@@ -10,6 +10,9 @@ with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import pickle
 import re
 import uuid
@@ -280,14 +283,33 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
         for i in order
     ]
     position = {old: new for new, old in enumerate(order)}
-    return EmbeddingDataset(
+    # The frame's per-row vector arrays are the largest thing alive: gone before the reordered copy.
+    del frame, raw_ids, keys
+    dataset = EmbeddingDataset(
         ids=ids,
         keys=np.sort(valid_keys, kind="stable"),
         invalid_prefix=len(invalid),
-        company_name=[company[i] for i in order],
+        company_name=_shared([company[i] for i in order]),
         exp_years=[years[i] for i in order],
-        english_level=[english[i] for i in order],
-        primary_keyword=[keyword[i] for i in order],
+        english_level=_shared([english[i] for i in order]),
+        primary_keyword=_shared([keyword[i] for i in order]),
         vectors=np.ascontiguousarray(matrix[np.asarray(order, dtype=np.intp)]),
         odd_vectors={position[i]: b for i, b in odd.items()},
     )
+    del matrix
+    _return_freed_memory()
+    return dataset
+
+
+def _shared(values: list[str | None]) -> list[str | None]:
+    """One string object per distinct value: metadata repeats (levels, keywords, companies)."""
+    seen: dict[str, str] = {}
+    return [None if v is None else seen.setdefault(v, v) for v in values]
+
+
+def _return_freed_memory() -> None:
+    """Hand the loading's freed memory back to the OS (glibc keeps it otherwise), so the server's
+    resident size is its data, not its peak."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
