@@ -91,6 +91,7 @@ class ChunkWriter:
         self._stream = stream_name
         self._ids = tables.identifiers()
         self._staged = False
+        self._stage_dirty = True
 
     def _ensure_stage(self) -> None:
         if self._staged:
@@ -136,6 +137,8 @@ class ChunkWriter:
         batch, duplicates = keep_last_occurrence(batch)
         inserted = updated = 0
         refused: list[Rejected] = []
+        # As the outermost transaction, the stage starts empty (ON COMMIT DELETE ROWS emptied it).
+        self._stage_dirty = self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         with self._conn.transaction(), self._conn.cursor() as cur:
             if len(batch):
                 inserted, updated, refused = self._upsert_isolating(cur, batch)
@@ -208,11 +211,13 @@ class ChunkWriter:
     def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
         # Staging then upserting measured faster here than COPY straight into the tables (their
         # keys and foreign key checked row by row), even for new rows at sub-batch sizes.
-        # ON COMMIT DELETE ROWS empties the stage only when ours is the outermost transaction;
-        # inside a caller's transaction this is a savepoint, so empty it explicitly.
-        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
-        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
+        # ON COMMIT DELETE ROWS empties the stage when ours is the outermost transaction; inside
+        # a caller's transaction, or after an earlier half of a bisected batch, empty it here.
+        if self._stage_dirty:
+            cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
+            cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
         self._copy_in(cur, batch, _STAGE_META, _STAGE_VEC)
+        self._stage_dirty = True
         # Metadata first: the embedding's foreign key needs it (SEED.md 7.3). Unchanged rows are
         # skipped by the WHERE clauses, so a re-run rewrites nothing and keeps updated_at.
         meta = cur.execute(
