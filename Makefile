@@ -38,7 +38,7 @@ proto: install  ## regenerate airflow_embedding_provider/wire from proto/
 	$(PY) scripts/generate_proto.py
 
 bench: install
-	$(PY) -m bench.run $(if $(ROWS_BENCH),--rows $(ROWS_BENCH))
+	$(PY) -m bench.run $(if $(ROWS_BENCH),--rows $(ROWS_BENCH)) $(BENCH_ARGS)
 
 clean:
 	rm -rf .demo .bench .pytest_cache .mypy_cache .ruff_cache
