@@ -16,11 +16,10 @@ import contextlib
 import os
 
 import pendulum
-from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import DAG, task
 
+from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.operators.cache_invalidate import RETRY_DAG_ID, CacheInvalidateOperator
-from airflow_embedding_provider.operators.embedding_stream import psycopg3_connection
 from airflow_embedding_provider.storage.outbox import pending_targets
 
 SCHEDULE = os.environ.get("RECRUIT_CACHE_RETRY_SCHEDULE", "*/5 * * * *")
@@ -38,7 +37,7 @@ with DAG(
 
     @task
     def find_pending_targets() -> list[str]:
-        conn = psycopg3_connection(PostgresHook(postgres_conn_id=POSTGRES_CONN_ID))
+        conn = psycopg3_connection(POSTGRES_CONN_ID)
         with contextlib.closing(conn):
             return pending_targets(conn)
 
