@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 #: Environment variable read for the token when no ``--token-file`` is given.
 TOKEN_ENV = "EMBEDDING_GRPC_TOKEN"
@@ -231,3 +232,15 @@ def bind_port(server: grpc.Server, host: str, port: int, security: ServerSecurit
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     return bound
+
+
+def add_health(server: grpc.Server, service_name: str) -> health.HealthServicer:
+    """gRPC health checking on ``server``, SERVING for the server ("") and ``service_name``.
+
+    Health checks pass the token check (see :class:`BearerTokenInterceptor`), so probes need none.
+    """
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", service_name):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer

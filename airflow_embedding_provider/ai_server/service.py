@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -147,12 +146,8 @@ def build_server(
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = bind_port(server, host, port, security)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    add_health(server, SERVICE_NAME)
+    return server, bind_port(server, host, port, security)
 
 
 def serve(

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -193,13 +192,9 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="api-server"), security=security
     )
     embedding_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = bind_port(server, host, port, security)
     # Injected faults concern the RPC only: the server stays SERVING, like a live server whose backend fails.
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    add_health(server, SERVICE_NAME)
+    return server, bind_port(server, host, port, security)
 
 
 def serve(servicer: CacheServicer, *, host: str, port: int, security: ServerSecurity | None = None) -> None:

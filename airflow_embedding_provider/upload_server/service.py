@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import grpc
 import psycopg
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
 from airflow_embedding_provider.pipeline import IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import ServerSecurity, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
@@ -295,12 +295,8 @@ def build_server(
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = bind_port(server, host, port, security)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
+    health_servicer = add_health(server, SERVICE_NAME)
+    return server, bind_port(server, host, port, security), health_servicer
 
 
 def serve(
