@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
@@ -80,54 +79,23 @@ def stages(pkl: Path, dsn: str) -> list[tuple[str, float]]:
 
 
 def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, table: list[tuple[str, float]]) -> None:
-    """The statements of ``ChunkWriter._upsert`` timed one by one (a copy of its SQL, same order)."""
-    stage_meta, stage_vec = sql.Identifier("_embedding_stage_metadata"), sql.Identifier("_embedding_stage_vector")
+    """The steps of ``ChunkWriter._upsert`` timed one by one (the writer's own methods, same order)."""
+    writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
+    writer.ensure_stage()
     parts = dict.fromkeys(
         ("copy metadata (write_row)", "copy embedding", "upsert metadata", "upsert embedding", "commit"), 0.0
     )
     for batch in batches:
         with conn.transaction(), conn.cursor() as cur:
             t0 = time.perf_counter()
-            cur.execute(sql.SQL("DELETE FROM {}").format(stage_meta))
-            cur.execute(sql.SQL("DELETE FROM {}").format(stage_vec))
-            with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(stage_meta)) as copy:
-                copy.set_types(["uuid", "text", "int4", "text", "text"])
-                for i in range(len(batch)):
-                    copy.write_row(
-                        (
-                            uuid.UUID(batch.ids[i]),
-                            batch.company_name[i],
-                            batch.exp_years[i],
-                            batch.english_level[i],
-                            batch.primary_keyword[i],
-                        )
-                    )
+            writer.clear_stage(cur)
+            writer.stage_metadata(cur, batch)
             t1 = time.perf_counter()
-            with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(stage_vec)) as copy:
-                copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+            writer.stage_vectors(cur, batch)
             t2 = time.perf_counter()
-            cur.execute(
-                sql.SQL(
-                    "WITH up AS (INSERT INTO recruit_metadata AS t (id, company_name, exp_years, english_level, "
-                    "primary_keyword) SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
-                    "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = "
-                    "EXCLUDED.exp_years, english_level = EXCLUDED.english_level, primary_keyword = "
-                    "EXCLUDED.primary_keyword, updated_at = now() WHERE (t.company_name, t.exp_years, "
-                    "t.english_level, t.primary_keyword) IS DISTINCT FROM (EXCLUDED.company_name, "
-                    "EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
-                    "RETURNING id, xmax = 0 AS inserted) SELECT count(*) FILTER (WHERE inserted), "
-                    "coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
-                ).format(s=stage_meta)
-            )
+            writer.merge_metadata(cur)
             t3 = time.perf_counter()
-            cur.execute(
-                sql.SQL(
-                    "WITH up AS (INSERT INTO recruit_embedding AS t (id, vector) SELECT id, vector FROM {s} "
-                    "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
-                    "WHERE t.vector IS DISTINCT FROM EXCLUDED.vector RETURNING id, xmax = 0 AS inserted) "
-                    "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
-                ).format(s=stage_vec)
-            )
+            writer.merge_vectors(cur)
             t4 = time.perf_counter()
             parts["copy metadata (write_row)"] += t1 - t0
             parts["copy embedding"] += t2 - t1

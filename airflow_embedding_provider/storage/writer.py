@@ -93,7 +93,8 @@ class ChunkWriter:
         self._staged = False
         self._stage_dirty = True
 
-    def _ensure_stage(self) -> None:
+    def ensure_stage(self) -> None:
+        """Create this connection's staging tables (once)."""
         if self._staged:
             return
         with self._conn.transaction():
@@ -133,7 +134,7 @@ class ChunkWriter:
         """
         if batch.dimension != self._dimension and len(batch):
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
-        self._ensure_stage()
+        self.ensure_stage()
         batch, duplicates = keep_last_occurrence(batch)
         inserted = updated = 0
         refused: list[Rejected] = []
@@ -187,12 +188,14 @@ class ChunkWriter:
             b = self._upsert_isolating(cur, batch.slice(middle, len(batch)))
             return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
-    def _copy_in(self, cur: psycopg.Cursor, batch: RowBatch, metadata: sql.Composable, vector: sql.Composable) -> None:
-        """COPY BINARY the batch's metadata and embedding rows into the two tables named."""
+    # The steps of an upsert, public so that bench/profile_engine.py times these very statements.
+
+    def stage_metadata(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
+        """COPY BINARY the batch's metadata rows into the staging table."""
         with cur.copy(
             sql.SQL(
                 "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
-            ).format(metadata)
+            ).format(_STAGE_META)
         ) as copy:
             copy.set_types(["uuid", "text", "int4", "text", "text"])
             for i in range(len(batch)):
@@ -205,22 +208,16 @@ class ChunkWriter:
                         batch.primary_keyword[i],
                     )
                 )
-        with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(vector)) as copy:
+
+    def stage_vectors(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
+        """COPY BINARY the batch's embedding rows into the staging table, encoded by numpy."""
+        with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(_STAGE_VEC)) as copy:
             copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
 
-    def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
-        # Staging then upserting measured faster here than COPY straight into the tables (their
-        # keys and foreign key checked row by row), even for new rows at sub-batch sizes.
-        # ON COMMIT DELETE ROWS empties the stage when ours is the outermost transaction; inside
-        # a caller's transaction, or after an earlier half of a bisected batch, empty it here.
-        if self._stage_dirty:
-            cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
-            cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
-        self._copy_in(cur, batch, _STAGE_META, _STAGE_VEC)
-        self._stage_dirty = True
-        # Metadata first: the embedding's foreign key needs it (SEED.md 7.3). Unchanged rows are
-        # skipped by the WHERE clauses, so a re-run rewrites nothing and keeps updated_at.
-        meta = cur.execute(
+    def merge_metadata(self, cur: psycopg.Cursor) -> tuple[int, list[Any]]:
+        """Upsert the staged metadata; returns how many rows are new and the ids of changed ones.
+        Unchanged rows are skipped by the WHERE clause, so a re-run rewrites nothing."""
+        row = cur.execute(
             sql.SQL(
                 "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword) "
                 "SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
@@ -233,7 +230,12 @@ class ChunkWriter:
                 "FROM up"
             ).format(m=self._ids["metadata"], s=_STAGE_META)
         ).fetchone()
-        emb = cur.execute(
+        assert row is not None
+        return int(row[0]), list(row[1])
+
+    def merge_vectors(self, cur: psycopg.Cursor) -> list[Any]:
+        """Upsert the staged embeddings; returns the ids of existing rows whose vector changed."""
+        row = cur.execute(
             sql.SQL(
                 "WITH up AS (INSERT INTO {e} AS t (id, vector) SELECT id, vector FROM {s} "
                 "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now() "
@@ -241,9 +243,28 @@ class ChunkWriter:
                 "SELECT coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') FROM up"
             ).format(e=self._ids["embedding"], s=_STAGE_VEC)
         ).fetchone()
-        assert meta is not None and emb is not None
+        assert row is not None
+        return list(row[0])
+
+    def clear_stage(self, cur: psycopg.Cursor) -> None:
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_META))
+        cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
+
+    def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
+        # Staging then upserting measured faster here than COPY straight into the tables (their
+        # keys and foreign key checked row by row), even for new rows at sub-batch sizes.
+        # ON COMMIT DELETE ROWS empties the stage when ours is the outermost transaction; inside
+        # a caller's transaction, or after an earlier half of a bisected batch, empty it here.
+        if self._stage_dirty:
+            self.clear_stage(cur)
+        self.stage_metadata(cur, batch)
+        self.stage_vectors(cur, batch)
+        self._stage_dirty = True
+        # Metadata first: the embedding's foreign key needs it (SEED.md 7.3).
+        inserted, meta_changed = self.merge_metadata(cur)
+        vector_changed = self.merge_vectors(cur)
         # New rows are new in both tables; an existing row is updated when either table changed.
-        return int(meta[0]), len(set(meta[1]) | set(emb[0]))
+        return inserted, len(set(meta_changed) | set(vector_changed))
 
     def _dead_letter(self, cur: psycopg.Cursor, rejected: Sequence[Rejected], origin: Mapping[str, Any]) -> None:
         dead_letter(cur, self._tables, rejected, origin)
