@@ -31,6 +31,19 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def server_options(self, token_file: Path) -> list[str]:
+        """A server's CLI options for mutual TLS with this PKI and a bearer token from ``token_file``."""
+        return [
+            "--tls-cert",
+            str(self.server_cert),
+            "--tls-key",
+            str(self.server_key),
+            "--tls-client-ca",
+            str(self.ca),
+            "--token-file",
+            str(token_file),
+        ]
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])

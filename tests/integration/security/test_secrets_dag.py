@@ -67,16 +67,7 @@ def secure_stack(tmp_path: Path, postgres: EmbeddedPostgres, pki: Pki, token_fil
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(role)))
     dsn = f"postgresql://{role}:{password}@127.0.0.1:{postgres.port}/{database}"
 
-    security = [
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        "--tls-client-ca",
-        str(pki.ca),
-        "--token-file",
-        str(token_file),
-    ]
+    security = pki.server_options(token_file)
     health = HealthTLS(ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key, server_name=SERVER_NAME)
     logs = tmp_path / "server-logs"
     logs.mkdir()

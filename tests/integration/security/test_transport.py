@@ -310,19 +310,7 @@ def test_push_reaches_an_upload_server_over_mutual_tls_with_a_token(
 
     from airflow_embedding_provider.devkit.stack import HealthTLS, ServerProcess
 
-    command = [
-        "upload-server",
-        "--postgres-dsn",
-        pg_dsn,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        "--tls-client-ca",
-        str(pki.ca),
-        "--token-file",
-        str(token_file),
-    ]
+    command = ["upload-server", "--postgres-dsn", pg_dsn, *pki.server_options(token_file)]
     health = HealthTLS(ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
     with ServerProcess(command, log_path=tmp_path / "upload.log", health_tls=health) as server:
         base = [
