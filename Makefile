@@ -32,6 +32,7 @@ integration: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 proto: install  ## regenerate airflow_embedding_provider/wire from proto/

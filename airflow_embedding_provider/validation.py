@@ -17,6 +17,8 @@ import numpy as np
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
+#: ``exp_years`` is an ``INT`` column (and ``int32`` on the wire; other paths may carry more).
+INT4_MAX = 2**31 - 1
 #: PostgreSQL ``text`` cannot hold NUL; longer values than this are treated as garbage input.
 MAX_TEXT_LENGTH = 10_000
 TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
@@ -110,8 +112,8 @@ def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) 
         if len(value) > MAX_TEXT_LENGTH:
             return "text_too_long", f"{name} has {len(value)} characters, at most {MAX_TEXT_LENGTH} allowed"
     years = chunk.exp_years[i]
-    if years is not None and years < 0:
-        return "exp_years_out_of_range", f"exp_years is {years}, expected 0 or more"
+    if years is not None and not 0 <= years <= INT4_MAX:
+        return "exp_years_out_of_range", f"exp_years is {years}, expected 0 to {INT4_MAX}"
     raw = chunk.vectors[i]
     if not raw:
         return "missing_vector", "vector is missing or empty"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,6 +13,21 @@ from psycopg import sql
 SCHEMA_FILE = "schema.sql"
 # Any constant works; it serialises concurrent schema set-up (parallel mapped tasks).
 _SCHEMA_LOCK = 0x7265637275697401
+
+
+# What the script creates; all must exist for it to be skipped.
+_SCHEMA_RELATIONS = (
+    "metadata",
+    "embedding",
+    "dlq",
+    "checkpoint",
+    "outbox",
+    "progress",
+    "outbox_pending_index",
+    "dlq_id_index",
+    "dlq_row_key_index",
+    "checkpoint_stream_index",
+)
 
 
 class SchemaMismatchError(RuntimeError):
@@ -73,6 +89,10 @@ def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = 
     """
     if not 1 <= dimension <= 16000:
         raise ValueError(f"dimension {dimension} is out of range 1..16000 (pgvector's limit)")
+    ids = tables.identifiers()
+    statement = sql.SQL(schema_text()).format(dimension=sql.Literal(dimension), **ids)
+    text = statement.as_string(conn)
+    marker = f"airflow-embedding-provider schema {hashlib.sha256(text.encode()).hexdigest()[:16]}"
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         existing = vector_dimension(conn, tables.embedding)
@@ -82,8 +102,20 @@ def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = 
                 f"{dimension}: the embedding model changed. Re-create or migrate the table, or set the "
                 f"dimension back to {existing}."
             )
-        statement = sql.SQL(schema_text()).format(dimension=sql.Literal(dimension), **tables.identifiers())
+        # The script's ALTER TABLE / CREATE INDEX IF NOT EXISTS lock their tables even when there
+        # is nothing to do, so every run would queue behind (and block) other sessions' writes:
+        # the script runs only when the schema it last applied (a marker comment) differs.
+        # A dropped table (or index) brings the script back.
+        names = [ids[k].as_string(conn) for k in _SCHEMA_RELATIONS]
+        applied = conn.execute(
+            "SELECT obj_description(to_regclass(%s), 'pg_class'), bool_and(to_regclass(n) IS NOT NULL) "
+            "FROM unnest(%s::text[]) AS n",
+            (ids["progress"].as_string(conn), names),
+        ).fetchone()
+        if applied is not None and applied == (marker, True):
+            return
         conn.execute(statement)
+        conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(ids["progress"], sql.Literal(marker)))
 
 
 def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES) -> bool:

@@ -42,7 +42,8 @@ def test_a_good_row_passes_with_a_canonical_id() -> None:
         ({"vectors": np.array([np.inf, 1, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [0]"),
         ({"company_name": "a\x00b"}, "nul_byte", "company_name contains a NUL byte"),
         ({"primary_keyword": "x" * (MAX_TEXT_LENGTH + 1)}, "text_too_long", "primary_keyword has 10001 characters"),
-        ({"exp_years": -1}, "exp_years_out_of_range", "exp_years is -1, expected 0 or more"),
+        ({"exp_years": -1}, "exp_years_out_of_range", "exp_years is -1, expected 0 to 2147483647"),
+        ({"exp_years": 2**31}, "exp_years_out_of_range", "exp_years is 2147483648, expected 0 to 2147483647"),
     ],
 )
 def test_bad_rows_are_rejected_with_a_reason(overrides: dict[str, object], kind: str, message: str) -> None:

@@ -27,6 +27,7 @@ from airflow_embedding_provider.devkit.stack import (
     task_result,
 )
 from airflow_embedding_provider.devkit.verify import compare
+from airflow_embedding_provider.storage.schema import apply_schema
 
 DAG_ID = "recruit_embedding_ingest"
 CONF = {"rows_per_partition": 25_000, "chunk_size": 500, "sub_batch_size": 250}
@@ -59,6 +60,11 @@ def _progress(dsn: str) -> list[tuple[int, str | None, bool]]:
             ).fetchall()
     except psycopg.OperationalError:
         return []
+
+
+def _plans(dsn: str) -> list[tuple[str, int]]:
+    with psycopg.connect(dsn, connect_timeout=2) as conn:
+        return conn.execute("SELECT run_id, partition_index FROM embedding_partition_progress").fetchall()
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 300) -> None:
@@ -166,6 +172,14 @@ def test_run_killed_with_sigkill_then_run_again(
     _assert_exact(dsn, big_dataset, watch)
 
 
+def _lock_waiters(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_two_runs_at_once(
     postgres: EmbeddedPostgres,
     big_ai_server: ServerProcess,
@@ -174,21 +188,36 @@ def test_two_runs_at_once(
     big_dataset: EmbeddingDataset,
     tmp_path: Path,
 ) -> None:
-    """Two deployments (two Airflow homes) ingest the same source into one database at once."""
+    """Two deployments (two Airflow homes) ingest the same source into one database at once.
+
+    Airflow's start-up takes longer than the ingest itself here, so left alone the two runs would
+    barely overlap. A session holding the checkpoint table's lock keeps both runs' first writes
+    waiting until both have planned and started writing; then it lets go and they race for the
+    same rows.
+    """
     dsn = postgres.create_database("two_runs")
     second_home = tmp_path / "second-home"
     env2 = _env(second_home, dsn, big_ai_server, api_server)
     prepare_airflow_home(env2)
-    with CheckpointWatch(dsn) as watch:
-        procs = [
-            start_dags_test(
-                DAG_ID, _env(airflow_home, dsn, big_ai_server, api_server), log_path=tmp_path / "a.log", conf=CONF
-            ),
-            start_dags_test(DAG_ID, env2, log_path=tmp_path / "b.log", conf=CONF),
-        ]
-        codes = [p.wait(900) for p in procs]
+    with psycopg.connect(dsn) as gate:
+        apply_schema(gate, len(big_dataset.vectors[0]))
+        gate.commit()
+        gate.execute("LOCK TABLE embedding_batch_checkpoint IN EXCLUSIVE MODE")  # reads pass, writes wait
+        with CheckpointWatch(dsn) as watch:
+            procs = [
+                start_dags_test(
+                    DAG_ID, _env(airflow_home, dsn, big_ai_server, api_server), log_path=tmp_path / "a.log", conf=CONF
+                ),
+                start_dags_test(DAG_ID, env2, log_path=tmp_path / "b.log", conf=CONF),
+            ]
+            # Both runs planned (two plans stored) and writers of both wait: the first run's two
+            # writers on the lock, the second's on the first's rows or on the lock.
+            _wait_for(lambda: len({run for run, *_ in _plans(dsn)}) == 2 and _lock_waiters(dsn) >= 3)
+            gate.rollback()
+            codes = [p.wait(900) for p in procs]
     assert codes == [0, 0], [(tmp_path / n).read_text()[-2000:] for n in ("a.log", "b.log")]
     totals = [task_result(home, DAG_ID, "finalize") for home in (airflow_home, second_home)]
-    assert all(t["rows_received"] == len(big_dataset) for t in totals)
-    assert sum(t["inserted"] for t in totals) == len(big_dataset)  # each row inserted by exactly one run
+    print("two runs:", [(t["inserted"], t["unchanged"], t["updated"]) for t in totals])
+    assert [t["rows_received"] for t in totals] == [len(big_dataset)] * 2, totals  # both from the start
+    assert sum(t["inserted"] for t in totals) == len(big_dataset), totals  # each row inserted by one run
     _assert_exact(dsn, big_dataset, watch)

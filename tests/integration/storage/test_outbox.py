@@ -95,9 +95,7 @@ def test_delivery_marks_exactly_what_it_read(dsn: str, tmp_path: Path, hook) -> 
         assert read_stats(stats).invalidations == {"recruit": 2}
 
 
-def test_a_change_by_the_same_source_during_the_call_keeps_its_entry_pending(
-    dsn: str, tmp_path: Path, hook
-) -> None:
+def test_a_change_by_the_same_source_during_the_call_keeps_its_entry_pending(dsn: str, tmp_path: Path, hook) -> None:
     _request(dsn, "run-1/0")
     server, stats = _server(tmp_path)
     with server, psycopg.connect(dsn) as conn:

@@ -177,6 +177,20 @@ def test_schema_is_idempotent_and_guards_the_dimension(conn: psycopg.Connection)
         apply_schema(conn, 384)
 
 
+def test_schema_applied_again_takes_no_table_lock(conn: psycopg.Connection, pg_dsn: str) -> None:
+    """A run starting while another session writes must not queue behind it on DDL locks."""
+    with psycopg.connect(pg_dsn) as writer:
+        writer.execute("LOCK TABLE recruit_embedding_dlq, embedding_batch_checkpoint, embedding_cache_outbox")
+        conn.execute("SET lock_timeout = '1s'")
+        apply_schema(conn, DIM)  # the schema is current: no ALTER TABLE, no CREATE INDEX
+        conn.commit()
+        writer.rollback()
+    conn.execute("DROP TABLE recruit_embedding_dlq")
+    conn.commit()
+    apply_schema(conn, DIM)  # a missing table brings the script back
+    assert _count(conn, "recruit_embedding_dlq") == 0
+
+
 def test_ann_index_is_built_after_data_arrives(conn: psycopg.Connection) -> None:
     assert ensure_ann_index(conn) is False  # empty table: ivfflat would learn nothing
     ChunkWriter(conn, dimension=DIM).write(_batch(_ids(50)))
