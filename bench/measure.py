@@ -86,8 +86,14 @@ def _copy_file(cur: psycopg.Cursor, statement: str, path: Path) -> None:
 def ceiling(spec: Spec) -> dict[str, Any]:
     """(a) COPY BINARY of the rows into the empty tables, from streams encoded before timing."""
     from airflow_embedding_provider.ai_server.dataset import load_dataset
+    from airflow_embedding_provider.rows import RowBatch
+    from airflow_embedding_provider.storage.copy_binary import (
+        HEADER,
+        TRAILER,
+        embedding_copy_buffer,
+        metadata_copy_buffer,
+    )
     from airflow_embedding_provider.storage.schema import apply_schema
-    from bench.copyenc import HEADER, TRAILER, embedding_rows, metadata_rows
 
     meta_path, emb_path = Path(spec["workdir"]) / "ceiling-meta.copy", Path(spec["workdir"]) / "ceiling-emb.copy"
     data = load_dataset(spec["pkl"])  # id order, as the server streams them
@@ -99,16 +105,17 @@ def ceiling(spec: Spec) -> dict[str, Any]:
         emb.write(HEADER)
         for a in range(0, rows, ENCODE_BLOCK_ROWS):
             b = min(a + ENCODE_BLOCK_ROWS, rows)
-            meta.write(
-                metadata_rows(
-                    data.ids[a:b],
-                    data.company_name[a:b],
-                    data.exp_years[a:b],
-                    data.english_level[a:b],
-                    data.primary_keyword[a:b],
-                )
+            block = RowBatch(
+                ids=data.ids[a:b],
+                company_name=data.company_name[a:b],
+                exp_years=data.exp_years[a:b],
+                english_level=data.english_level[a:b],
+                primary_keyword=data.primary_keyword[a:b],
+                vectors=data.vectors[a:b],
             )
-            emb.write(embedding_rows(data.ids[a:b], data.vectors[a:b]))
+            # The engine's own encoders; each block's header and trailer cut so blocks join.
+            meta.write(metadata_copy_buffer(block)[len(HEADER) : -len(TRAILER)])
+            emb.write(embedding_copy_buffer(block.ids, block.vectors)[len(HEADER) : -len(TRAILER)])
         meta.write(TRAILER)
         emb.write(TRAILER)
     del data
@@ -307,11 +314,35 @@ def dag(spec: Spec) -> dict[str, Any]:
     return {
         "rows": int(final["rows_received"]),
         "seconds": seconds,
+        "run": _run_timeline(Path(env["AIRFLOW_HOME"]), spec["dag_id"]),
         "finalize": final,
         "worker_cpu_seconds": _children_cpu(),
         # The task runner is a descendant of `airflow dags test`; its peak is the largest.
         "peak_rss_mib": children_peak_rss_mib(),
     }
+
+
+def _run_timeline(home: Path, dag_id: str) -> dict[str, Any]:
+    """The DAG run's own duration (as the scheduler records it, without the CLI's start-up) and
+    each task's seconds (mapped tasks summed), from the throwaway home's SQLite database."""
+    import sqlite3
+    from datetime import datetime
+
+    def seconds(start: str, end: str) -> float:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+    with sqlite3.connect(home / "airflow.db") as db:
+        run = db.execute(
+            "SELECT run_id, start_date, end_date FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+        tasks = db.execute(
+            "SELECT task_id, start_date, end_date FROM task_instance WHERE dag_id = ? AND run_id = ?",
+            (dag_id, run[0]),
+        ).fetchall()
+    per_task: dict[str, float] = {}
+    for task_id, start, end in tasks:
+        per_task[task_id] = per_task.get(task_id, 0.0) + seconds(start, end)
+    return {"seconds": seconds(run[1], run[2]), "tasks": {k: round(v, 2) for k, v in per_task.items()}}
 
 
 def _children_cpu() -> float:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.sample import write_sample
 from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
-from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter, keep_last_occurrence
 from airflow_embedding_provider.validation import validate_chunk
@@ -66,7 +65,7 @@ def stages(pkl: Path, dsn: str) -> list[tuple[str, float]]:
     batches: list[RowBatch] = [b for b, _ in validated]
     _time("client: keep_last_occurrence", n, lambda: [keep_last_occurrence(b) for b in batches], table)
     _time("client: embedding_copy_buffer", n, lambda: [embedding_copy_buffer(b.ids, b.vectors) for b in batches], table)
-    _time("client: uuid.UUID(id) a row", n, lambda: [[uuid.UUID(i) for i in b.ids] for b in batches], table)
+    _time("client: metadata_copy_buffer", n, lambda: [metadata_copy_buffer(b) for b in batches], table)
 
     # The writer's statements, one sub-batch a transaction, on one connection (no threads).
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -75,6 +74,8 @@ def stages(pkl: Path, dsn: str) -> list[tuple[str, float]]:
         _time("db: ChunkWriter.write (whole, 1 conn)", n, lambda: [writer.write(b) for b in batches], table)
         conn.execute("TRUNCATE recruit_metadata CASCADE")
         _split_writes(conn, batches, n, table)
+        conn.execute("TRUNCATE recruit_metadata CASCADE")
+        _split_direct(conn, batches, n, table)
     return table
 
 
@@ -82,9 +83,7 @@ def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, tab
     """The steps of ``ChunkWriter._upsert`` timed one by one (the writer's own methods, same order)."""
     writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
     writer.ensure_stage()
-    parts = dict.fromkeys(
-        ("copy metadata (write_row)", "copy embedding", "upsert metadata", "upsert embedding", "commit"), 0.0
-    )
+    parts = dict.fromkeys(("copy metadata", "copy embedding", "upsert metadata", "upsert embedding", "commit"), 0.0)
     for batch in batches:
         with conn.transaction(), conn.cursor() as cur:
             t0 = time.perf_counter()
@@ -97,7 +96,7 @@ def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, tab
             t3 = time.perf_counter()
             writer.merge_vectors(cur)
             t4 = time.perf_counter()
-            parts["copy metadata (write_row)"] += t1 - t0
+            parts["copy metadata"] += t1 - t0
             parts["copy embedding"] += t2 - t1
             parts["upsert metadata"] += t3 - t2
             parts["upsert embedding"] += t4 - t3
@@ -105,6 +104,26 @@ def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, tab
         parts["commit"] += time.perf_counter() - tx_began
     for name, seconds in parts.items():
         table.append((f"db split: {name}", seconds / n * 1e6))
+
+
+def _split_direct(conn: psycopg.Connection, batches: list[RowBatch], n: int, table: list[tuple[str, float]]) -> None:
+    """The steps of the writer's path for rows not stored yet (COPY straight into the tables)."""
+    writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
+    parts = dict.fromkeys(("probe for stored ids", "insert_new (COPY both tables)", "commit"), 0.0)
+    for batch in batches:
+        with conn.transaction(), conn.cursor() as cur:
+            t0 = time.perf_counter()
+            stored = writer.has_stored_ids(cur, batch)
+            t1 = time.perf_counter()
+            assert not stored
+            writer.insert_new(cur, batch)
+            t2 = time.perf_counter()
+            parts["probe for stored ids"] += t1 - t0
+            parts["insert_new (COPY both tables)"] += t2 - t1
+            tx_began = time.perf_counter()
+        parts["commit"] += time.perf_counter() - tx_began
+    for name, seconds in parts.items():
+        table.append((f"db direct: {name}", seconds / n * 1e6))
 
 
 def cprofile(pkl: Path, dsn: str, rows: int, out: Path) -> None:

@@ -1,21 +1,26 @@
-"""PostgreSQL ``COPY ... (FORMAT BINARY)`` buffers built with numpy, a whole batch at once.
+"""PostgreSQL ``COPY ... (FORMAT BINARY)`` buffers for a whole batch at once.
 
 The embedding rows have a fixed size, so a structured numpy array lays out every tuple (field
 count, uuid, pgvector's binary ``vector``: int16 dim, int16 unused, float4 big-endian values)
-in one pass instead of encoding each row and float in Python.
+in one pass instead of encoding each row and float in Python. Metadata rows hold text of any
+length; they are joined from pre-encoded parts, several times faster than psycopg's per-row
+``Copy.write_row`` with its per-value type dispatch.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from airflow_embedding_provider.rows import FloatMatrix
+from airflow_embedding_provider.rows import FloatMatrix, RowBatch
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 TRAILER = struct.pack("!h", -1)
+_NULL = struct.pack("!i", -1)
+_METADATA_ROW_START = struct.pack("!hi", 5, 16)  # 5 fields; the first, the uuid, is 16 bytes
+_INT4_LENGTH = struct.pack("!i", 4)
 
 
 def uuid_bytes(ids: Sequence[str]) -> np.ndarray:
@@ -52,3 +57,31 @@ def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
     rows["unused"] = 0
     rows["vec"] = vectors
     return HEADER + rows.tobytes() + TRAILER
+
+
+def metadata_copy_buffer(batch: RowBatch) -> bytes:
+    """A complete binary COPY stream for ``(id uuid, company_name text, exp_years int4,
+    english_level text, primary_keyword text)``; ``exp_years`` must fit int4 (validation checks)."""
+    keys = uuid_bytes(batch.ids).tobytes()
+    parts: list[bytes] = [HEADER]
+    add = parts.append
+    for i, (name, years, level, keyword) in enumerate(
+        zip(batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, strict=True)
+    ):
+        add(_METADATA_ROW_START)
+        add(keys[16 * i : 16 * i + 16])
+        _add_text(add, name)
+        add(_NULL if years is None else _INT4_LENGTH + years.to_bytes(4, "big", signed=True))
+        _add_text(add, level)
+        _add_text(add, keyword)
+    add(TRAILER)
+    return b"".join(parts)
+
+
+def _add_text(add: Callable[[bytes], None], value: str | None) -> None:
+    if value is None:
+        add(_NULL)
+        return
+    data = value.encode()
+    add(len(data).to_bytes(4, "big"))
+    add(data)

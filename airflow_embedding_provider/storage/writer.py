@@ -8,7 +8,6 @@ make that harmless (SEED.md 2, 7.3, 8).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +17,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from airflow_embedding_provider.rows import RowBatch
-from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
-from airflow_embedding_provider.storage.progress import PartitionKey, low_watermark, record_progress
+from airflow_embedding_provider.storage.progress import PartitionKey, record_progress_and_advance
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.validation import Rejected, json_vector
 
@@ -61,6 +60,18 @@ def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
     if order == list(range(len(batch))):
         return batch, 0  # the usual case: unique ids that arrived in order
     return batch.take(order), len(batch) - len(last)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What a write records besides its rows (see :meth:`ChunkWriter.write`)."""
+
+    rejected: Sequence[Rejected]
+    checkpoint: str | None
+    origin: Mapping[str, Any]
+    partition: PartitionKey | None
+    done: bool
+    dead_letter_refused: bool
 
 
 class ChunkWriter:
@@ -136,26 +147,39 @@ class ChunkWriter:
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
         self.ensure_stage()
         batch, duplicates = keep_last_occurrence(batch)
+        step = _Step(rejected, checkpoint, origin or {}, partition, done, dead_letter_refused)
+        outermost = self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if outermost:
+            # Optimistic: no savepoint. Should PostgreSQL refuse a row, the transaction rolls
+            # back whole and runs again below, isolating the refused rows in savepoints.
+            try:
+                return self._write(batch, duplicates, step, isolate=False)
+            except psycopg.Error as exc:
+                if not _is_data_error(exc):
+                    raise
+        return self._write(batch, duplicates, step, isolate=True)
+
+    def _write(self, batch: RowBatch, duplicates: int, step: _Step, *, isolate: bool) -> WriteResult:
         inserted = updated = 0
         refused: list[Rejected] = []
+        rejected = step.rejected
         # As the outermost transaction, the stage starts empty (ON COMMIT DELETE ROWS emptied it).
         self._stage_dirty = self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         with self._conn.transaction(), self._conn.cursor() as cur:
-            if len(batch):
+            if len(batch) and isolate:
                 inserted, updated, refused = self._upsert_isolating(cur, batch)
-                if dead_letter_refused:
+                if step.dead_letter_refused:
                     rejected = [*rejected, *refused]
+            elif len(batch):
+                inserted, updated = self._store(cur, batch)
             if (inserted or updated) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
-                self._dead_letter(cur, rejected, origin or {})
-            if partition is not None:
-                record_progress(cur, self._tables, partition, checkpoint, done)
-                watermark = low_watermark(cur, self._tables, partition.stream_name, partition.run_id)
-                if watermark is not None:
-                    advance_checkpoint(cur, self._tables, partition.stream_name, watermark)
-            elif checkpoint is not None:
-                advance_checkpoint(cur, self._tables, self._stream, checkpoint)
+                self._dead_letter(cur, rejected, step.origin)
+            if step.partition is not None:
+                record_progress_and_advance(cur, self._tables, step.partition, step.checkpoint, step.done)
+            elif step.checkpoint is not None:
+                advance_checkpoint(cur, self._tables, self._stream, step.checkpoint)
         return WriteResult(
             inserted=inserted,
             updated=updated,
@@ -166,19 +190,38 @@ class ChunkWriter:
             refused_rows=tuple(refused),
         )
 
-    def _upsert_isolating(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int, list[Rejected]]:
-        """Upsert; when PostgreSQL refuses the data, halve the batch (each half in a savepoint)
+    def _store(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
+        """Rows none of which is stored yet (a first load, or the new rows after the checkpoint)
+        are copied straight into the tables, about half the cost of staging and upserting them."""
+        if self.has_stored_ids(cur, batch):
+            return self._upsert(cur, batch)
+        self.insert_new(cur, batch)
+        return len(batch), 0
+
+    def _upsert_isolating(
+        self, cur: psycopg.Cursor, batch: RowBatch, *, direct: bool | None = None
+    ) -> tuple[int, int, list[Rejected]]:
+        """Store the batch; when PostgreSQL refuses the data, halve it (each half in a savepoint)
         until the refused rows stand alone, as Kafka Connect's JDBC sink and Spring Batch's scan
         do: the others commit, the refused go to the DLQ with the database's message.
 
-        Errors that are not about the data (connection lost, server shutting down, deadlock,
+        Rows none of which is stored are copied straight in (see :meth:`_store`); should another
+        writer store some of them meanwhile, the batch is upserted instead. Errors that are not about the data (connection lost, server shutting down, deadlock,
         timeout) propagate, so that the task retries instead of dead-lettering good rows.
         """
+        if direct is None:
+            direct = not self.has_stored_ids(cur, batch)
         try:
             with self._conn.transaction():
+                if direct:
+                    self.insert_new(cur, batch)
+                    return len(batch), 0, []
                 inserted, updated = self._upsert(cur, batch)
                 return inserted, updated, []
         except psycopg.Error as exc:
+            if direct and isinstance(exc, psycopg.errors.UniqueViolation):
+                # Another writer (a concurrent run) stored some of these ids since the check.
+                return self._upsert_isolating(cur, batch, direct=False)
             if not _is_data_error(exc):
                 raise
             if len(batch) == 1:
@@ -187,6 +230,29 @@ class ChunkWriter:
             a = self._upsert_isolating(cur, batch.slice(0, middle))
             b = self._upsert_isolating(cur, batch.slice(middle, len(batch)))
             return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+    def has_stored_ids(self, cur: psycopg.Cursor, batch: RowBatch) -> bool:
+        """Whether any id between the batch's least and greatest is stored: one primary-key range
+        probe. Embeddings reference metadata, so the metadata table answers for both."""
+        row = cur.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE id BETWEEN %s AND %s)").format(self._ids["metadata"]),
+            (min(batch.ids), max(batch.ids)),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def insert_new(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
+        """COPY BINARY rows that are not stored straight into both tables, metadata first (the
+        embedding's foreign key needs it, SEED.md 7.3). A stored id raises ``UniqueViolation``."""
+        with cur.copy(
+            sql.SQL(
+                "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
+            ).format(self._ids["metadata"])
+        ) as copy:
+            copy.write(metadata_copy_buffer(batch))
+        with cur.copy(
+            sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(self._ids["embedding"])
+        ) as copy:
+            copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
 
     # The steps of an upsert, public so that bench/profile_engine.py times these very statements.
 
@@ -197,17 +263,7 @@ class ChunkWriter:
                 "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
             ).format(_STAGE_META)
         ) as copy:
-            copy.set_types(["uuid", "text", "int4", "text", "text"])
-            for i in range(len(batch)):
-                copy.write_row(
-                    (
-                        uuid.UUID(batch.ids[i]),
-                        batch.company_name[i],
-                        batch.exp_years[i],
-                        batch.english_level[i],
-                        batch.primary_keyword[i],
-                    )
-                )
+            copy.write(metadata_copy_buffer(batch))
 
     def stage_vectors(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
         """COPY BINARY the batch's embedding rows into the staging table, encoded by numpy."""
@@ -251,8 +307,6 @@ class ChunkWriter:
         cur.execute(sql.SQL("DELETE FROM {}").format(_STAGE_VEC))
 
     def _upsert(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
-        # Staging then upserting measured faster here than COPY straight into the tables (their
-        # keys and foreign key checked row by row), even for new rows at sub-batch sizes.
         # ON COMMIT DELETE ROWS empties the stage when ours is the outermost transaction; inside
         # a caller's transaction, or after an earlier half of a bisected batch, empty it here.
         if self._stage_dirty:
