@@ -17,7 +17,7 @@ from psycopg import sql
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.storage.schema import TableNames
 
-#: Plans of finished runs older than this are deleted when a new run is planned.
+#: Plans of runs (finished or failed) untouched for this long are deleted when a new run is planned.
 KEEP_DAYS = 14
 
 
@@ -42,12 +42,14 @@ def save_plan(
         existing = load_plan(conn, tables, stream_name, run_id)
         if existing:
             return existing
+        # Runs untouched for KEEP_DAYS, finished or not: a failed run cleared after that plans
+        # again from the stream's checkpoint, which its committed rows already moved past.
         conn.execute(
             sql.SQL(
-                "DELETE FROM {} WHERE stream_name = %s AND updated_at < now() - make_interval(days => %s) "
-                "AND run_id NOT IN (SELECT run_id FROM {} WHERE stream_name = %s AND NOT done)"
+                "DELETE FROM {} WHERE stream_name = %s AND run_id IN (SELECT run_id FROM {} WHERE stream_name = %s "
+                "GROUP BY run_id HAVING max(updated_at) < now() - make_interval(days => %s))"
             ).format(t, t),
-            (stream_name, KEEP_DAYS, stream_name),
+            (stream_name, stream_name, KEEP_DAYS),
         )
         with conn.cursor() as cur:
             cur.executemany(
