@@ -221,12 +221,16 @@ class AirflowCluster:
                 raise TimeoutError(f"{dag_id} run {run_id or run_type} not finished after {timeout:g} s ({state})")
             time.sleep(2)
 
+    def task_instances(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every task instance of ``run`` as the REST API gives it (state, try_number, ...)."""
+        answer: dict[str, Any] = self.request("GET", _run_path(run) + "/taskInstances")
+        return list(answer["task_instances"])
+
     def task_states(self, run: Mapping[str, Any]) -> dict[str, str | None]:
         """``task_id[map_index]`` -> state for every task instance of ``run``."""
-        answer = self.request("GET", _run_path(run) + "/taskInstances")
         return {
             f"{ti['task_id']}" + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): ti["state"]
-            for ti in answer["task_instances"]
+            for ti in self.task_instances(run)
         }
 
     def xcom(self, run: Mapping[str, Any], task_id: str, key: str = "return_value") -> Any:

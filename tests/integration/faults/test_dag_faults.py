@@ -6,6 +6,7 @@ keys), an empty DLQ and the checkpoint at the last id, never having moved backwa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,10 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.stack import (
     ServerProcess,
@@ -220,4 +223,74 @@ def test_two_runs_at_once(
     print("two runs:", [(t["inserted"], t["unchanged"], t["updated"]) for t in totals])
     assert [t["rows_received"] for t in totals] == [len(big_dataset)] * 2, totals  # both from the start
     assert sum(t["inserted"] for t in totals) == len(big_dataset), totals  # each row inserted by one run
+    _assert_exact(dsn, big_dataset, watch)
+
+
+def _task_processes(dsn_port: int, dbname: str) -> list[psutil.Process]:
+    """Processes other than this one with a connection to ``dbname``: the running ingest tasks
+    (a task's code, and so its database connections, live in the child its supervisor forks)."""
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{dsn_port}/{dbname}") as conn:
+        ports = {
+            r[0]
+            for r in conn.execute(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)
+            )
+        }
+    pids = {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.pid and c.pid != os.getpid() and c.raddr and c.raddr.port == dsn_port and c.laddr.port in ports
+    }
+    return [psutil.Process(pid) for pid in sorted(pids)]
+
+
+@pytest.mark.timeout(1200)
+def test_mapped_tasks_sigkilled_under_the_scheduler_resume_inside_their_ranges(
+    postgres: EmbeddedPostgres,
+    big_ai_server: ServerProcess,
+    api_server: ServerProcess,
+    big_dataset: EmbeddingDataset,
+    tmp_path: Path,
+) -> None:
+    """The real scheduler (LocalExecutor) runs 2 mapped ingest tasks in parallel; both task
+    processes are SIGKILLed once a partition has committed part of its range. Airflow marks the
+    tries failed and retries them; each retry resumes after what its partition committed."""
+    dsn = postgres.create_database("task_kill")
+    metadata_dsn = postgres.create_database("airflow_task_kill_meta").replace("postgresql://", "postgresql+psycopg://")
+    env = _env(tmp_path / "home", dsn, big_ai_server, api_server) | {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_dsn,
+        "RECRUIT_EMBEDDING_SCHEDULE": "none",
+    }
+    cluster = AirflowCluster(env, log_dir=tmp_path / "logs")
+    try:
+        cluster.migrate()
+        cluster.start()
+        cluster.wait_for_dag(DAG_ID)
+        cluster.set_paused(DAG_ID, False)
+        with CheckpointWatch(dsn) as watch:
+            run_id = cluster.trigger(DAG_ID, CONF | {"rows_per_partition": 50_000})
+            _wait_for(lambda: any(c is not None and not done for _, c, done in _progress(dsn)), timeout=600)
+            killed = _task_processes(postgres.port, "task_kill")
+            assert killed, "no task process holds a connection"
+            for proc in killed:
+                proc.kill()  # SIGKILL: no cleanup, no rollback from the client side
+            at_kill = _progress(dsn)
+            run = cluster.wait_for_run(DAG_ID, run_id=run_id)
+        tries = {ti["map_index"]: ti["try_number"] for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"}
+        states = cluster.task_states(run)
+        assert set(states.values()) == {"success"}, states
+        summary = cluster.xcom(run, "finalize")
+        summary = json.loads(summary) if isinstance(summary, str) else summary
+    except BaseException:
+        print(cluster.log_tails())
+        raise
+    finally:
+        cluster.stop()
+    committed_before = [c for _, c, done in at_kill if c is not None and not done]
+    assert committed_before, at_kill
+    print("task kill:", at_kill, tries, summary)
+    assert len(tries) == 2 and max(tries.values()) >= 2, tries  # Airflow retried the killed tries
+    # The retries resumed inside their ranges: the rows committed before the kill were not sent
+    # again, and every row is stored exactly once, bit-exact.
+    assert 0 < summary["rows_received"] < len(big_dataset), summary
     _assert_exact(dsn, big_dataset, watch)
