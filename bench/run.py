@@ -146,6 +146,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     parser.add_argument("--quick", action="store_true", help="only the default engine setting, no DAG runs")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=2,
+        help="extra (ceiling, default engine) pairs measured back to back; the c/a target takes the median pair",
+    )
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
     args = parser.parse_args(argv)
@@ -155,6 +161,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown --skip part(s) {sorted(unknown)}; choose from {', '.join(SKIPPABLE)}")
     if args.quick:
         args.skip |= {"settings", "dag"}
+    if args.pairs < 0:
+        parser.error("--pairs must be 0 or more")
     if args.rows < 1000:
         parser.error("--rows must be at least 1000")
     return args
@@ -222,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if "naive" not in args.skip:
             bench.child("naive", "naive", {**common, "dsn": fresh_db(), "chunk_size": DEFAULT_SETTING.chunk_size})
 
-        def engine(setting: EngineSetting, dsn: str, **spec: Any) -> dict[str, Any]:
+        def engine(setting: EngineSetting, dsn: str, key: str | None = None, **spec: Any) -> dict[str, Any]:
             return bench.child(
                 "engine",
-                setting.key,
+                key or setting.key,
                 {
                     **common,
                     "dsn": dsn,
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     "connections": setting.connections,
                     **spec,
                 },
-                setting=setting.label,
+                setting=setting.label + (f", pair {key.rsplit('_', 1)[1]}" if key else ""),
             )
 
         # The default setting's database keeps its load and gets the ivfflat index: the
@@ -246,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         if "settings" not in args.skip:
             for setting in OTHER_SETTINGS:
                 engine(setting, fresh_db())
+        # The ceiling and the engine again, each pair back to back, so that the c/a ratio comes
+        # from measurements under the same load (the first pair is minutes apart).
+        for k in range(2, 2 + args.pairs):
+            bench.child("ceiling", f"ceiling_{k}", {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)})
+            engine(DEFAULT_SETTING, fresh_db(), key=f"{DEFAULT_SETTING.key}_{k}")
 
         if "dag" not in args.skip:
             api = ServerProcess(["api-server"], log_path=workdir / "api-server.log")

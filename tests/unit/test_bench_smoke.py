@@ -40,6 +40,10 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         incremental = measured["incremental"]
         assert incremental["updated"] == incremental["expected_changed"] == 200
         assert incremental["unchanged"] == 1800
+        # Two more (ceiling, engine) pairs back to back; the c/a target is their median.
+        assert measured["ceiling_3"]["rows"] == measured[f"{result['default_engine']}_3"]["rows"] == 2000
+        c_a = next(t for t in result["targets"] if t["target"].startswith("engine rows/s vs COPY ceiling"))
+        assert c_a["note"].startswith("median of 3 (ceiling, engine) pair(s)")
         statuses = {t["target"]: t["status"] for t in result["targets"]}
         assert set(statuses.values()) <= {"PASS", "MISS", "n/a"}
         assert "| (c) engine [default] |" in proc.stdout
