@@ -58,9 +58,10 @@ class EngineSetting:
         return f"engine_c{self.chunk_size}_s{self.sub_batch_size}_k{self.connections}"
 
 
-# The DAG's defaults (chunk 300, sub-batch 100, 2 connections): the engine figure the ratios use.
-DEFAULT_SETTING = EngineSetting(300, 100, 2)
+# The DAG's defaults (chunk 300, sub-batch 100, 4 connections): the engine figure the ratios use.
+DEFAULT_SETTING = EngineSetting(300, 100, 4)
 OTHER_SETTINGS = (
+    EngineSetting(300, 100, 2),
     EngineSetting(300, 100, 1),
     EngineSetting(300, 300, 2),
     EngineSetting(1000, 1000, 2),

@@ -171,7 +171,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         last_processed_uuid: str | None = None,
         chunk_size: int | str = DEFAULT_CHUNK_SIZE,
         sub_batch_size: int | str = 100,
-        db_connections: int = 2,
+        db_connections: int = 4,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         cache_target: str | None = "recruit",
