@@ -4,6 +4,13 @@ A replay runs after the cause of a failure was fixed: a new vector dimension con
 corrected row on the AI server, a constraint relaxed. Each pending entry in scope is turned back
 into the row it recorded (or re-fetched from the AI server), validated against the current
 configuration and upserted through the same :class:`ChunkWriter` as an ingest.
+
+A payload is the row as it was when it failed, so it may be older than what is stored now: when
+the AI server sent a corrected version of the row after the failure, an ingest stored that one.
+A row replayed from its payload is therefore written only when its id is not stored, or stored by
+a write no later than the entry's ``created_at``; otherwise the entry is settled as
+``superseded`` and the stored row stays. A re-fetched row is the server's current version and is
+written as usual.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -34,8 +42,11 @@ from airflow_embedding_provider.storage.dlq import (
     PayloadError,
     mark_failed,
     mark_resolved,
+    mark_superseded,
     payload_to_chunk,
     select_pending,
+    stored_versions,
+    transaction_time,
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, apply_schema
@@ -45,6 +56,8 @@ from airflow_embedding_provider.wire.codec import WireChunk
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 500
 #: Rows a re-fetch asks for: the row itself plus a few, in case the server holds the id twice.
@@ -59,10 +72,13 @@ Refetch = Callable[[str], WireChunk | None]
 @dataclass
 class ReplayStats:
     """Counts of one replay; ``by_reason`` counts still-failing entries by their latest reason,
-    ``resolved_by_reason`` resolved entries by the reason they had been dead-lettered for."""
+    ``resolved_by_reason`` resolved entries by the reason they had been dead-lettered for.
+    ``selected`` = ``resolved`` + ``superseded`` + ``still_failing``; ``superseded`` entries were
+    not written because a newer version of their row is stored."""
 
     selected: int = 0
     resolved: int = 0
+    superseded: int = 0
     still_failing: int = 0
     refetched: int = 0
     inserted: int = 0
@@ -75,6 +91,7 @@ class ReplayStats:
         return {
             "selected": self.selected,
             "resolved": self.resolved,
+            "superseded": self.superseded,
             "still_failing": self.still_failing,
             "refetched": self.refetched,
             "inserted": self.inserted,
@@ -139,6 +156,8 @@ class _Batch:
         self.good: list[tuple[DlqEntry, RowBatch]] = []
         self.failures: list[Failure] = []
         self.refetched = 0
+        #: dlq_ids of the good entries whose row is the stored payload, not a re-fetched one.
+        self.from_payload: set[int] = set()
 
     def fail(self, entry: DlqEntry, kind: str, message: str) -> None:
         self.failures.append((entry.dlq_id, kind, message))
@@ -149,6 +168,7 @@ def _revalidate(entries: Iterable[DlqEntry], dimension: int, refetch: Refetch | 
     out = _Batch()
     for entry in entries:
         chunk = refetch(entry.id) if refetch is not None and entry.id is not None else None
+        refetched = chunk is not None
         source = "the AI server's current version"
         if chunk is None:
             source = "the stored payload"
@@ -164,7 +184,65 @@ def _revalidate(entries: Iterable[DlqEntry], dimension: int, refetch: Refetch | 
             out.fail(entry, rejected[0].kind, f"{rejected[0].message} (replayed from {source})")
         else:
             out.good.append((entry, batch))
+            if not refetched:
+                out.from_payload.add(entry.dlq_id)
     return out
+
+
+#: Row id -> (``updated_at`` this replay wrote, ``created_at`` of the entry whose payload it wrote).
+Written = dict[str, tuple[datetime, datetime]]
+
+
+def _take_superseded(cur: psycopg.Cursor[Any], tables: TableNames, page: _Batch, written: Written) -> list[DlqEntry]:
+    """Remove from ``page.good`` the payload rows whose id was written after their entry was
+    dead-lettered, and return their entries: writing them would replace a newer version."""
+    candidates = [(e, b) for e, b in page.good if e.dlq_id in page.from_payload]
+    if not candidates:
+        return []
+    # Good rows have canonical UUID ids: an id that is not one never gets past validation.
+    versions = stored_versions(cur, tables, sorted({b.ids[0] for _, b in candidates}))
+    superseded: list[DlqEntry] = []
+    for entry, batch in candidates:
+        row_id = batch.ids[0]
+        stored_at = versions.get(row_id)
+        # No created_at (an entry inserted by hand): its age is unknown, so it is replayed as before.
+        if stored_at is None or entry.created_at is None:
+            continue
+        # A row an earlier page of this replay wrote from a payload is as old as that payload,
+        # not as its write: otherwise the older of two entries of one id would win across pages.
+        ours = written.get(row_id)
+        version = ours[1] if ours is not None and ours[0] == stored_at else stored_at
+        # Strictly later: the same instant is the entry's own ingest transaction, whose order of
+        # the two versions the timestamps cannot tell; that case is replayed as before.
+        if version > entry.created_at:
+            superseded.append(entry)
+            log.info(
+                "DLQ entry %d (id %s, dead-lettered %s) superseded: the stored row is a version of %s, "
+                "later than the entry; its payload is not written",
+                entry.dlq_id,
+                row_id,
+                entry.created_at.isoformat(sep=" "),
+                version.isoformat(sep=" "),
+            )
+    dropped = {e.dlq_id for e in superseded}
+    page.good = [(e, b) for e, b in page.good if e.dlq_id not in dropped]
+    return superseded
+
+
+def _remember(cur: psycopg.Cursor[Any], page: _Batch, stored: Sequence[DlqEntry], written: Written) -> None:
+    """Record which version of each row this page wrote (see :func:`_take_superseded`)."""
+    if not stored:
+        return
+    rows = {e.dlq_id: b for e, b in page.good}
+    now = transaction_time(cur)
+    # In page order, as the writer keeps the last occurrence of an id.
+    for entry in stored:
+        row_id = rows[entry.dlq_id].ids[0]
+        if entry.dlq_id in page.from_payload and entry.created_at is not None:
+            written[row_id] = (now, entry.created_at)
+        else:
+            # The server's current version (newer than any entry), or a payload of unknown age.
+            written.pop(row_id, None)
 
 
 def replay_dlq(
@@ -185,11 +263,17 @@ def replay_dlq(
     reason recorded. A crash therefore never stores a row and leaves its entry pending, nor the
     reverse. When the database refuses the page's rows, they are written one by one (each in a
     savepoint) so that only the refused rows stay in the queue, with the database's message.
+
+    A row replayed from its stored payload whose id was written after the entry was created (a
+    newer version arrived meanwhile) is not written; its entry is marked ``superseded`` (or deleted
+    with ``delete_resolved``). Rows from ``refetch`` are the server's current version and are
+    written regardless.
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         # Inside a caller's transaction each page would only be a savepoint, committed by nobody.
         raise ValueError("replay_dlq needs a connection that is not inside a transaction")
     stats = ReplayStats()
+    written: Written = {}
     after = 0
     while True:
         with conn.transaction(), conn.cursor() as cur:
@@ -200,12 +284,16 @@ def replay_dlq(
             # A re-fetch talks to the AI server while the page's entries are locked; pages are
             # small and the lock only keeps a concurrent replay off these entries.
             page = _revalidate(entries, dimension, refetch)
+            superseded = _take_superseded(cur, tables, page, written)
             stored = _write(writer, page, dimension, stats)
+            _remember(cur, page, stored, written)
             mark_resolved(cur, tables, [e.dlq_id for e in stored], delete=delete_resolved)
+            mark_superseded(cur, tables, [e.dlq_id for e in superseded], delete=delete_resolved)
             mark_failed(cur, tables, page.failures)
         stats.selected += len(entries)
         stats.refetched += page.refetched
         stats.resolved += len(stored)
+        stats.superseded += len(superseded)
         stats.resolved_by_reason.update(e.error_kind or "unknown" for e in stored)
         stats.still_failing += len(page.failures)
         stats.by_reason.update(kind for _, kind, _ in page.failures)
@@ -268,9 +356,11 @@ class EmbeddingDlqReplayOperator(BaseOperator):
     Every pending entry in scope is re-validated against ``dimension``; a row that passes is
     upserted (metadata, then embedding) and its entry marked ``resolved`` in the same transaction;
     a row that fails again keeps its entry, with ``attempts`` counted up and the latest reason. No
-    second entry is ever created for a replayed row. Resolved entries are not pending, so
+    second entry is ever created for a replayed row. A row replayed from its stored payload is not
+    written when its id was stored after the entry was created (a newer version arrived since):
+    the entry is marked ``superseded`` instead. Resolved and superseded entries are not pending, so
     replaying again selects nothing: the operator is idempotent. Returns
-    ``{selected, resolved, still_failing, by_reason, ...}`` (see :class:`ReplayStats`).
+    ``{selected, resolved, superseded, still_failing, by_reason, ...}`` (see :class:`ReplayStats`).
 
     :param postgres_conn_id: PostgreSQL connection. Templated.
     :param grpc_conn_id: ``embedding_grpc`` connection of the AI server, used with ``refetch``.
@@ -283,11 +373,11 @@ class EmbeddingDlqReplayOperator(BaseOperator):
     :param until: only entries created before this ISO 8601 date-time. Templated.
     :param error_kinds: only entries with these ``error_kind`` values. Templated.
     :param refetch: ask the AI server for its current version of each row (when the row's id is a
-        UUID) and replay that; rows the server does not hold are replayed from the stored payload.
-        Templated.
+        UUID) and replay that, over whatever is stored; rows the server does not hold are replayed
+        from the stored payload, which never replaces a newer stored version. Templated.
     :param batch_size: entries a transaction. Templated.
-    :param delete_resolved: delete entries whose row is stored instead of keeping them as
-        ``resolved`` (kept by default, as an audit trail).
+    :param delete_resolved: delete settled entries instead of keeping them as ``resolved`` or
+        ``superseded`` (kept by default, as an audit trail).
     :param cache_target: the API server cache that a replay which changes rows marks stale.
     """
 
@@ -392,6 +482,12 @@ class EmbeddingDlqReplayOperator(BaseOperator):
             stats.unchanged,
             stats.refetched,
         )
+        if stats.superseded:
+            self.log.info(
+                "%d entries superseded: their row was stored again after they were dead-lettered, so "
+                "their older payload was not written (status 'superseded')",
+                stats.superseded,
+            )
         if stats.still_failing:
             self.log.warning("%d entries still fail and stay pending: %s", stats.still_failing, dict(stats.by_reason))
         if stats.by_reason.get("dimension_mismatch"):

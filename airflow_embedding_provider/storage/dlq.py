@@ -5,10 +5,19 @@ non-finite values as the strings ``"nan"``/``"inf"``/``"-inf"``, and byte string
 whole float32 values as ``{"base64": ...}``. :func:`payload_to_chunk` turns it back into the
 :class:`WireChunk` the row arrived in, so a replay validates and writes exactly what was received.
 
-Settled entries are kept by default (``status = 'resolved'``) rather than deleted: the DLQ then
-stays an audit trail of what failed, why and when it was fixed, and a resolved entry is never
-selected again, which is what makes a replay idempotent. ``mark_resolved(..., delete=True)``
-deletes instead, for deployments that prefer an empty queue.
+An entry's ``status`` is one of:
+
+- ``pending``: not settled; what a replay selects.
+- ``resolved``: a replay stored the entry's row.
+- ``superseded``: a replay found the row's id stored by a write later than the entry (a newer
+  version of the row arrived after this one was dead-lettered) and did not write the stale payload.
+  ``error_kind`` and ``error_message`` keep the entry's last failure.
+
+Settled entries are kept by default rather than deleted: the DLQ then stays an audit trail of what
+failed, why and when it was settled, and a settled entry is never selected again, which is what
+makes a replay idempotent. ``mark_resolved(..., delete=True)`` (and ``mark_superseded``) delete
+instead, for deployments that prefer an empty queue. An ingest that rejects a settled entry's row
+again makes it ``pending`` again (``writer.dead_letter``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
 PENDING = "pending"
 RESOLVED = "resolved"
+SUPERSEDED = "superseded"
 _TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
 
 
@@ -65,7 +75,7 @@ class DlqEntry:
     error_kind: str | None
     error_message: str | None
     payload: dict[str, Any]
-    created_at: datetime
+    created_at: datetime | None  # the column has a default but allows NULL (an entry added by hand)
     attempts: int
 
 
@@ -208,12 +218,7 @@ def payload_to_chunk(payloads: Iterable[Mapping[str, Any]]) -> WireChunk:
     return WireChunk(ids, company, years, english, keyword, vectors)
 
 
-def mark_resolved(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], *, delete: bool = False) -> int:
-    """Settle entries whose row is now stored: ``resolved`` with the attempt counted, or deleted.
-
-    Only pending entries are touched, so a second call changes nothing. Returns how many changed.
-    Call it in the transaction that stored the rows, so that a crash keeps both or neither.
-    """
+def _settle(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], status: str, delete: bool) -> int:
     if not dlq_ids:
         return 0
     dlq = tables.identifiers()["dlq"]
@@ -225,8 +230,64 @@ def mark_resolved(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequenc
             "UPDATE {} SET status = %s, attempts = attempts + 1, last_attempt_at = now() "
             "WHERE dlq_id = ANY(%s) AND status = %s"
         ).format(dlq)
-        cur.execute(query, (RESOLVED, list(dlq_ids), PENDING))
+        cur.execute(query, (status, list(dlq_ids), PENDING))
     return cur.rowcount
+
+
+def mark_resolved(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], *, delete: bool = False) -> int:
+    """Settle entries whose row is now stored: ``resolved`` with the attempt counted, or deleted.
+
+    Only pending entries are touched, so a second call changes nothing. Returns how many changed.
+    Call it in the transaction that stored the rows, so that a crash keeps both or neither.
+    """
+    return _settle(cur, tables, dlq_ids, RESOLVED, delete)
+
+
+def mark_superseded(
+    cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], *, delete: bool = False
+) -> int:
+    """Settle entries whose row was not written because a newer version is stored (see
+    :func:`stored_versions`): ``superseded`` with the attempt counted, or deleted.
+
+    Only pending entries are touched. Returns how many changed. Call it in the transaction that
+    read the stored versions, so that no write can come in between.
+    """
+    return _settle(cur, tables, dlq_ids, SUPERSEDED, delete)
+
+
+def stored_versions(cur: psycopg.Cursor[Any], tables: TableNames, ids: Sequence[str]) -> dict[str, datetime]:
+    """When each stored row of ``ids`` (canonical UUID strings) was last written, by id.
+
+    That is the later ``updated_at`` of its metadata and its embedding row: an update that changes
+    only the vector leaves the metadata's ``updated_at`` as it was. Both are ``timestamp`` columns
+    filled by ``now()`` (by their default on insert, COPY included), like the DLQ's ``created_at``,
+    so they compare with it as stored, whatever the reading session's time zone. Ids not stored (or
+    stored without any ``updated_at``) are absent.
+
+    The stored metadata rows are locked ``FOR UPDATE`` until the caller's transaction ends, in id
+    order as the writer locks them, so that no other writer stores a newer version of them between
+    this read and the caller's write (a row not stored yet has nothing to lock).
+    """
+    if not ids:
+        return {}
+    ident = tables.identifiers()
+    rows = cur.execute(
+        sql.SQL(
+            "SELECT m.id::text, GREATEST(m.updated_at, e.updated_at) FROM {metadata} AS m "
+            "LEFT JOIN {embedding} AS e ON e.id = m.id WHERE m.id = ANY(%s::uuid[]) "
+            "ORDER BY m.id FOR UPDATE OF m"
+        ).format(metadata=ident["metadata"], embedding=ident["embedding"]),
+        (list(ids),),
+    ).fetchall()
+    return {row_id: written for row_id, written in rows if written is not None}
+
+
+def transaction_time(cur: psycopg.Cursor[Any]) -> datetime:
+    """What ``now()`` writes into a ``timestamp`` column in the current transaction (its start, in
+    the session's time zone): the ``updated_at`` of every row this transaction writes."""
+    row = cur.execute("SELECT LOCALTIMESTAMP").fetchone()
+    assert row is not None
+    return row[0]
 
 
 def mark_failed(cur: psycopg.Cursor[Any], tables: TableNames, failures: Sequence[Failure]) -> None:
