@@ -3,8 +3,9 @@
 Run it after fixing what made rows fail (a new ``RECRUIT_EMBEDDING_DIMENSION`` with the tables
 migrated, a corrected row on the AI server, ...). Every pending ``recruit_embedding_dlq`` entry in
 scope is re-validated and upserted; an entry whose row is stored becomes ``resolved``, one that
-still fails stays ``pending`` with ``attempts`` counted up and the latest error. Replaying again
-changes nothing.
+still fails stays ``pending`` with ``attempts`` counted up and the latest error, and one whose id
+was written after it was dead-lettered becomes ``superseded`` (its stale payload is not written
+over the newer row). Replaying again changes nothing.
 
 Scope it with Params (combined with AND; none given = every pending entry), for example
 ``{"error_kinds": ["dimension_mismatch"]}`` or

@@ -100,6 +100,7 @@ def test_rows_rejected_for_dimension_are_stored_after_the_fix(
     assert result == {
         "selected": 25,
         "resolved": 25,
+        "superseded": 0,
         "still_failing": 0,
         "refetched": 0,
         "inserted": 25,
