@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import hmac
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -244,3 +246,16 @@ def add_health(server: grpc.Server, service_name: str) -> health.HealthServicer:
     for name in ("", service_name):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
+
+
+def wait_for_stop_signal(ready: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT arrives (call it from the main thread, which owns signals).
+
+    :param ready: set once the handlers are installed, for callers serving in a thread of a test.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    stop.wait()

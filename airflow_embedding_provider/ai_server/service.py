@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from concurrent import futures
 import grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -167,11 +166,6 @@ def serve(
     log.info("AI server listening on %s:%d: %d rows, dimension %d", host, bound, len(dataset), dataset.dimension)
     log.info("transport: %s", (security or ServerSecurity()).describe())
     print(f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension})", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if ready is not None:
-        ready.set()
-    stop.wait()
+    wait_for_stop_signal(ready)
     log.info("shutting down")
     server.stop(grace=10).wait()

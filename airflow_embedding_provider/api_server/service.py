@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -23,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -206,9 +205,6 @@ def serve(servicer: CacheServicer, *, host: str, port: int, security: ServerSecu
     server.start()
     print(f"API server listening on {host}:{bound} ({SERVICE_NAME}, faults: {servicer.faults})", flush=True)
     log.info("transport: %s", (security or ServerSecurity()).describe())
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    wait_for_stop_signal()
     log.info("shutting down")
     server.stop(grace=5).wait()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import threading
 import time
 import uuid
@@ -34,7 +33,7 @@ from grpc_health.v1 import health
 
 from airflow_embedding_provider.pipeline import IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server
+from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
@@ -319,10 +318,7 @@ def serve(
         f"up to {settings.max_concurrent_uploads} uploads x {settings.db_connections} connections)",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    wait_for_stop_signal()
     health_servicer.enter_graceful_shutdown()
     active = servicer.active_uploads
     log.info("shutting down: draining %d upload(s) for up to %g s", active, grace)
