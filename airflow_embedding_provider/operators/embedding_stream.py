@@ -27,13 +27,14 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
     PartitionKey,
+    advance_checkpoint,
     load_plan,
     low_watermark,
     resume_point,
     save_plan,
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, advance_checkpoint, read_checkpoint
+from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

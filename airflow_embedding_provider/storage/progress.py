@@ -109,6 +109,28 @@ _WATERMARK = (
 )
 
 
+# Moves the stream's checkpoint up to ``w`` of the CTE ``wm``. The row is written, and so locked,
+# only when ``w`` passes it, so that writers that do not move it do not queue on its lock;
+# ``GREATEST`` keeps it from ever moving back, even with two runs at once.
+_ADVANCE_TO_W = (
+    " INSERT INTO {checkpoint} AS c (stream_name, last_processed_uuid, updated_at) "
+    "SELECT %(stream)s, w, now() FROM wm WHERE w IS NOT NULL AND NOT EXISTS "
+    "  (SELECT 1 FROM {checkpoint} WHERE stream_name = %(stream)s AND last_processed_uuid >= w) "
+    "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
+    "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
+)
+
+
+def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:
+    """Move the stream's checkpoint forward to ``last_processed_uuid``; never back."""
+    cur.execute(
+        sql.SQL("WITH wm AS (SELECT %(position)s::uuid AS w)" + _ADVANCE_TO_W).format(
+            checkpoint=_ids(tables)["checkpoint"]
+        ),
+        {"position": last_processed_uuid, "stream": stream_name},
+    )
+
+
 def low_watermark(cur: psycopg.Cursor, tables: TableNames, stream_name: str, run_id: str) -> str | None:
     """The run's low watermark: every row of the run with an id up to it is stored."""
     row = cur.execute(
@@ -125,12 +147,8 @@ def record_progress_and_advance(
     cur: psycopg.Cursor, tables: TableNames, key: PartitionKey, committed_uuid: str | None, done: bool
 ) -> None:
     """Advance a partition's committed position (never backwards) and its done flag, then move the
-    stream's checkpoint up to the run's new low watermark, in one statement (every sub-batch of
-    every partition runs it: one round trip instead of three).
-
-    The checkpoint row is written, and so locked, only when the watermark passes it; ``GREATEST``
-    keeps it from ever moving back, even with two runs at once.
-    """
+    stream's checkpoint up to the run's new low watermark (as :func:`advance_checkpoint`), in one
+    statement: every sub-batch of every partition runs it, one round trip instead of three."""
     ids = _ids(tables)
     cur.execute(
         sql.SQL(
@@ -142,11 +160,7 @@ def record_progress_and_advance(
             "p AS (SELECT * FROM mine UNION ALL SELECT partition_index, until_uuid, committed_uuid, done "
             "  FROM {progress} WHERE stream_name = %(stream)s AND run_id = %(run)s AND partition_index <> %(index)s), "
             + _WATERMARK
-            + " INSERT INTO {checkpoint} AS c (stream_name, last_processed_uuid, updated_at) "
-            "SELECT %(stream)s, w, now() FROM wm WHERE w IS NOT NULL AND NOT EXISTS "
-            "  (SELECT 1 FROM {checkpoint} WHERE stream_name = %(stream)s AND last_processed_uuid >= w) "
-            "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
-            "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
+            + _ADVANCE_TO_W
         ).format(progress=ids["progress"], checkpoint=ids["checkpoint"]),
         {"committed": committed_uuid, "done": done, "stream": key.stream_name, "run": key.run_id, "index": key.index},
     )

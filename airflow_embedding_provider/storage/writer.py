@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
-from airflow_embedding_provider.storage.progress import PartitionKey, record_progress_and_advance
+from airflow_embedding_provider.storage.progress import PartitionKey, advance_checkpoint, record_progress_and_advance
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.validation import Rejected, json_vector
 
@@ -171,7 +171,7 @@ class ChunkWriter:
                 if step.dead_letter_refused:
                     rejected = [*rejected, *refused]
             elif len(batch):
-                inserted, updated = self._store(cur, batch)
+                inserted, updated = self._store(cur, batch, direct=not self.has_stored_ids(cur, batch))
             if (inserted or updated) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
@@ -190,13 +190,14 @@ class ChunkWriter:
             refused_rows=tuple(refused),
         )
 
-    def _store(self, cur: psycopg.Cursor, batch: RowBatch) -> tuple[int, int]:
-        """Rows none of which is stored yet (a first load, or the new rows after the checkpoint)
-        are copied straight into the tables, about half the cost of staging and upserting them."""
-        if self.has_stored_ids(cur, batch):
-            return self._upsert(cur, batch)
-        self.insert_new(cur, batch)
-        return len(batch), 0
+    def _store(self, cur: psycopg.Cursor, batch: RowBatch, *, direct: bool) -> tuple[int, int]:
+        """``(inserted, updated)``. ``direct``: none of the rows is stored (a first load, or the
+        new rows after the checkpoint), so they are copied straight into the tables, about half
+        the cost of staging and upserting them; else they are staged and upserted."""
+        if direct:
+            self.insert_new(cur, batch)
+            return len(batch), 0
+        return self._upsert(cur, batch)
 
     def _upsert_isolating(
         self, cur: psycopg.Cursor, batch: RowBatch, *, direct: bool | None = None
@@ -206,17 +207,15 @@ class ChunkWriter:
         do: the others commit, the refused go to the DLQ with the database's message.
 
         Rows none of which is stored are copied straight in (see :meth:`_store`); should another
-        writer store some of them meanwhile, the batch is upserted instead. Errors that are not about the data (connection lost, server shutting down, deadlock,
-        timeout) propagate, so that the task retries instead of dead-lettering good rows.
+        writer store some of them meanwhile, the batch is upserted instead. Errors that are not
+        about the data (connection lost, server shutting down, deadlock, timeout) propagate, so
+        that the task retries instead of dead-lettering good rows.
         """
         if direct is None:
             direct = not self.has_stored_ids(cur, batch)
         try:
             with self._conn.transaction():
-                if direct:
-                    self.insert_new(cur, batch)
-                    return len(batch), 0, []
-                inserted, updated = self._upsert(cur, batch)
+                inserted, updated = self._store(cur, batch, direct=direct)
                 return inserted, updated, []
         except psycopg.Error as exc:
             if direct and isinstance(exc, psycopg.errors.UniqueViolation):
@@ -243,32 +242,18 @@ class ChunkWriter:
     def insert_new(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
         """COPY BINARY rows that are not stored straight into both tables, metadata first (the
         embedding's foreign key needs it, SEED.md 7.3). A stored id raises ``UniqueViolation``."""
-        with cur.copy(
-            sql.SQL(
-                "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
-            ).format(self._ids["metadata"])
-        ) as copy:
-            copy.write(metadata_copy_buffer(batch))
-        with cur.copy(
-            sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(self._ids["embedding"])
-        ) as copy:
-            copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+        _copy_metadata(cur, self._ids["metadata"], batch)
+        _copy_vectors(cur, self._ids["embedding"], batch)
 
     # The steps of an upsert, public so that bench/profile_engine.py times these very statements.
 
     def stage_metadata(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
         """COPY BINARY the batch's metadata rows into the staging table."""
-        with cur.copy(
-            sql.SQL(
-                "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
-            ).format(_STAGE_META)
-        ) as copy:
-            copy.write(metadata_copy_buffer(batch))
+        _copy_metadata(cur, _STAGE_META, batch)
 
     def stage_vectors(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
         """COPY BINARY the batch's embedding rows into the staging table, encoded by numpy."""
-        with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(_STAGE_VEC)) as copy:
-            copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+        _copy_vectors(cur, _STAGE_VEC, batch)
 
     def merge_metadata(self, cur: psycopg.Cursor) -> tuple[int, list[Any]]:
         """Upsert the staged metadata; returns how many rows are new and the ids of changed ones.
@@ -324,6 +309,22 @@ class ChunkWriter:
         dead_letter(cur, self._tables, rejected, origin)
 
 
+def _copy_metadata(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
+    """COPY BINARY the batch's metadata rows into ``table`` (the target or the stage)."""
+    with cur.copy(
+        sql.SQL(
+            "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
+        ).format(table)
+    ) as copy:
+        copy.write(metadata_copy_buffer(batch))
+
+
+def _copy_vectors(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
+    """COPY BINARY the batch's embedding rows into ``table`` (the target or the stage)."""
+    with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(table)) as copy:
+        copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+
+
 #: SQLSTATE classes that are about the row itself: data exception, integrity constraint violation,
 #: program limit exceeded (say, an index row too large). Anything else is not the row's fault.
 _DATA_ERROR_CLASSES = ("22", "23", "54")
@@ -359,30 +360,6 @@ def dead_letter(
             "(t.error_kind, t.error_message) IS DISTINCT FROM (EXCLUDED.error_kind, EXCLUDED.error_message)"
         ).format(dlq=tables.identifiers()["dlq"]),
         [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key) for r in rejected],
-    )
-
-
-def advance_checkpoint(cur: psycopg.Cursor, tables: TableNames, stream_name: str, last_processed_uuid: str) -> None:
-    """Move the stream's checkpoint forward; ``GREATEST`` keeps it from ever moving back.
-
-    Every sub-batch of every partition comes here, but only those that move the watermark write:
-    a plain read first, so that the others do not queue on the one checkpoint row's lock.
-    """
-    current = cur.execute(
-        sql.SQL("SELECT last_processed_uuid::text FROM {} WHERE stream_name = %s").format(
-            tables.identifiers()["checkpoint"]
-        ),
-        (stream_name,),
-    ).fetchone()
-    if current is not None and current[0] is not None and current[0] >= last_processed_uuid:
-        return
-    cur.execute(
-        sql.SQL(
-            "INSERT INTO {c} AS c (stream_name, last_processed_uuid, updated_at) VALUES (%s, %s, now()) "
-            "ON CONFLICT (stream_name) DO UPDATE SET last_processed_uuid = "
-            "GREATEST(c.last_processed_uuid, EXCLUDED.last_processed_uuid), updated_at = now()"
-        ).format(c=tables.identifiers()["checkpoint"]),
-        (stream_name, last_processed_uuid),
     )
 
 
