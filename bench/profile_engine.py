@@ -73,57 +73,58 @@ def stages(pkl: Path, dsn: str) -> list[tuple[str, float]]:
         writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
         _time("db: ChunkWriter.write (whole, 1 conn)", n, lambda: [writer.write(b) for b in batches], table)
         conn.execute("TRUNCATE recruit_metadata CASCADE")
-        _split_writes(conn, batches, n, table)
+        _split(conn, batches, UPSERT_STEPS, "db split", table)
         conn.execute("TRUNCATE recruit_metadata CASCADE")
-        _split_direct(conn, batches, n, table)
+        _split(conn, batches, DIRECT_STEPS, "db direct", table)
     return table
 
 
-def _split_writes(conn: psycopg.Connection, batches: list[RowBatch], n: int, table: list[tuple[str, float]]) -> None:
-    """The steps of ``ChunkWriter._upsert`` timed one by one (the writer's own methods, same order)."""
+#: A step of one sub-batch's transaction, timed on its own: ``(name, fn(writer, cursor, batch))``.
+Step = tuple[str, Callable[[ChunkWriter, psycopg.Cursor, RowBatch], object]]
+
+
+def _restage_metadata(writer: ChunkWriter, cur: psycopg.Cursor, batch: RowBatch) -> None:
+    writer.clear_stage(cur)
+    writer.stage_metadata(cur, batch)
+
+
+def _probe_expecting_none(writer: ChunkWriter, cur: psycopg.Cursor, batch: RowBatch) -> None:
+    if writer.has_stored_ids(cur, batch):
+        raise RuntimeError("the direct path's figures need an empty table")
+
+
+# The steps of ChunkWriter._upsert (rows that may be stored), the writer's own methods in order.
+UPSERT_STEPS: list[Step] = [
+    ("copy metadata", _restage_metadata),
+    ("copy embedding", lambda w, cur, b: w.stage_vectors(cur, b)),
+    ("upsert metadata", lambda w, cur, b: w.merge_metadata(cur)),
+    ("upsert embedding", lambda w, cur, b: w.merge_vectors(cur)),
+]
+# The steps for rows not stored yet (COPY straight into the tables).
+DIRECT_STEPS: list[Step] = [
+    ("probe for stored ids", _probe_expecting_none),
+    ("insert_new (COPY both tables)", lambda w, cur, b: w.insert_new(cur, b)),
+]
+
+
+def _split(
+    conn: psycopg.Connection, batches: list[RowBatch], steps: list[Step], label: str, table: list[tuple[str, float]]
+) -> None:
+    """Each step's microseconds a row, one sub-batch a transaction, then the commit's."""
     writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
     writer.ensure_stage()
-    parts = dict.fromkeys(("copy metadata", "copy embedding", "upsert metadata", "upsert embedding", "commit"), 0.0)
+    parts = dict.fromkeys([name for name, _ in steps] + ["commit"], 0.0)
     for batch in batches:
         with conn.transaction(), conn.cursor() as cur:
-            t0 = time.perf_counter()
-            writer.clear_stage(cur)
-            writer.stage_metadata(cur, batch)
-            t1 = time.perf_counter()
-            writer.stage_vectors(cur, batch)
-            t2 = time.perf_counter()
-            writer.merge_metadata(cur)
-            t3 = time.perf_counter()
-            writer.merge_vectors(cur)
-            t4 = time.perf_counter()
-            parts["copy metadata"] += t1 - t0
-            parts["copy embedding"] += t2 - t1
-            parts["upsert metadata"] += t3 - t2
-            parts["upsert embedding"] += t4 - t3
+            for name, step in steps:
+                began = time.perf_counter()
+                step(writer, cur, batch)
+                parts[name] += time.perf_counter() - began
             tx_began = time.perf_counter()
         parts["commit"] += time.perf_counter() - tx_began
+    n = sum(len(b) for b in batches)
     for name, seconds in parts.items():
-        table.append((f"db split: {name}", seconds / n * 1e6))
-
-
-def _split_direct(conn: psycopg.Connection, batches: list[RowBatch], n: int, table: list[tuple[str, float]]) -> None:
-    """The steps of the writer's path for rows not stored yet (COPY straight into the tables)."""
-    writer = ChunkWriter(conn, dimension=DEFAULT_DIMENSION)
-    parts = dict.fromkeys(("probe for stored ids", "insert_new (COPY both tables)", "commit"), 0.0)
-    for batch in batches:
-        with conn.transaction(), conn.cursor() as cur:
-            t0 = time.perf_counter()
-            stored = writer.has_stored_ids(cur, batch)
-            t1 = time.perf_counter()
-            assert not stored
-            writer.insert_new(cur, batch)
-            t2 = time.perf_counter()
-            parts["probe for stored ids"] += t1 - t0
-            parts["insert_new (COPY both tables)"] += t2 - t1
-            tx_began = time.perf_counter()
-        parts["commit"] += time.perf_counter() - tx_began
-    for name, seconds in parts.items():
-        table.append((f"db direct: {name}", seconds / n * 1e6))
+        table.append((f"{label}: {name}", seconds / n * 1e6))
 
 
 def cprofile(pkl: Path, dsn: str, rows: int, out: Path) -> None:
