@@ -226,20 +226,22 @@ def test_two_runs_at_once(
     _assert_exact(dsn, big_dataset, watch)
 
 
-def _task_processes(dsn_port: int, dbname: str) -> list[psutil.Process]:
-    """Processes other than this one with a connection to ``dbname``: the running ingest tasks
-    (a task's code, and so its database connections, live in the child its supervisor forks)."""
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{dsn_port}/{dbname}") as conn:
+def _task_processes(dsn: str) -> list[psutil.Process]:
+    """Processes other than this one with a connection to the database of ``dsn``: the running
+    ingest tasks (a task's code, and so its connections, live in the child its supervisor forks)."""
+    with psycopg.connect(dsn) as conn:
+        server_port = conn.info.port
         ports = {
             r[0]
             for r in conn.execute(
-                "SELECT client_port FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)
+                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
             )
         }
     pids = {
         c.pid
         for c in psutil.net_connections(kind="tcp")
-        if c.pid and c.pid != os.getpid() and c.raddr and c.raddr.port == dsn_port and c.laddr.port in ports
+        if c.pid and c.pid != os.getpid() and c.raddr and c.raddr.port == server_port and c.laddr.port in ports
     }
     return [psutil.Process(pid) for pid in sorted(pids)]
 
@@ -270,7 +272,7 @@ def test_mapped_tasks_sigkilled_under_the_scheduler_resume_inside_their_ranges(
         with CheckpointWatch(dsn) as watch:
             run_id = cluster.trigger(DAG_ID, CONF | {"rows_per_partition": 50_000})
             _wait_for(lambda: any(c is not None and not done for _, c, done in _progress(dsn)), timeout=600)
-            killed = _task_processes(postgres.port, "task_kill")
+            killed = _task_processes(dsn)
             assert killed, "no task process holds a connection"
             for proc in killed:
                 proc.kill()  # SIGKILL: no cleanup, no rollback from the client side
