@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import numpy as np
@@ -65,6 +66,41 @@ def test_upsert_is_idempotent_and_counts_changes(conn: psycopg.Connection) -> No
     assert _count(conn, "recruit_metadata") == 5 == _count(conn, "recruit_embedding")
     stored = conn.execute("SELECT vector::text FROM recruit_embedding WHERE id = %s", (ids[2],)).fetchone()
     assert stored == ("[" + ",".join(str(int(v) if v.is_integer() else v) for v in np.arange(DIM) * 3.0) + "]",)
+
+
+@pytest.mark.parametrize(("in_callers_transaction", "rows"), [(False, 6), (True, 6), (True, 1)])
+def test_a_row_a_concurrent_writer_commits_first_turns_the_copy_into_an_upsert(
+    conn: psycopg.Connection, pg_dsn: str, in_callers_transaction: bool, rows: int
+) -> None:
+    """The probe finds none of the ids (the other writer has not committed), so the batch is
+    COPYed straight in; the COPY waits on the other writer's row, fails with UniqueViolation when
+    it commits, and the batch is upserted instead: nothing lost, nothing doubled, nothing
+    dead-lettered (a lone row is not "refused"). Either as its own transaction (redone whole) or
+    inside a caller's (redone in its savepoint)."""
+    ids = _ids(6)
+    contested = ids[2]
+    batch_ids = ids if rows == 6 else [contested]
+    writer = ChunkWriter(conn, dimension=DIM)
+    conn.commit()
+    if in_callers_transaction:
+        conn.execute("SELECT 1")
+    with psycopg.connect(pg_dsn) as other:
+        other.execute("SELECT 1")  # a transaction is open: the write below stays uncommitted
+        ChunkWriter(other, dimension=DIM).write(_batch([contested], keyword="Rust"))
+        committer = threading.Timer(1.0, other.commit)
+        committer.start()
+        try:
+            result = writer.write(_batch(batch_ids), checkpoint=batch_ids[-1])
+        finally:
+            committer.join()
+    conn.commit()
+    # The other writer's row was there first: this batch updated it to its own version.
+    assert (result.inserted, result.updated, result.unchanged, result.rejected) == (rows - 1, 1, 0, 0)
+    assert _count(conn, "recruit_metadata") == rows == _count(conn, "recruit_embedding")
+    assert _count(conn, "recruit_embedding_dlq") == 0
+    keywords = conn.execute("SELECT DISTINCT primary_keyword FROM recruit_metadata").fetchall()
+    assert keywords == [("Python",)]
+    assert read_checkpoint(conn) == batch_ids[-1]
 
 
 def test_same_id_twice_in_a_chunk_the_later_wins(conn: psycopg.Connection) -> None:
