@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +125,25 @@ def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) 
     return None
 
 
+def _all_rows_clean(chunk: WireChunk, dimension: int) -> bool:
+    """Whether no row can fail :func:`_check_row`, decided a column at a time, without a Python
+    loop over rows; ``False`` sends the chunk through the per-row checks, which say what is wrong."""
+    if not all(map(_CANONICAL_UUID.fullmatch, chunk.ids)):
+        return False
+    for name in TEXT_FIELDS:
+        values = list(filter(None, getattr(chunk, name)))
+        if "\x00" in "".join(values) or max(map(len, values), default=0) > MAX_TEXT_LENGTH:
+            return False
+    years = [y for y in chunk.exp_years if y is not None]
+    if years and not (min(years) >= 0 and max(years) <= INT4_MAX):
+        return False
+    return set(map(len, chunk.vectors)) <= {4 * dimension}
+
+
 def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rejected]]:
     """Split a received chunk into rows fit to store and rejected rows, keeping stream order."""
+    if _all_rows_clean(chunk, dimension):
+        return _finite_rows(chunk, list(range(len(chunk))), chunk.ids, [], dimension)
     good: list[int] = []
     rejected: list[Rejected] = []
     ids = [_canonical(raw) for raw in chunk.ids]
@@ -142,8 +160,18 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
                     _payload(chunk, i),
                 )
             )
-    vectors = np.frombuffer(b"".join(chunk.vectors[i] for i in good), dtype=FLOAT32_LE)
-    vectors = vectors.reshape(len(good), dimension).astype(np.float32)
+    return _finite_rows(chunk, good, ids, rejected, dimension)
+
+
+def _finite_rows(
+    chunk: WireChunk, good: list[int], ids: Sequence[str | None], rejected: list[Rejected], dimension: int
+) -> tuple[RowBatch, list[Rejected]]:
+    """The batch of rows ``good`` (which passed the per-row checks) whose vectors are all finite;
+    the others join ``rejected``. ``ids`` are the canonical ids of every row of ``chunk``."""
+    everything = len(good) == len(chunk)
+    joined = b"".join(chunk.vectors if everything else [chunk.vectors[i] for i in good])
+    # float32 is little-endian here: astype(copy=False) only copies on a big-endian machine.
+    vectors = np.frombuffer(joined, dtype=FLOAT32_LE).reshape(len(good), dimension).astype(np.float32, copy=False)
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         for pos in np.flatnonzero(~finite):
@@ -160,6 +188,17 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
             )
         good = [good[pos] for pos in np.flatnonzero(finite)]
         vectors = vectors[finite]
+        everything = False
+    if everything:  # the common case: the columns as received, no per-row gathering
+        batch = RowBatch(
+            ids=ids,  # type: ignore[arg-type]  # every row passed, so every id is canonical
+            company_name=chunk.company_name,
+            exp_years=chunk.exp_years,
+            english_level=chunk.english_level,
+            primary_keyword=chunk.primary_keyword,
+            vectors=vectors,
+        )
+        return batch, rejected
     batch = RowBatch(
         ids=[ids[i] for i in good],  # type: ignore[misc]  # every good row has a canonical id
         company_name=[chunk.company_name[i] for i in good],

@@ -30,22 +30,23 @@ def test_a_good_row_passes_with_a_canonical_id() -> None:
     assert batch.vectors.tolist() == [[1.0] * DIM]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "kind", "message"),
-    [
-        ({"ids": ""}, "missing_id", "id is missing"),
-        ({"ids": "row-17"}, "invalid_id", "id 'row-17' is not a UUID"),
-        ({"vectors": b""}, "missing_vector", "vector is missing or empty"),
-        ({"vectors": b"\x00" * 7}, "bad_vector_bytes", "vector has 7 bytes"),
-        ({"vectors": np.ones(3, "<f4").tobytes()}, "dimension_mismatch", "vector has 3 dimensions, expected 4"),
-        ({"vectors": np.array([1, np.nan, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [1]"),
-        ({"vectors": np.array([np.inf, 1, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [0]"),
-        ({"company_name": "a\x00b"}, "nul_byte", "company_name contains a NUL byte"),
-        ({"primary_keyword": "x" * (MAX_TEXT_LENGTH + 1)}, "text_too_long", "primary_keyword has 10001 characters"),
-        ({"exp_years": -1}, "exp_years_out_of_range", "exp_years is -1, expected 0 to 2147483647"),
-        ({"exp_years": 2**31}, "exp_years_out_of_range", "exp_years is 2147483648, expected 0 to 2147483647"),
-    ],
-)
+BAD_ROWS = [
+    ({"ids": ""}, "missing_id", "id is missing"),
+    ({"ids": "row-17"}, "invalid_id", "id 'row-17' is not a UUID"),
+    ({"vectors": b""}, "missing_vector", "vector is missing or empty"),
+    ({"vectors": b"\x00" * 7}, "bad_vector_bytes", "vector has 7 bytes"),
+    ({"vectors": np.ones(3, "<f4").tobytes()}, "dimension_mismatch", "vector has 3 dimensions, expected 4"),
+    ({"vectors": np.array([1, np.nan, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [1]"),
+    ({"vectors": np.array([np.inf, 1, 1, 1], "<f4").tobytes()}, "non_finite_vector", "positions [0]"),
+    ({"company_name": "a\x00b"}, "nul_byte", "company_name contains a NUL byte"),
+    ({"primary_keyword": "x" * (MAX_TEXT_LENGTH + 1)}, "text_too_long", "primary_keyword has 10001 characters"),
+    ({"exp_years": -1}, "exp_years_out_of_range", "exp_years is -1, expected 0 to 2147483647"),
+    ({"exp_years": 2**31}, "exp_years_out_of_range", "exp_years is 2147483648, expected 0 to 2147483647"),
+    ({"ids": GOOD_ID + "\n" + GOOD_ID}, "invalid_id", "is not a UUID"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "kind", "message"), BAD_ROWS)
 def test_bad_rows_are_rejected_with_a_reason(overrides: dict[str, object], kind: str, message: str) -> None:
     batch, rejected = validate_chunk(_chunk(**overrides), DIM)
     assert len(batch) == 0
@@ -72,3 +73,43 @@ def test_good_rows_keep_their_order_around_bad_ones() -> None:
     assert batch.vectors[:, 0].tolist() == [0.0, 2.0, 3.0]
     assert [r.id for r in rejected] == [ids[1]]
     assert rejected[0].payload["vector"] == ["nan"] * DIM
+
+
+def _rows(n: int, **overrides: object) -> WireChunk:
+    """``n`` good rows with distinct ids; ``overrides`` replace the middle row's fields."""
+    rows = [_chunk(ids=f"019b0ab5-1c02-7a99-b42a-{i:012d}", vectors=np.full(DIM, i, "<f4").tobytes()) for i in range(n)]
+    rows[n // 2] = _chunk(**{"ids": rows[n // 2].ids[0], "vectors": rows[n // 2].vectors[0], **overrides})
+    columns = ("ids", "company_name", "exp_years", "english_level", "primary_keyword", "vectors")
+    return WireChunk(**{c: [getattr(r, c)[0] for r in rows] for c in columns})
+
+
+@pytest.mark.parametrize(("overrides", "kind", "message"), BAD_ROWS)
+def test_one_bad_row_among_good_ones_is_the_only_one_rejected(
+    overrides: dict[str, object], kind: str, message: str
+) -> None:
+    # A clean chunk is checked a column at a time; one bad value must still send it to the
+    # per-row checks, which reject that row alone.
+    chunk = _rows(7, **overrides)
+    batch, rejected = validate_chunk(chunk, DIM)
+    assert [r.kind for r in rejected] == [kind]
+    assert list(batch.ids) == [chunk.ids[i] for i in range(7) if i != 3]
+    assert batch.vectors[:, 0].tolist() == [0.0, 1.0, 2.0, 4.0, 5.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"company_name": None, "exp_years": None, "english_level": None, "primary_keyword": None},
+        {"company_name": "", "exp_years": 0, "english_level": ""},
+        {"exp_years": 2**31 - 1, "primary_keyword": "x" * MAX_TEXT_LENGTH},
+        {"ids": GOOD_ID.upper()},
+    ],
+)
+def test_edge_values_that_are_valid_pass_unchanged(overrides: dict[str, object]) -> None:
+    chunk = _rows(5, **overrides)
+    batch, rejected = validate_chunk(chunk, DIM)
+    assert rejected == []
+    assert len(batch) == 5
+    for column in ("company_name", "exp_years", "english_level", "primary_keyword"):
+        assert list(getattr(batch, column)) == getattr(chunk, column)
+    assert batch.ids[2] == (GOOD_ID if "ids" in overrides else chunk.ids[2])
