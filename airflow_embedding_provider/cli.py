@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
 
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--postgres-dsn", help="libpq connection string of the pgvector database")
     db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
     up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
-    up.add_argument("--sub-batch-size", type=int, default=100, help="rows a transaction")
+    up.add_argument("--sub-batch-size", type=int, default=DEFAULT_SUB_BATCH_SIZE, help="rows a transaction")
     up.add_argument("--db-connections", type=int, default=2, help="connections (writers) an upload uses")
     up.add_argument("--max-concurrent-uploads", type=int, default=4, help="more are refused (RESOURCE_EXHAUSTED)")
     up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")

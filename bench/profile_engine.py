@@ -28,6 +28,7 @@ from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.sample import write_sample
 from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.schema import apply_schema
@@ -37,7 +38,7 @@ from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 CHUNK = 300
-SUB_BATCH = 100
+SUB_BATCH = DEFAULT_SUB_BATCH_SIZE
 
 
 def _time(label: str, rows: int, fn: Callable[[], Any], table: list[tuple[str, float]]) -> Any:

@@ -25,6 +25,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
@@ -55,7 +56,9 @@ with DAG(
         ),
         "full_refresh": Param(False, type="boolean", description="Reload every row (upserts; unchanged rows stay)."),
         "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
-        "sub_batch_size": Param(100, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."),
+        "sub_batch_size": Param(
+            DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."
+        ),
         "rows_per_partition": Param(
             20000, type="integer", minimum=100, description="Aim of rows a mapped task (fewer, larger tasks: higher)."
         ),

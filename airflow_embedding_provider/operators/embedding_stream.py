@@ -22,7 +22,7 @@ from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import Partition
-from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
@@ -171,7 +171,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         partition: dict[str, Any] | None = None,
         last_processed_uuid: str | None = None,
         chunk_size: int | str = DEFAULT_CHUNK_SIZE,
-        sub_batch_size: int | str = 100,
+        sub_batch_size: int | str = DEFAULT_SUB_BATCH_SIZE,
         db_connections: int = 4,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,

@@ -31,7 +31,7 @@ import grpc
 import psycopg
 from grpc_health.v1 import health
 
-from airflow_embedding_provider.pipeline import IngestStats, ingest_chunks, prefetch
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.storage.outbox import CacheRequest
@@ -81,7 +81,7 @@ class UploadSettings:
     """How uploads are stored.
 
     :param dimension: the configured vector dimension; other lengths go to the DLQ.
-    :param sub_batch_size: rows a transaction (SEED.md 5: 50-100).
+    :param sub_batch_size: rows a transaction.
     :param db_connections: writers (connections) an upload uses; each upload opens its own.
     :param prefetch_depth: decoded chunks held ahead of the writers; with the writers' queue this
         bounds what an upload holds in memory.
@@ -92,7 +92,7 @@ class UploadSettings:
     """
 
     dimension: int = DEFAULT_DIMENSION
-    sub_batch_size: int = 100
+    sub_batch_size: int = DEFAULT_SUB_BATCH_SIZE
     db_connections: int = 2
     prefetch_depth: int = 4
     max_concurrent_uploads: int = 4
