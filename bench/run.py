@@ -151,7 +151,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--pairs",
         type=int,
         default=2,
-        help="extra (ceiling, default engine) pairs measured back to back; the c/a target takes the median pair",
+        help="extra (ceiling, naive, default engine) rounds measured back to back; c/a and c/b take the median",
     )
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
@@ -228,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         ai_memory["rss_after_load_mib"] = rss_mib(ai_pid)
         common = {"target": ai.target, "dimension": DEFAULT_DIMENSION, "rows": rows}
 
-        if "naive" not in args.skip:
-            bench.child("naive", "naive", {**common, "dsn": fresh_db(), "chunk_size": DEFAULT_SETTING.chunk_size})
+        def naive(key: str) -> None:
+            if "naive" not in args.skip:
+                bench.child("naive", key, {**common, "dsn": fresh_db(), "chunk_size": DEFAULT_SETTING.chunk_size})
+
+        naive("naive")
 
         def engine(setting: EngineSetting, dsn: str, key: str | None = None, **spec: Any) -> dict[str, Any]:
             return bench.child(
@@ -255,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         if "settings" not in args.skip:
             for setting in OTHER_SETTINGS:
                 engine(setting, fresh_db())
-        # The ceiling and the engine again, each pair back to back, so that the c/a ratio comes
-        # from measurements under the same load (the first pair is minutes apart).
+        # The ceiling, the naive baseline and the engine again, back to back, so that c/a and c/b
+        # come from measurements under the same load (the first ceiling is minutes before its engine).
         for k in range(2, 2 + args.pairs):
             bench.child("ceiling", f"ceiling_{k}", {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)})
+            naive(f"naive_{k}")
             engine(DEFAULT_SETTING, fresh_db(), key=f"{DEFAULT_SETTING.key}_{k}")
 
         if "dag" not in args.skip:

@@ -40,10 +40,13 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         incremental = measured["incremental"]
         assert incremental["updated"] == incremental["expected_changed"] == 200
         assert incremental["unchanged"] == 1800
-        # Two more (ceiling, engine) pairs back to back; the c/a target is their median.
-        assert measured["ceiling_3"]["rows"] == measured[f"{result['default_engine']}_3"]["rows"] == 2000
+        # Two more (ceiling, naive, engine) rounds back to back; c/a and c/b are their medians.
+        for key in ("ceiling_3", "naive_3", f"{result['default_engine']}_3"):
+            assert measured[key]["rows"] == 2000
         c_a = next(t for t in result["targets"] if t["target"].startswith("engine rows/s vs COPY ceiling"))
         assert c_a["note"].startswith("median of 3 (ceiling, engine) pair(s)")
+        c_b = next(t for t in result["targets"] if t["target"].startswith("engine rows/s vs naive"))
+        assert c_b["note"].startswith("median of 3 (naive, engine) pair(s)")
         statuses = {t["target"]: t["status"] for t in result["targets"]}
         assert set(statuses.values()) <= {"PASS", "MISS", "n/a"}
         assert "| (c) engine [default] |" in proc.stdout
