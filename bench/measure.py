@@ -256,12 +256,13 @@ def engine(spec: Spec) -> dict[str, Any]:
 
 
 def index(spec: Spec) -> dict[str, Any]:
-    """The ivfflat build after a first load (``ensure_ann_index``), as the DAG's finalize does it."""
+    """An ANN index build on a loaded table (``ensure_ann_index``), as the DAG's finalize does it;
+    ``spec["method"]``: ``ivfflat`` (default) or ``hnsw``."""
     from airflow_embedding_provider.storage.schema import ensure_ann_index
 
     with psycopg.connect(spec["dsn"], autocommit=True) as conn:
         began = time.perf_counter()
-        built = ensure_ann_index(conn)
+        built = ensure_ann_index(conn, method=spec.get("method", "ivfflat"))
         seconds = time.perf_counter() - began
     if not built:
         raise SystemExit("ensure_ann_index built nothing: the table is empty or already indexed")

@@ -155,6 +155,10 @@ _LABELS = {
     "dag_one_partition": ("(d) DAG", "recruit_embedding_ingest, one partition"),
     "incremental": ("incremental", "10% changed, ivfflat present"),
     "ivfflat_build": ("ivfflat build", "ensure_ann_index after the default engine load (as finalize does)"),
+    "hnsw_build": (
+        "HNSW build",
+        "ensure_ann_index(method='hnsw') on the same table afterwards (m 16, ef_construction 64)",
+    ),
 }
 
 
@@ -195,7 +199,7 @@ def render(result: dict[str, Any]) -> str:
             )
         rate = r["rows_per_second"]
         # The index build is not an ingest: rows/s against the ingests would mean nothing.
-        vs_a, vs_b = (None, None) if key == "ivfflat_build" else (_ratio(rate, a), _ratio(rate, b))
+        vs_a, vs_b = (None, None) if key.endswith("_build") else (_ratio(rate, a), _ratio(rate, b))
         lines.append(
             f"| {name} | {settings} | {r['rows']:,} | {r['seconds']:.2f} | {rate:,.0f} | "
             f"{_fmt(vs_a)} | {_fmt(vs_b, '.1f', 'x')} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "

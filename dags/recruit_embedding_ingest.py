@@ -27,12 +27,14 @@ from airflow_embedding_provider.operators.embedding_stream import (
 )
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.storage.schema import ANN_METHODS
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
+ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat")
 
 with DAG(
     dag_id="recruit_embedding_ingest",
@@ -66,6 +68,12 @@ with DAG(
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),
+        "ann_index": Param(
+            ANN_INDEX,
+            type="string",
+            enum=list(ANN_METHODS),
+            description="ANN index built after the first load; switching builds the other and drops this one.",
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -88,6 +96,7 @@ with DAG(
     finalize = EmbeddingCheckpointOperator(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
+        ann_index_method="{{ params.ann_index }}",
         trigger_rule="none_failed",  # also after a run with nothing new (no mapped task)
     )
     # After every partition succeeded: drop the API server's cache once, through the outbox the

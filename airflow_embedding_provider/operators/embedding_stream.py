@@ -9,6 +9,7 @@ checkpoint, builds the ANN index and checks the DLQ budget.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -54,6 +55,20 @@ def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Con
     finally:
         for conn in conns:
             conn.close()
+
+
+def _build_ann_index(operator: BaseOperator, conn: psycopg.Connection, method: str) -> str | None:
+    """Build the ANN index when missing (see :func:`ensure_ann_index`); the method built, if any.
+    An unknown method fails the task without retries: it is configuration, not a passing fault."""
+    method = str(method).strip().lower()
+    began = time.monotonic()
+    try:
+        if not ensure_ann_index(conn, DEFAULT_TABLES, method):
+            return None
+    except ValueError as exc:  # an unknown method
+        raise AirflowFailException(str(exc)) from exc
+    operator.log.info("built the %s index on %s in %.1f s", method, DEFAULT_TABLES.embedding, time.monotonic() - began)
+    return method
 
 
 class EmbeddingStreamPlanOperator(BaseOperator):
@@ -151,7 +166,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
     :param dimension: the vector dimension the tables are declared with.
     :param stream_name: the checkpoint row this ingest advances.
     :param cache_target: the API server cache that changed rows make stale (outbox entry).
-    :param build_ann_index: without ``partition``: build the ivfflat index after the load.
+    :param build_ann_index: without ``partition``: build the ANN index after the load.
+    :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
     """
 
     template_fields: Sequence[str] = (
@@ -160,6 +176,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         "last_processed_uuid",
         "chunk_size",
         "sub_batch_size",
+        "ann_index_method",
     )
     ui_color = "#d6eaf8"
 
@@ -177,6 +194,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         stream_name: str = DEFAULT_STREAM,
         cache_target: str | None = "recruit",
         build_ann_index: bool = True,
+        ann_index_method: str = "ivfflat",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -191,6 +209,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         self.stream_name = stream_name
         self.cache_target = cache_target
         self.build_ann_index = build_ann_index
+        self.ann_index_method = ann_index_method
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
@@ -246,8 +265,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                     origin=origin,
                     partition=key,
                 )
-            if part is None and self.build_ann_index and ensure_ann_index(conn):
-                self.log.info("built the ivfflat index on %s", DEFAULT_TABLES.embedding)
+            if part is None and self.build_ann_index:
+                _build_ann_index(self, conn, self.ann_index_method)
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
@@ -280,10 +299,11 @@ class EmbeddingCheckpointOperator(BaseOperator):
     :param ingest_task_id: the mapped ingest task whose results are summed.
     :param max_dlq_fraction: the share of rejected rows above which the run fails (templated).
     :param stream_name: the checkpoint row of this stream.
-    :param build_ann_index: build the ivfflat index when missing and the table has rows.
+    :param build_ann_index: build the ANN index when missing and the table has rows.
+    :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
     """
 
-    template_fields: Sequence[str] = ("max_dlq_fraction",)
+    template_fields: Sequence[str] = ("max_dlq_fraction", "ann_index_method")
 
     def __init__(
         self,
@@ -293,6 +313,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         max_dlq_fraction: float | str = 0.05,
         stream_name: str = DEFAULT_STREAM,
         build_ann_index: bool = True,
+        ann_index_method: str = "ivfflat",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -301,6 +322,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         self.max_dlq_fraction = max_dlq_fraction
         self.stream_name = stream_name
         self.build_ann_index = build_ann_index
+        self.ann_index_method = ann_index_method
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
@@ -318,8 +340,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
                 advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
         with _connections(self.postgres_conn_id, 1) as (conn,):
             checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
-            if self.build_ann_index and ensure_ann_index(conn):
-                self.log.info("built the ivfflat index on %s", DEFAULT_TABLES.embedding)
+            built = _build_ann_index(self, conn, self.ann_index_method) if self.build_ann_index else None
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
         seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
@@ -333,6 +354,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
             "rows_stored": totals["inserted"] + totals["updated"] + totals["unchanged"],
             "dlq_by_reason": dict(reasons),
             "last_processed_uuid": checkpoint,
+            "ann_index_built": built,
         }
         ti.xcom_push(key="checkpoint", value=checkpoint)
         self.log.info("run total: %s", summary)

@@ -13,6 +13,9 @@ from psycopg import sql
 SCHEMA_FILE = "schema.sql"
 # Any constant works; it serialises concurrent schema set-up (parallel mapped tasks).
 _SCHEMA_LOCK = 0x7265637275697401
+#: pgvector's ANN index methods this package can build (see :func:`ensure_ann_index`).
+_ANN_ACCESS_METHODS = {"ivfflat": sql.SQL("ivfflat"), "hnsw": sql.SQL("hnsw")}
+ANN_METHODS = tuple(_ANN_ACCESS_METHODS)
 
 
 # What the script creates; all must exist for it to be skipped.
@@ -57,8 +60,11 @@ class TableNames:
             "dlq_id_index": sql.Identifier(f"{self.dlq}_id_idx"),
             "dlq_row_key_index": sql.Identifier(f"{self.dlq}_row_key_key"),
             "checkpoint_stream_index": sql.Identifier(f"{self.checkpoint}_stream_name_key"),
-            "ann_index": sql.Identifier(f"{self.embedding}_ivfflat"),
         }
+
+    def ann_index(self, method: str) -> sql.Identifier:
+        """The name of the ANN index this package manages with ``method`` (one of ANN_METHODS)."""
+        return sql.Identifier(f"{self.embedding}_{method}")
 
 
 DEFAULT_TABLES = TableNames()
@@ -118,27 +124,39 @@ def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = 
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(ids["progress"], sql.Literal(marker)))
 
 
-def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES) -> bool:
-    """Build the ivfflat index once the table has rows; ``lists`` from the row count.
+def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES, method: str = "ivfflat") -> bool:
+    """Build the ANN index of ``method`` (``ivfflat`` or ``hnsw``) once the table has rows.
 
     ivfflat learns its lists from the rows present when it is built, so an index built on an empty
-    table serves searches badly: build it after the first load (pgvector: lists = rows / 1000).
-    Returns ``True`` when this call built it.
+    table serves searches badly: it is built after the first load, ``lists`` from the row count
+    (pgvector: rows / 1000). HNSW needs no training, but one bulk build after the first load is far
+    cheaper than growing the graph row by row; it uses pgvector's defaults (m 16, ef_construction
+    64). Once it is built, the other method's index (from runs with the other setting) is dropped
+    in the same transaction, so writes keep one ANN index up to date. Returns ``True`` when this
+    call built it.
     """
+    if method not in ANN_METHODS:
+        raise ValueError(f"ANN index method must be one of {', '.join(ANN_METHODS)}, got {method!r}")
     ids = tables.identifiers()
+    index = tables.ann_index(method)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        exists = conn.execute("SELECT to_regclass(%s)", (ids["ann_index"].as_string(conn),)).fetchone()
+        exists = conn.execute("SELECT to_regclass(%s)", (index.as_string(conn),)).fetchone()
         if exists and exists[0] is not None:
             return False
         count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
         rows = int(count[0]) if count else 0
         if rows == 0:
             return False
-        lists = max(1, min(rows // 1000, 4000))
+        options: sql.Composable = sql.SQL("")
+        if method == "ivfflat":
+            options = sql.SQL("WITH (lists = {})").format(sql.Literal(max(1, min(rows // 1000, 4000))))
         conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING ivfflat (vector vector_l2_ops) WITH (lists = {})").format(
-                ids["ann_index"], ids["embedding"], sql.Literal(lists)
+            sql.SQL("CREATE INDEX {} ON {} USING {} (vector vector_l2_ops) {}").format(
+                index, ids["embedding"], _ANN_ACCESS_METHODS[method], options
             )
         )
+        for other in ANN_METHODS:
+            if other != method:
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(tables.ann_index(other)))
     return True

@@ -20,7 +20,7 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "bench.run", "--rows", "2000", "--quick", "--workdir", str(workdir)],
+            [sys.executable, "-m", "bench.run", "--rows", "2000", "--quick", "--hnsw", "--workdir", str(workdir)],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -37,6 +37,7 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         assert (engine["inserted"], engine["rows_dlq"]) == (2000, 0)
         assert engine["peak_rss_mib"] > 0
         assert measured["ivfflat_build"]["seconds"] > 0  # the incremental run had the ivfflat index
+        assert measured["hnsw_build"]["seconds"] > 0  # then the switch to HNSW
         incremental = measured["incremental"]
         assert incremental["updated"] == incremental["expected_changed"] == 200
         assert incremental["unchanged"] == 1800

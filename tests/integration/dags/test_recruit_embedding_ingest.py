@@ -26,6 +26,15 @@ def _checkpoint(dsn: str) -> str | None:
     return None if row is None else row[0]
 
 
+def _ann_indexes(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE indexname IN ('recruit_embedding_ivfflat', "
+            "'recruit_embedding_hnsw') ORDER BY 1"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
 def _invalidations(api_server: ServerProcess) -> int:
     stats_file = api_server.command[api_server.command.index("--stats-file") + 1]
     return read_stats(Path(stats_file)).invalidations.get("recruit", 0)
@@ -54,14 +63,17 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
         check = compare(conn, sample_dataset)
         assert check.equal, check.summary()
         before = table_digest(conn)
-        index = conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'recruit_embedding_ivfflat'").fetchone()
-        assert index is not None
+    assert result["ann_index_built"] == "ivfflat"
+    assert _ann_indexes(pg_dsn) == ["recruit_embedding_ivfflat"]
 
-    # A second scheduled run resumes after the checkpoint: nothing new, nothing rewritten.
-    dags_test(DAG_ID, dag_env)
+    # A second run resumes after the checkpoint: nothing new, nothing rewritten. It asks for an
+    # HNSW index instead: that one is built and the ivfflat one dropped.
+    dags_test(DAG_ID, dag_env, conf={"ann_index": "hnsw"})
     again = task_result(airflow_home, DAG_ID, "finalize")
     assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == sample_dataset.ids[-1]
     assert again["rows_received"] == 0 and again["partitions"] == 0
+    assert again["ann_index_built"] == "hnsw"
+    assert _ann_indexes(pg_dsn) == ["recruit_embedding_hnsw"]
 
     # A triggered run re-sends what follows the given id; the upserts change nothing.
     middle = sample_dataset.ids[1999]

@@ -234,3 +234,37 @@ def test_ann_index_is_built_after_data_arrives(conn: psycopg.Connection) -> None
     assert ensure_ann_index(conn) is False
     indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'recruit_embedding_ivfflat'").fetchone()
     assert indexdef is not None and "ivfflat" in indexdef[0] and "lists='1'" in indexdef[0]
+
+
+def _ann_indexes(conn: psycopg.Connection) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'recruit_embedding' AND indexname <> "
+        "'recruit_embedding_pkey'"
+    ).fetchall()
+    return dict(rows)
+
+
+def test_hnsw_option_builds_hnsw_and_switching_keeps_one_ann_index(conn: psycopg.Connection) -> None:
+    with pytest.raises(ValueError, match="one of ivfflat, hnsw, got 'diskann'"):
+        ensure_ann_index(conn, method="diskann")
+    assert ensure_ann_index(conn, method="hnsw") is False  # empty table: built after the first load
+    ChunkWriter(conn, dimension=DIM).write(_batch(_ids(50)))
+    assert ensure_ann_index(conn) is True
+    assert set(_ann_indexes(conn)) == {"recruit_embedding_ivfflat"}
+    # Switching the setting builds the other index and drops the first, in one transaction.
+    assert ensure_ann_index(conn, method="hnsw") is True
+    indexes = _ann_indexes(conn)
+    assert set(indexes) == {"recruit_embedding_hnsw"}
+    assert "USING hnsw (vector vector_l2_ops)" in indexes["recruit_embedding_hnsw"]
+    assert ensure_ann_index(conn, method="hnsw") is False
+    # The index is kept up to date by later writes, and nearest-neighbour search can use it.
+    ChunkWriter(conn, dimension=DIM).write(_batch(_ids(10, start=50), value=2.0))
+    conn.execute("SET enable_seqscan = off")
+    query = "[" + ",".join(str(2.0 * i) for i in range(DIM)) + "]"
+    plan = "\n".join(
+        r[0] for r in conn.execute("EXPLAIN SELECT id FROM recruit_embedding ORDER BY vector <-> %s LIMIT 3", (query,))
+    )
+    assert "recruit_embedding_hnsw" in plan
+    nearest = conn.execute("SELECT id::text FROM recruit_embedding ORDER BY vector <-> %s LIMIT 1", (query,)).fetchone()
+    assert nearest is not None and nearest[0] in _ids(10, start=50)
+    conn.rollback()
