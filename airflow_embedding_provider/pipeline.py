@@ -29,8 +29,8 @@ from airflow_embedding_provider.wire.codec import WireChunk
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Rows a transaction. The seed suggests 50-100 rows but also "keep chunk size = batch size" and
-#: to tune after load tests: at 300 (the default chunk) the engine ran about 1.4x faster than at 100
-#: here (bench/RESULTS.md), since each transaction costs about 1 ms of client CPU whatever its size.
+#: to tune after load tests: at 300 (the default chunk) the engine ran 1.2-1.5x faster than at 100
+#: in our runs (bench/RESULTS.md), since a transaction is about 11 round trips whatever its size.
 DEFAULT_SUB_BATCH_SIZE = 300
 _DONE = object()
 
