@@ -38,8 +38,11 @@ lint: install
 proto: install  ## regenerate airflow_embedding_provider/wire from proto/
 	$(PY) scripts/generate_proto.py
 
+# `make bench ROWS=1000000` (or ROWS_BENCH=...) sizes the bench; ROWS's own default is the demo's.
+BENCH_ROWS = $(or $(ROWS_BENCH),$(if $(filter environment command,$(origin ROWS)),$(ROWS)))
+
 bench: install
-	$(PY) -m bench.run $(if $(ROWS_BENCH),--rows $(ROWS_BENCH)) $(BENCH_ARGS)
+	$(PY) -m bench.run $(if $(BENCH_ROWS),--rows $(BENCH_ROWS)) $(BENCH_ARGS)
 
 clean:
 	rm -rf .demo .bench .pytest_cache .mypy_cache .ruff_cache
