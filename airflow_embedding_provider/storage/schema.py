@@ -129,9 +129,9 @@ def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABL
 
     ivfflat learns its lists from the rows present when it is built, so an index built on an empty
     table serves searches badly: it is built after the first load, ``lists`` from the row count
-    (pgvector: rows / 1000). HNSW needs no training, but one bulk build after the first load is far
-    cheaper than growing the graph row by row; it uses pgvector's defaults (m 16, ef_construction
-    64). Once it is built, the other method's index (from runs with the other setting) is dropped
+    (pgvector: rows / 1000). HNSW needs no training, but pgvector advises building it after the
+    initial load too, rather than growing the graph row by row; it uses pgvector's defaults (m 16,
+    ef_construction 64). The build blocks writes to the embedding table while it runs. Once it is built, the other method's index (from runs with the other setting) is dropped
     in the same transaction, so writes keep one ANN index up to date. Returns ``True`` when this
     call built it.
     """
