@@ -29,7 +29,7 @@ from airflow_embedding_provider.wire.codec import WireChunk
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Rows a transaction. The seed suggests 50-100 rows but also "keep chunk size = batch size" and
-#: to tune after load tests: at 300 (the default chunk) the engine ran 1.2-1.5x faster than at 100
+#: to tune after load tests: at 300 (the default chunk) the engine ran 1.2-1.6x faster than at 100
 #: in our runs (bench/RESULTS.md), since a transaction is about 11 round trips whatever its size.
 DEFAULT_SUB_BATCH_SIZE = 300
 _DONE = object()

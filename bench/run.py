@@ -154,7 +154,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="extra (ceiling, naive, default engine) rounds measured back to back; c/a and c/b take the median",
     )
     parser.add_argument(
-        "--hnsw", action="store_true", help="also time an HNSW build at the end (about 90 s at 141,897 rows here)"
+        "--hnsw", action="store_true", help="also time an HNSW build at the end (90 to 120 s at 141,897 rows here)"
     )
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")

@@ -34,7 +34,11 @@ DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION)
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
-ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat")
+# A deployment setting, not a per-run Param: the index outlives the run, and a Param's default
+# in the next scheduled run would switch it straight back.
+ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat").strip().lower()
+if ANN_INDEX not in ANN_METHODS:
+    raise ValueError(f"RECRUIT_EMBEDDING_ANN_INDEX must be one of {', '.join(ANN_METHODS)}, got {ANN_INDEX!r}")
 
 with DAG(
     dag_id="recruit_embedding_ingest",
@@ -68,12 +72,6 @@ with DAG(
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),
-        "ann_index": Param(
-            ANN_INDEX,
-            type="string",
-            enum=list(ANN_METHODS),
-            description="ANN index built after the first load; switching builds the other and drops this one.",
-        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -96,7 +94,7 @@ with DAG(
     finalize = EmbeddingCheckpointOperator(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
-        ann_index_method="{{ params.ann_index }}",
+        ann_index_method=ANN_INDEX,
         trigger_rule="none_failed",  # also after a run with nothing new (no mapped task)
     )
     # After every partition succeeded: drop the API server's cache once, through the outbox the

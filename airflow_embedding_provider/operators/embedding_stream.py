@@ -291,7 +291,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
     """Settles a mapped run: the checkpoint (low watermark), the ANN index, totals, DLQ budget.
 
     Runs after every partition succeeded. Sums the partitions' counts into one result (XCom),
-    pushes the stream's checkpoint as XCom ``checkpoint``, builds the ivfflat index after a first
+    pushes the stream's checkpoint as XCom ``checkpoint``, builds the ANN index after a first
     load, and fails the run when more than ``max_dlq_fraction`` of the received rows went to the
     DLQ (after everything good and everything rejected is stored), naming the top reasons.
 

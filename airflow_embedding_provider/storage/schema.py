@@ -13,6 +13,8 @@ from psycopg import sql
 SCHEMA_FILE = "schema.sql"
 # Any constant works; it serialises concurrent schema set-up (parallel mapped tasks).
 _SCHEMA_LOCK = 0x7265637275697401
+# Its own lock for the ANN index build, which can take minutes: schema set-up must not wait on it.
+_ANN_INDEX_LOCK = 0x7265637275697402
 #: pgvector's ANN index methods this package can build (see :func:`ensure_ann_index`).
 _ANN_ACCESS_METHODS = {"ivfflat": sql.SQL("ivfflat"), "hnsw": sql.SQL("hnsw")}
 ANN_METHODS = tuple(_ANN_ACCESS_METHODS)
@@ -140,7 +142,7 @@ def ensure_ann_index(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABL
     ids = tables.identifiers()
     index = tables.ann_index(method)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ANN_INDEX_LOCK,))
         exists = conn.execute("SELECT to_regclass(%s)", (index.as_string(conn),)).fetchone()
         if exists and exists[0] is not None:
             return False

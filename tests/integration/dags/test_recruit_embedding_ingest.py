@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import psycopg
@@ -10,7 +11,7 @@ import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.stack import ServerProcess, dags_test, task_result
+from airflow_embedding_provider.devkit.stack import DAGS_FOLDER, ServerProcess, dags_test, task_result
 from airflow_embedding_provider.devkit.verify import compare, table_digest
 
 DAG_ID = "recruit_embedding_ingest"
@@ -66,9 +67,10 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
     assert result["ann_index_built"] == "ivfflat"
     assert _ann_indexes(pg_dsn) == ["recruit_embedding_ivfflat"]
 
-    # A second run resumes after the checkpoint: nothing new, nothing rewritten. It asks for an
-    # HNSW index instead: that one is built and the ivfflat one dropped.
-    dags_test(DAG_ID, dag_env, conf={"ann_index": "hnsw"})
+    # A second run resumes after the checkpoint: nothing new, nothing rewritten. The deployment
+    # now asks for an HNSW index: that one is built and the ivfflat one dropped.
+    hnsw_env = {**dag_env, "RECRUIT_EMBEDDING_ANN_INDEX": "HNSW "}
+    dags_test(DAG_ID, hnsw_env)
     again = task_result(airflow_home, DAG_ID, "finalize")
     assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == sample_dataset.ids[-1]
     assert again["rows_received"] == 0 and again["partitions"] == 0
@@ -77,8 +79,10 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
 
     # A triggered run re-sends what follows the given id; the upserts change nothing.
     middle = sample_dataset.ids[1999]
-    dags_test(DAG_ID, dag_env, conf={"last_processed_uuid": middle.upper()})
+    dags_test(DAG_ID, hnsw_env, conf={"last_processed_uuid": middle.upper()})
     triggered = task_result(airflow_home, DAG_ID, "finalize")
+    assert triggered["ann_index_built"] is None  # the HNSW index stays; nothing flips back
+    assert _ann_indexes(pg_dsn) == ["recruit_embedding_hnsw"]
     assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == middle
     assert triggered["rows_received"] == triggered["unchanged"] == len(sample_dataset) - 2000
     # Neither the empty run nor the run that changed nothing asked for an invalidation.
@@ -132,3 +136,9 @@ def test_airflow_lists_the_provider(dag_env: dict[str, str], command: list[str])
     assert "airflow-embedding-provider" in out
     if command[1] == "hooks":
         assert "embedding_grpc" in out and "GrpcEmbeddingHook" in out
+
+
+def test_an_unknown_ann_index_setting_stops_the_dag_file_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECRUIT_EMBEDDING_ANN_INDEX", "diskann")
+    with pytest.raises(ValueError, match="RECRUIT_EMBEDDING_ANN_INDEX must be one of ivfflat, hnsw, got 'diskann'"):
+        runpy.run_path(str(DAGS_FOLDER / f"{DAG_ID}.py"))
