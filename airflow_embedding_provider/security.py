@@ -258,4 +258,8 @@ def wait_for_stop_signal(ready: threading.Event | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     if ready is not None:
         ready.set()
-    stop.wait()
+    # Python runs signal handlers only in the main thread, when it executes bytecode. The kernel
+    # may hand a process's signal to any thread (a gRPC or writer thread), and then an untimed
+    # wait() never wakes to run the handler: a SIGTERM was once ignored for 120 s in CI.
+    while not stop.wait(timeout=0.5):
+        pass
