@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ROWS ?= 10000
 DSN ?=
+SQL ?= SELECT (SELECT count(*) FROM recruit_metadata) AS metadata_rows, (SELECT count(*) FROM recruit_embedding) AS embedding_rows, (SELECT count(*) FROM recruit_embedding_dlq) AS dlq_rows
 
 .PHONY: install demo test unit integration lint proto bench query clean
 
@@ -18,7 +19,7 @@ install: $(VENV)/.installed
 demo: install  ## the main job end to end: embedded PostgreSQL+pgvector, AI server, real DAG runs
 	$(PY) -m airflow_embedding_provider.devkit.demo --rows $(ROWS) $(if $(DSN),--dsn "$(DSN)")
 
-query: install  ## make query SQL="SELECT count(*) FROM recruit_metadata"
+query: install  ## make query [SQL="SELECT ..."] (default: the row counts of both tables and the DLQ)
 	$(PY) -m airflow_embedding_provider.devkit.query "$(SQL)" $(if $(DSN),--dsn "$(DSN)")
 
 test: lint  ## lint, type checks and the whole test suite

@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sql")
     parser.add_argument("--dsn", default="", help="query this database instead of the demo's embedded one")
     args = parser.parse_args(argv)
+    if not args.sql.strip():
+        parser.error('give a statement: make query SQL="SELECT count(*) FROM recruit_metadata"')
     data_dir = REPO_ROOT / ".demo" / "pgdata"
     if not args.dsn and not (data_dir / "PG_VERSION").exists():
         print("no demo database yet: run `make demo` first", file=sys.stderr)
