@@ -1,10 +1,15 @@
 """A real Airflow 3 deployment on 127.0.0.1: api-server, scheduler and dag-processor as processes.
 
 What ``airflow dags test`` skips is exactly what a deployment depends on: the scheduler creating
-runs from the schedule, the LocalExecutor handing task instances to supervised workers, and those
+runs from the schedule, the executor handing task instances to supervised workers, and those
 workers talking to the API server's execution API. ``AirflowCluster`` runs all of it with a given
 environment (``devkit.stack.airflow_env`` plus a PostgreSQL metadata database), each process in
 its own process group with its output in a log file, and stops every process it started.
+
+With ``executor="CeleryExecutor"`` (a Redis broker, Celery's result backend on the metadata
+database) the tasks run on ``airflow celery worker`` processes that :meth:`AirflowCluster.start_worker`
+starts, each under its own name; task instances record that name as their ``hostname`` (through
+:func:`worker_hostname`), so a test can tell which worker ran what on one machine.
 
 REST calls go to the public API; ``[core] simple_auth_manager_all_admins`` (set here) makes every
 request an admin, so no token dance is needed on a throwaway deployment.
@@ -17,6 +22,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,31 +33,70 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from airflow_embedding_provider.devkit.embedded_postgres import free_port
 from airflow_embedding_provider.devkit.stack import airflow
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 TERMINAL_STATES = frozenset({"success", "failed"})
+EXECUTORS = ("LocalExecutor", "CeleryExecutor")
+#: Environment variable that names a Celery worker; :func:`worker_hostname` reads it.
+WORKER_NAME_ENV = "EMBEDDING_DEVKIT_WORKER_NAME"
+#: The Celery settings the cluster test proves, and docker-compose.yaml's celery profile repeats
+#: (tests/unit/test_docker_compose.py compares them). Each worker process takes one task at a time
+#: (prefetch 1), so a queue of mapped partitions spreads over the workers instead of piling onto
+#: the first one to ask; two processes a worker, each task holding RECRUIT_EMBEDDING_DB_CONNECTIONS
+#: connections. Redis hands a task not acknowledged within ``visibility_timeout`` seconds to another
+#: worker, and Airflow acknowledges after the task: 6 h is far above an ingest partition (seconds to
+#: minutes, README "Scaling out") and silences Airflow's warning about Celery's 24 h default.
+CELERY_SETTINGS = {
+    "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+    "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+    "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
+}
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the cluster: the worker's name, else the machine's FQDN.
+
+    Every worker of a one-machine cluster has the same FQDN; its name is what tells them apart.
+    """
+    return os.environ.get(WORKER_NAME_ENV) or socket.getfqdn()
 
 
 class AirflowCluster:
-    """``airflow api-server``, ``scheduler`` and ``dag-processor`` with LocalExecutor.
+    """``airflow api-server``, ``scheduler`` and ``dag-processor``, with LocalExecutor or Celery workers.
 
     :param env: base environment (``AIRFLOW_HOME``, ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``,
         connections, DAG folder); the cluster adds executor, API and auth settings.
     :param log_dir: where ``<component>.log`` files go.
-    :param parallelism: LocalExecutor worker slots; small, since every slot is a process.
+    :param parallelism: task slots of the executor; small, since every slot is a process.
+    :param executor: ``LocalExecutor`` or ``CeleryExecutor`` (then ``broker_url`` is needed).
+    :param broker_url: the Celery broker (``redis://...``); Celery's results go to the metadata database.
     """
 
     def __init__(
-        self, env: Mapping[str, str], *, log_dir: Path, api_port: int | None = None, parallelism: int = 4
+        self,
+        env: Mapping[str, str],
+        *,
+        log_dir: Path,
+        api_port: int | None = None,
+        parallelism: int = 4,
+        executor: str = "LocalExecutor",
+        broker_url: str | None = None,
     ) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if executor == "CeleryExecutor" and not broker_url:
+            raise ValueError("the CeleryExecutor needs broker_url (redis://host:port/0)")
         self.api_port = api_port or free_port()
         self.log_dir = Path(log_dir)
+        self.executor = executor
         self.env = dict(env)
         self.env.update(
             {
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__EXECUTOR": executor,
                 "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.api_port),
@@ -72,7 +117,10 @@ class AirflowCluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if broker_url:
+            self.env.update(celery_env(broker_url, self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.components: list[str] = list(COMPONENTS)  # every component started, for log_tails
 
     @property
     def base_url(self) -> str:
@@ -93,14 +141,16 @@ class AirflowCluster:
             return ["--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]
         return []
 
-    def _spawn(self, component: str) -> None:
+    def _spawn(self, component: str, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         airflow_bin = str(Path(sys.executable).with_name("airflow"))
+        if component not in self.components:
+            self.components.append(component)
         with open(self.log_path(component), "ab") as log:
             # Own process group: stopping it reaches the workers and supervisors it forks.
             self.procs[component] = subprocess.Popen(
-                [airflow_bin, component, *self._args(component)],
-                env=self.env,
+                [airflow_bin, *(argv or [component, *self._args(component)])],
+                env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -130,6 +180,60 @@ class AirflowCluster:
         self.env.update(env)
         self._spawn(component)
 
+    # -- Celery workers ----------------------------------------------------------------------
+
+    def start_workers(self, *names: str, timeout: float = 240) -> None:
+        """Start one ``airflow celery worker`` per name, and wait until Celery reports each ready.
+
+        Slots a worker: ``[celery] worker_concurrency`` (:data:`CELERY_SETTINGS`). Several workers share
+        this machine, so each gets its own Celery node name, pid file and no log-serving process (they would all take ``[logging] worker_log_server_port``).
+        """
+        if self.executor != "CeleryExecutor":
+            raise RuntimeError("workers need executor='CeleryExecutor'")
+        offsets = {}
+        for name in names:
+            component = f"worker-{name}"
+            log = self.log_path(component)
+            offsets[name] = log.stat().st_size if log.exists() else 0
+            argv = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--skip-serve-logs"]
+            argv += ["--pid", str(self.log_dir / f"{component}.pid")]
+            self._spawn(component, argv, {WORKER_NAME_ENV: name})
+        deadline = time.monotonic() + timeout
+        waiting = list(names)
+        while waiting:
+            self.check_alive()
+            for name in list(waiting):
+                with open(self.log_path(f"worker-{name}"), "rb") as f:
+                    f.seek(offsets[name])
+                    if b" ready." in f.read():  # Celery's "celery@<name> ready." once it consumes
+                        waiting.remove(name)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"Celery workers {waiting} were not ready after {timeout:g} s; see {self.log_dir}")
+            time.sleep(0.5 if waiting else 0)
+
+    def kill_worker(self, name: str) -> list[int]:
+        """SIGKILL worker ``name`` as a machine loss would: every process it started, at once.
+
+        Airflow's task supervisor puts each task process in a process group of its own, so the
+        worker's group alone would leave the running tasks behind; this kills the worker's group and
+        the group of every process below it. Returns the pids that were there.
+        """
+        proc = self.procs.pop(f"worker-{name}")
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        groups = {proc.pid}
+        for p in tree:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                groups.add(os.getpgid(p.pid))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        return [p.pid for p in tree]
+
     def check_alive(self) -> None:
         """Raise if a component exited: a dead scheduler would otherwise look like a slow run."""
         for component, proc in self.procs.items():
@@ -137,9 +241,20 @@ class AirflowCluster:
                 raise RuntimeError(f"airflow {component} exited with {proc.returncode}; see {self.log_path(component)}")
 
     def stop(self, *, grace: float = 20) -> None:
-        """SIGTERM each process group, then SIGKILL what is still there after ``grace`` seconds."""
+        """SIGTERM each process group, then SIGKILL what is still there after ``grace`` seconds.
+
+        Task processes sit in groups of their own (see :meth:`kill_worker`): those still there
+        after their worker stopped are killed too.
+        """
         procs, self.procs = list(self.procs.values()), {}
+        below: list[psutil.Process] = []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                below += psutil.Process(proc.pid).children(recursive=True)
         _stop_groups(procs, grace=grace)
+        for p in below:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
     def __enter__(self) -> AirflowCluster:
         return self.start()
@@ -150,7 +265,7 @@ class AirflowCluster:
     def log_tails(self, lines: int = 60) -> str:
         """The last ``lines`` of every component's log, for a failure message."""
         parts = []
-        for component in COMPONENTS:
+        for component in self.components:
             path = self.log_path(component)
             text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
             parts.append(f"----- {path} -----\n" + "\n".join(text))
@@ -233,26 +348,22 @@ class AirflowCluster:
             for ti in self.task_instances(run)
         }
 
-    def xcom(self, run: Mapping[str, Any], task_id: str, key: str = "return_value") -> Any:
-        """A task's XCom value in ``run`` (an unmapped task's), as stored."""
-        return self.request("GET", _run_path(run) + f"/taskInstances/{task_id}/xcomEntries/{key}")["value"]
+    def xcom(self, run: Mapping[str, Any], task_id: str, key: str = "return_value", *, map_index: int = -1) -> Any:
+        """A task's XCom value in ``run`` (of mapped task instance ``map_index``), decoded from JSON."""
+        query = f"?map_index={map_index}" if map_index >= 0 else ""
+        value = self.request("GET", _run_path(run) + f"/taskInstances/{task_id}/xcomEntries/{key}{query}")["value"]
+        with contextlib.suppress(ValueError, TypeError):
+            return json.loads(value) if isinstance(value, str) else value
+        return value
 
 
-def _run_path(run: Mapping[str, Any]) -> str:
-    # Run ids hold ':' and '+' (manual__2025-01-01T00:00:00+00:00): quote them whole.
-    return f"/api/v2/dags/{run['dag_id']}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
-
-
-def _stop_groups(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 20) -> None:
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        # The group can outlive its leader (an orphaned task supervisor): kill what is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+def celery_env(broker_url: str, metadata_conn: str) -> dict[str, str]:
+    """Airflow's settings for the CeleryExecutor as the cluster runs them: :data:`CELERY_SETTINGS`, the
+    broker, Celery's result backend on the metadata database (``db+`` and its SQLAlchemy URL), and
+    task instances named after their worker (:func:`worker_hostname`)."""
+    return {
+        **CELERY_SETTINGS,
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_conn,
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
+    }

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
+from airflow_embedding_provider.devkit.sample import write_sample
 from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, prepare_airflow_home
+
+BIG_ROWS = 100_000  # the fault and cluster tests' source: 4 partitions of 25,000 rows
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +29,13 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     server = ServerProcess(["api-server", "--stats-file", str(folder / "stats.json")], log_path=folder / "api.log")
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def big_pkl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sample(tmp_path_factory.mktemp("big") / "big.pkl", BIG_ROWS, seed=23)
+
+
+@pytest.fixture(scope="session")
+def big_dataset(big_pkl: Path) -> EmbeddingDataset:
+    return load_dataset(big_pkl)

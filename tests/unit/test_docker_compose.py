@@ -320,3 +320,15 @@ def test_dockerfile_installs_the_package() -> None:
     assert install and "/opt/provider" in install[0], install
     ignored = {ln for ln in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines() if ln and ln[0] != "#"}
     assert not ignored & {"pyproject.toml", "README.md", "airflow_embedding_provider", "include", "dags"}
+
+
+def test_celery_settings_are_the_ones_the_cluster_test_proves(services: dict[str, dict[str, Any]]) -> None:
+    from airflow_embedding_provider.devkit.airflow_cluster import CELERY_SETTINGS
+
+    metadata = airflow_env(services, "airflow-scheduler")["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    for name in ("airflow-scheduler", "airflow-worker"):
+        env = airflow_env(services, name)
+        assert {k: env.get(k) for k in CELERY_SETTINGS} == CELERY_SETTINGS, name
+        # Celery's results go to Airflow's metadata database, as in the test.
+        backend = env["AIRFLOW__CELERY__RESULT_BACKEND"]
+        assert backend.startswith("db+") and urlsplit(backend[3:])[1:] == urlsplit(metadata)[1:], backend
