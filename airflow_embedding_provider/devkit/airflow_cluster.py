@@ -349,11 +349,13 @@ class AirflowCluster:
         }
 
     def xcom(self, run: Mapping[str, Any], task_id: str, key: str = "return_value", *, map_index: int = -1) -> Any:
-        """A task's XCom value in ``run`` (of mapped task instance ``map_index``), decoded from JSON."""
+        """A task's XCom value in ``run`` (of mapped task instance ``map_index``); a dict or list given
+        as JSON text is decoded."""
         query = f"?map_index={map_index}" if map_index >= 0 else ""
         value = self.request("GET", _run_path(run) + f"/taskInstances/{task_id}/xcomEntries/{key}{query}")["value"]
-        with contextlib.suppress(ValueError, TypeError):
-            return json.loads(value) if isinstance(value, str) else value
+        if isinstance(value, str) and value[:1] in ("{", "["):
+            with contextlib.suppress(ValueError):
+                return json.loads(value)
         return value
 
 
@@ -367,3 +369,23 @@ def celery_env(broker_url: str, metadata_conn: str) -> dict[str, str]:
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_conn,
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
     }
+
+
+def _run_path(run: Mapping[str, Any]) -> str:
+    # Run ids hold ':' and '+' (manual__2025-01-01T00:00:00+00:00): quote them whole.
+    return f"/api/v2/dags/{run['dag_id']}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
+
+
+def _stop_groups(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 20) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        # The group can outlive its leader (an orphaned task supervisor): kill what is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
