@@ -13,6 +13,7 @@ and the run ends exact with the checkpoint never moved back.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,12 +132,41 @@ def _report(label: str, tis: dict[int, dict[str, Any]]) -> None:
         )
 
 
+class ConnectionPeak:
+    """The most sessions each database had at once while the block ran (sampled), for sizing."""
+
+    def __init__(self, postgres: EmbeddedPostgres) -> None:
+        self.postgres = postgres
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.postgres.dsn(), autocommit=True) as conn:
+            while not self._stop.is_set():
+                for name, count in conn.execute(
+                    "SELECT datname, count(*) FROM pg_stat_activity WHERE datname IS NOT NULL "
+                    "AND pid <> pg_backend_pid() GROUP BY datname"
+                ):
+                    self.peak[name] = max(self.peak.get(name, 0), int(count))
+                time.sleep(0.05)
+
+    def __enter__(self) -> ConnectionPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def test_two_celery_workers_share_the_partitions(deployment: Deployment, big_dataset: EmbeddingDataset) -> None:
     cluster, dsn = deployment.cluster, deployment.dsn
     started = time.monotonic()
-    with CheckpointWatch(dsn) as watch:
+    with CheckpointWatch(dsn) as watch, ConnectionPeak(deployment.postgres) as sessions:
         run = cluster.wait_for_run(DAG_ID, run_id=cluster.trigger(DAG_ID, CONF))
     print(f"two-worker run: {time.monotonic() - started:.0f} s")
+    print("peak sessions a database during the run:", sessions.peak)
     tis = _ingest(cluster, run)
     _report("two workers", tis)
     assert sorted(tis) == [0, 1, 2, 3]
