@@ -10,7 +10,8 @@ USER airflow
 COPY --chown=airflow:root pyproject.toml README.md /opt/provider/
 COPY --chown=airflow:root airflow_embedding_provider /opt/provider/airflow_embedding_provider
 COPY --chown=airflow:root include /opt/provider/include
-# Pin Airflow to the image's version so that resolving our dependencies never upgrades it.
-RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" /opt/provider
+# Pin Airflow to the image's version so that resolving our dependencies never upgrades it. The
+# celery extra holds celery below 5.7 for compose's celery profile (README "Scaling out with Celery").
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/provider[celery]"
 
 COPY --chown=airflow:root dags /opt/airflow/dags

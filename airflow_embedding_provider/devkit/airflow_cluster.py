@@ -117,8 +117,8 @@ class AirflowCluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        if broker_url:
-            self.env.update(celery_env(broker_url, self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]))
+        if broker_url:  # the cluster's Celery settings, unless ``env`` sets one itself
+            self.env = celery_env(broker_url, self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]) | self.env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.components: list[str] = list(COMPONENTS)  # every component started, for log_tails
 

@@ -318,6 +318,8 @@ def test_dockerfile_installs_the_package() -> None:
         assert re.search(rf"\s{re.escape(path)}[\s/]", copied + " "), f"Dockerfile does not copy {path}"
     install = [ln for ln in lines if ln.startswith("RUN") and "pip install" in ln]
     assert install and "/opt/provider" in install[0], install
+    # The celery profile's workers need the extra's pins (celery<5.7 for the Celery provider).
+    assert "/opt/provider[celery]" in install[0], install
     ignored = {ln for ln in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines() if ln and ln[0] != "#"}
     assert not ignored & {"pyproject.toml", "README.md", "airflow_embedding_provider", "include", "dags"}
 
