@@ -211,28 +211,28 @@ class AirflowCluster:
                 raise TimeoutError(f"Celery workers {waiting} were not ready after {timeout:g} s; see {self.log_dir}")
             time.sleep(0.5 if waiting else 0)
 
-    def kill_worker(self, name: str) -> list[int]:
+    def kill_worker(self, name: str) -> dict[int, int]:
         """SIGKILL worker ``name`` as a machine loss would: every process it started, at once.
 
         Airflow's task supervisor puts each task process in a process group of its own, so the
         worker's group alone would leave the running tasks behind; this kills the worker's group and
-        the group of every process below it. Returns the pids that were there.
+        the group of every process below it. Returns pid -> process group of what was there.
         """
         proc = self.procs.pop(f"worker-{name}")
         try:
             tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
-        groups = {proc.pid}
+        groups: dict[int, int] = {}
         for p in tree:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
-                groups.add(os.getpgid(p.pid))
-        for group in groups:
+                groups[p.pid] = os.getpgid(p.pid)
+        for group in {proc.pid, *groups.values()}:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        return [p.pid for p in tree]
+        return groups
 
     def check_alive(self) -> None:
         """Raise if a component exited: a dead scheduler would otherwise look like a slow run."""

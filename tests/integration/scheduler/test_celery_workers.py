@@ -241,7 +241,11 @@ def test_a_celery_worker_killed_mid_partition(
         gate.rollback()  # the other worker's writers go on
         time.sleep(2)  # the killed tries' sessions end (rolled back) once PostgreSQL sees them gone
         at_kill = {i: c for i, c, _ in _progress(dsn)}
-        print(f"killed worker {victim} ({len(killed_pids)} processes) holding ingest{victims}; committed: {at_kill}")
+        groups = len(set(killed_pids.values()))
+        print(
+            f"killed worker {victim} ({len(killed_pids)} processes in {groups} process groups) holding "
+            f"ingest{victims}; committed: {at_kill}"
+        )
 
         noticed: dict[int, float] = {}
         retried: dict[int, float] = {}
