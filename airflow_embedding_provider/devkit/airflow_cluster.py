@@ -7,7 +7,7 @@ environment (``devkit.stack.airflow_env`` plus a PostgreSQL metadata database), 
 its own process group with its output in a log file, and stops every process it started.
 
 With ``executor="CeleryExecutor"`` (a Redis broker, Celery's result backend on the metadata
-database) the tasks run on ``airflow celery worker`` processes that :meth:`AirflowCluster.start_worker`
+database) the tasks run on ``airflow celery worker`` processes that :meth:`AirflowCluster.start_workers`
 starts, each under its own name; task instances record that name as their ``hostname`` (through
 :func:`worker_hostname`), so a test can tell which worker ran what on one machine.
 
@@ -49,7 +49,7 @@ WORKER_NAME_ENV = "EMBEDDING_DEVKIT_WORKER_NAME"
 #: the first one to ask; two processes a worker, each task holding RECRUIT_EMBEDDING_DB_CONNECTIONS
 #: connections. Redis hands a task not acknowledged within ``visibility_timeout`` seconds to another
 #: worker, and Airflow acknowledges after the task: 6 h is far above an ingest partition (seconds to
-#: minutes, README "Scaling out") and silences Airflow's warning about Celery's 24 h default.
+#: minutes, README "Scaling out with Celery") and silences Airflow's warning about Celery's 24 h default.
 CELERY_SETTINGS = {
     "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
@@ -185,8 +185,9 @@ class AirflowCluster:
     def start_workers(self, *names: str, timeout: float = 240) -> None:
         """Start one ``airflow celery worker`` per name, and wait until Celery reports each ready.
 
-        Slots a worker: ``[celery] worker_concurrency`` (:data:`CELERY_SETTINGS`). Several workers share
-        this machine, so each gets its own Celery node name, pid file and no log-serving process (they would all take ``[logging] worker_log_server_port``).
+        Slots a worker: ``[celery] worker_concurrency`` (:data:`CELERY_SETTINGS`). Several workers
+        share this machine, so each gets its own Celery node name, pid file and no log-serving
+        process (they would all take ``[logging] worker_log_server_port``).
         """
         if self.executor != "CeleryExecutor":
             raise RuntimeError("workers need executor='CeleryExecutor'")
