@@ -229,10 +229,17 @@ def test_a_celery_worker_killed_mid_partition(
         run_id = cluster.trigger(DAG_ID, CONF)
         run = {"dag_id": DAG_ID, "dag_run_id": run_id}
         held = _freeze_mid_partition(cluster, run, dsn, gate)
-        # A task a worker has just taken is "queued" until its process starts; frozen, the partition
-        # waits while those become "running", so that the tries the kill ends are all known.
-        time.sleep(3)
-        tis = {ti["map_index"]: ti for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"}
+        # A task a worker has taken stays "queued" until its process starts, and one killed then
+        # would wait for [scheduler] task_queued_timeout instead. 4 partitions fit the 4 slots: while
+        # the writers are frozen, wait until every ingest task runs (or ran), so that the tries the
+        # kill ends are all known.
+        deadline = time.monotonic() + 300
+        while True:
+            tis = {ti["map_index"]: ti for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"}
+            if all(ti["state"] in ("running", "success") for ti in tis.values()):
+                break
+            assert time.monotonic() < deadline, f"not every ingest task started: {cluster.task_states(run)}"
+            time.sleep(0.5)
         victim = tis[held]["hostname"]
         # The tries that die with the worker: every ingest task it is running.
         victims = sorted(i for i, ti in tis.items() if ti["hostname"] == victim and ti["state"] == "running")
