@@ -4,10 +4,10 @@ One deployment for the module: a Redis broker, a PostgreSQL metadata database (C
 backend on it too), api-server, scheduler, dag-processor and two ``airflow celery worker``
 processes, ``a`` and ``b``, with two task slots each. A run over 100,000 rows in 4 partitions of
 25,000 must spread over both workers and store every row exactly. Then the same run again into an
-empty database, and worker ``a`` dies (SIGKILL, every process it started) while it holds a
-partition that has committed part of its range: the scheduler notices the task's missing
-heartbeats, Airflow retries it on ``b``, the retry resumes after what the killed try committed,
-and the run ends exact with the checkpoint never moved back.
+empty database, and the worker that holds a partition which has committed part of its range dies
+(SIGKILL, every process it started): the scheduler notices the task's missing heartbeats, Airflow
+retries it on the other worker, the retry resumes after what the killed try committed, and the run
+ends exact with the checkpoint never moved back.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def test_two_celery_workers_share_the_partitions(deployment: Deployment, big_dat
     _report("two workers", tis)
     assert sorted(tis) == [0, 1, 2, 3]
     assert {ti["state"] for ti in tis.values()} == {"success"}
-    # Each worker takes one task a slot (prefetch 1) and has two slots: 4 partitions go 2 and 2.
+    # A worker takes one task a slot (prefetch 1) and has two slots, so it cannot take all 4
+    # partitions at once: both run some (2 and 2 in every run so far).
     by_worker = {w: sorted(i for i, ti in tis.items() if ti["hostname"] == w) for w in WORKERS}
     assert all(by_worker.values()), by_worker
     assert sum(ti["result"]["rows_received"] for ti in tis.values()) == len(big_dataset)
