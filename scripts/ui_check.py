@@ -40,6 +40,7 @@ from airflow_embedding_provider.devkit.embedded_postgres import free_port  # noq
 from airflow_embedding_provider.devkit.sample import write_sample  # noqa: E402
 from airflow_embedding_provider.devkit.stack import ServerProcess, airflow  # noqa: E402
 from airflow_embedding_provider.get_provider_info import get_provider_info  # noqa: E402
+from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook  # noqa: E402
 from airflow_embedding_provider.hooks.grpc_cache import GrpcCacheHook  # noqa: E402
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook  # noqa: E402
 
@@ -253,7 +254,7 @@ def _expand(driver: Any, section: str) -> None:
         time.sleep(0.5)  # the section's opening animation
 
 
-def check_form(driver: Any, ui: AirflowUI, hook: type, out: Path, report: Report) -> list[Path]:
+def check_form(driver: Any, ui: AirflowUI, hook: type[GrpcServiceHook], out: Path, report: Report) -> list[Path]:
     """Every field of ``hook``'s connection type with its label; screenshots of both sections."""
     info = next(c for c in get_provider_info()["connection-types"] if c["connection-type"] == hook.conn_type)
     behaviour = info["ui-field-behaviour"]
@@ -313,12 +314,11 @@ def check_test_buttons(driver: Any, ui: AirflowUI, expected: dict[str, bool], ou
     """Click *Test* on each listed connection; the icon turns green or red, a failure shows a toast."""
     driver.get(ui.url + "/connections")
     for conn_id, ok in expected.items():
-        row = _wait(
-            lambda conn_id=conn_id: next(
-                r for r in driver.find_elements(_by().CSS_SELECTOR, "tbody tr") if r.text.split()[0] == conn_id
-            ),
-            f"the row of {conn_id}",
-        )
+
+        def row_of(conn_id: str = conn_id) -> Any:
+            return next(r for r in driver.find_elements(_by().CSS_SELECTOR, "tbody tr") if r.text.split()[0] == conn_id)
+
+        row = _wait(row_of, f"the row of {conn_id}")
         button = row.find_element(_by().CSS_SELECTOR, "button[aria-label='Test Connection']")
         _click(driver, button)
 
