@@ -9,7 +9,7 @@ with the stream as the name for the source, ``postgres://host:port`` with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -55,17 +55,19 @@ def table_columns(
 
 def ingest_lineage(
     *,
-    grpc_target: str,
+    grpc_target: str | None,
     stream_name: str,
     conn: psycopg.Connection,
     tables: TableNames,
     row_counts: Mapping[str, int],
+    table_inputs: Sequence[str] = (),
     schema: str = "public",
 ) -> Any:
     """An ``OperatorLineage``, or ``None`` without the OpenLineage provider.
 
-    :param grpc_target: ``host:port`` of the AI server.
+    :param grpc_target: ``host:port`` of the AI server, an input; ``None`` when it was not asked.
     :param row_counts: rows written per output role (``metadata``, ``embedding``, ``dlq``).
+    :param table_inputs: output roles that were read too (the DLQ, for a replay).
     """
     try:
         from airflow.providers.common.compat.openlineage.facet import (
@@ -80,18 +82,28 @@ def ingest_lineage(
         return None
     namespace, database = postgres_namespace(conn)
     columns = table_columns(conn, tables, schema)
+
+    def schema_facet(table: str) -> Any:
+        fields = [SchemaDatasetFacetFields(name=name, type=kind) for name, kind in columns.get(table, [])]
+        return SchemaDatasetFacet(fields=fields)
+
+    inputs = [Dataset(namespace=f"grpc://{grpc_target}", name=stream_name)] if grpc_target else []
+    for role in table_inputs:
+        table = getattr(tables, role)
+        inputs.append(
+            Dataset(namespace=namespace, name=f"{database}.{schema}.{table}", facets={"schema": schema_facet(table)})
+        )
     outputs = []
     for role in OUTPUT_TABLES:
         table = getattr(tables, role)
-        fields = [SchemaDatasetFacetFields(name=name, type=kind) for name, kind in columns.get(table, [])]
         outputs.append(
             OutputDataset(
                 namespace=namespace,
                 name=f"{database}.{schema}.{table}",
-                facets={"schema": SchemaDatasetFacet(fields=fields)},
+                facets={"schema": schema_facet(table)},
                 outputFacets={
                     "outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=int(row_counts.get(role, 0)))
                 },
             )
         )
-    return OperatorLineage(inputs=[Dataset(namespace=f"grpc://{grpc_target}", name=stream_name)], outputs=outputs)
+    return OperatorLineage(inputs=inputs, outputs=outputs)

@@ -8,6 +8,7 @@ import sys
 import psycopg
 import pytest
 
+from airflow_embedding_provider.operators.dlq_replay import EmbeddingDlqReplayOperator
 from airflow_embedding_provider.operators.embedding_stream import EmbeddingStreamToPgvectorOperator
 from airflow_embedding_provider.storage.schema import apply_schema
 
@@ -62,3 +63,20 @@ def test_without_the_openlineage_provider_there_is_no_lineage_and_no_error(
     # Nothing is asked of the connections either: this one does not exist.
     operator.postgres_conn_id = "no_such_connection"
     assert operator.get_openlineage_facets_on_complete(None) is None  # type: ignore[arg-type]
+
+
+def test_replay_lineage_reads_the_dlq_and_writes_the_tables(
+    operator: EmbeddingStreamToPgvectorOperator, pg_dsn: str
+) -> None:
+    replay = EmbeddingDlqReplayOperator(
+        task_id="replay", grpc_conn_id="lineage_ai", postgres_conn_id="lineage_pg", dimension=8
+    )
+    replay._lineage_counts = {"metadata": 4, "embedding": 4, "dlq": 5}  # what execute() records
+    database = pg_dsn.rsplit("/", 1)[1]
+    lineage = replay.get_openlineage_facets_on_complete(None)  # type: ignore[arg-type]
+    assert [i.name for i in lineage.inputs] == [f"{database}.public.recruit_embedding_dlq"]  # no refetch: no AI server
+    counts = {o.name.rsplit(".", 1)[1]: o.outputFacets["outputStatistics"].rowCount for o in lineage.outputs}
+    assert counts == {"recruit_metadata": 4, "recruit_embedding": 4, "recruit_embedding_dlq": 5}
+    replay._refetched = True
+    lineage = replay.get_openlineage_facets_on_complete(None)  # type: ignore[arg-type]
+    assert lineage.inputs[0].namespace == "grpc://ai.example:50061"
