@@ -106,10 +106,10 @@ class CacheInvalidateOperator(BaseOperator):
                     if not exc.retryable:
                         raise
                     pending = len(pending_entries(conn, target))
-                    record_cache_delivery(0, pending, dag_id=context["ti"].dag_id, target=target)
+                    record_cache_delivery(0, pending, dag_id=self.dag_id, target=target)
                     return self._pending(target, calls, pending, str(exc))
                 pending = len(pending_entries(conn, target))
-                record_cache_delivery(len(delivery.entry_ids), pending, dag_id=context["ti"].dag_id, target=target)
+                record_cache_delivery(len(delivery.entry_ids), pending, dag_id=self.dag_id, target=target)
                 if delivery.outcome == "busy":
                     # The holder delivers what it read; what it did not read waits for the next deliverer.
                     error = f"another deliverer held the lock of {target!r} for over {timeout + LOCK_WAIT_MARGIN:g} s"
