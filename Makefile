@@ -6,7 +6,7 @@ ROWS ?= 10000
 DSN ?=
 SQL ?= SELECT (SELECT count(*) FROM recruit_metadata) AS metadata_rows, (SELECT count(*) FROM recruit_embedding) AS embedding_rows, (SELECT count(*) FROM recruit_embedding_dlq) AS dlq_rows
 
-.PHONY: install demo test unit integration lint proto bench query clean
+.PHONY: install demo test unit integration lint proto bench query clean ui-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The connection forms in Airflow's UI, in headless Debian chromium (apt-get install chromium
+# chromium-driver); screenshots in .ui-check/.
+ui-check: install
+	$(PY) scripts/ui_check.py --out .ui-check
+
 proto: install  ## regenerate airflow_embedding_provider/wire from proto/
 	$(PY) scripts/generate_proto.py
 
@@ -46,4 +51,4 @@ bench: install
 	$(PY) -m bench.run $(if $(BENCH_ROWS),--rows $(BENCH_ROWS)) $(BENCH_ARGS)
 
 clean:
-	rm -rf .demo .bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo .bench .ui-check .pytest_cache .mypy_cache .ruff_cache

@@ -99,7 +99,9 @@ def _push(args: argparse.Namespace) -> int:
         tls_server_name=args.tls_server_name,
     )
     try:
-        result = push(args.pkl, settings, chunk_size=args.chunk_size, after=args.after or "")
+        # Progress on a terminal only: piped or redirected, stderr carries errors alone.
+        progress = sys.stderr if sys.stderr.isatty() else None
+        result = push(args.pkl, settings, chunk_size=args.chunk_size, after=args.after or "", progress=progress)
     except UploadError as exc:
         print(f"airflow-embedding push: error: {exc}", file=sys.stderr)
         return 1

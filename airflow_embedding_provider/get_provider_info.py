@@ -6,6 +6,18 @@ from typing import Any
 
 from airflow_embedding_provider import __version__
 
+# Literals, not imports of the hooks: Airflow's providers manager calls this while the hooks'
+# own imports (airflow.sdk) are still loading it. A unit test keeps them equal to the hooks'.
+#: connection type -> (hook class, hook name, default port)
+_CONNECTION_TYPES: dict[str, tuple[str, str, int]] = {
+    "embedding_grpc": ("airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook", "Embedding gRPC", 50051),
+    "embedding_cache_grpc": (
+        "airflow_embedding_provider.hooks.grpc_cache.GrpcCacheHook",
+        "Embedding cache invalidation gRPC",
+        50052,
+    ),
+}
+
 _GRPC_FIELDS: dict[str, Any] = {
     "use_tls": {"label": "Use TLS", "schema": {"type": ["boolean", "null"], "default": False}},
     "ca_cert": {
@@ -39,11 +51,15 @@ _GRPC_FIELDS: dict[str, Any] = {
         "schema": {"type": ["number", "null"], "default": 30, "minimum": 0},
     },
 }
-_GRPC_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["schema", "login", "password"],
-    "relabeling": {"host": "gRPC host"},
-    "placeholders": {"host": "127.0.0.1", "port": "50051", "timeout": "30"},
-}
+
+
+def _grpc_behaviour(port: int) -> dict[str, Any]:
+    """The form of a gRPC connection type; ``port`` is its server's default port."""
+    return {
+        "hidden-fields": ["schema", "login", "password"],
+        "relabeling": {"host": "gRPC host"},
+        "placeholders": {"host": "127.0.0.1", "port": str(port), "timeout": "30"},
+    }
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -73,13 +89,15 @@ def get_provider_info() -> dict[str, Any]:
                 ],
             }
         ],
+        # One type per server, so that Test asks each server about the service it must serve.
         "connection-types": [
             {
-                "connection-type": "embedding_grpc",
-                "hook-class-name": "airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook",
-                "hook-name": "Embedding gRPC",
+                "connection-type": conn_type,
+                "hook-class-name": hook_class,
+                "hook-name": hook_name,
                 "conn-fields": _GRPC_FIELDS,
-                "ui-field-behaviour": _GRPC_BEHAVIOUR,
+                "ui-field-behaviour": _grpc_behaviour(port),
             }
+            for conn_type, (hook_class, hook_name, port) in _CONNECTION_TYPES.items()
         ],
     }

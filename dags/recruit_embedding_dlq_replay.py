@@ -5,7 +5,8 @@ migrated, a corrected row on the AI server, ...). Every pending ``recruit_embedd
 scope is re-validated and upserted; an entry whose row is stored becomes ``resolved``, one that
 still fails stays ``pending`` with ``attempts`` counted up and the latest error, and one whose id
 was written after it was dead-lettered becomes ``superseded`` (its stale payload is not written
-over the newer row). Replaying again changes nothing.
+over the newer row). Replaying again changes nothing. A replay that stored rows emits an event
+of the embedding table's Asset (``announce_change``), as the ingest does.
 
 Scope it with Params (combined with AND; none given = every pending entry), for example
 ``{"error_kinds": ["dimension_mismatch"]}`` or
@@ -22,6 +23,7 @@ import pendulum
 from airflow.sdk import DAG, Param
 
 from airflow_embedding_provider.operators.dlq_replay import DEFAULT_BATCH_SIZE, EmbeddingDlqReplayOperator
+from airflow_embedding_provider.operators.embedding_asset import EmbeddingAssetEventOperator
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 
 SCHEDULE = os.environ.get("RECRUIT_DLQ_REPLAY_SCHEDULE", "none")
@@ -86,3 +88,4 @@ with DAG(
         refetch="{{ params.refetch }}",
         batch_size="{{ params.batch_size }}",
     )
+    replay >> EmbeddingAssetEventOperator(task_id="announce_change", source_task_id="replay")

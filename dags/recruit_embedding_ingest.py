@@ -4,7 +4,8 @@
 ``ingest`` is mapped over them (one task per range, in parallel on Celery/Kubernetes workers);
 ``finalize`` settles the checkpoint (the low watermark over the ranges), builds the ANN index
 after a first load and enforces the DLQ budget; ``invalidate_cache`` tells the API server to drop
-its ``recruit`` cache when the run changed rows.
+its ``recruit`` cache when the run changed rows; ``announce_change`` emits an event of the
+embedding table's Asset for downstream DAGs (``recruit_embedding_consumer``) when it changed rows.
 
 Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off) and
 resumes after the stored checkpoint. Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to
@@ -20,6 +21,7 @@ import pendulum
 from airflow.sdk import DAG, Param
 
 from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
+from airflow_embedding_provider.operators.embedding_asset import EmbeddingAssetEventOperator
 from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingCheckpointOperator,
     EmbeddingStreamPlanOperator,
@@ -106,4 +108,8 @@ with DAG(
         postgres_conn_id="postgres_default",
         grpc_conn_id="cache_grpc_default",
     )
+    # Beside the invalidation, not after it: a pending invalidation must not hold back the event.
+    # No rows changed: this task skips, so no event and no consumer run.
+    announce = EmbeddingAssetEventOperator(task_id="announce_change", source_task_id="finalize")
     plan >> ingest >> finalize >> invalidate
+    finalize >> announce

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import pickle
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -257,6 +259,26 @@ def _key(raw: Any) -> bytes | None:
         return None
 
 
+log = logging.getLogger(__name__)
+#: Files from this size on log each step of their load: a large one takes long enough to wonder.
+PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+
+
+class _LoadProgress:
+    """Logs the steps of loading a big file with the seconds so far; silent for small files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        size = path.stat().st_size if path.is_file() else 0
+        self.enabled = size >= PROGRESS_MIN_BYTES
+        self.step(f"loading {path} ({size / 2**20:,.0f} MiB)")
+
+    def step(self, message: str) -> None:
+        if self.enabled:
+            log.info("%s [%.1f s]", message, time.monotonic() - self.started)
+
+
 def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDataset:
     """Read and order the file; raises :class:`DatasetError` when it cannot be served.
 
@@ -265,12 +287,16 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
         data is unpickled (:mod:`safe_pickle`).
     """
     path = Path(path)
+    progress = _LoadProgress(path)
     frame = _read(path, trust_pickle=trust_pickle)
+    progress.step(f"read {len(frame):,} rows")
     company = _text(frame["Company Name"], "Company Name", path)
     english = _text(frame["English Level"], "English Level", path)
     keyword = _text(frame["Primary Keyword"], "Primary Keyword", path)
     years = _years(frame["Exp Years"], path)
+    progress.step("checked the metadata columns")
     matrix, odd, _ = _vectors(frame["job_post_vectors"], path)
+    progress.step(f"packed {len(matrix):,} vectors of dimension {matrix.shape[1]}")
     raw_ids = frame["id"].tolist()
     keys = [_key(v) for v in raw_ids]
     invalid = [i for i, k in enumerate(keys) if k is None]
@@ -298,6 +324,7 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     )
     del matrix
     _return_freed_memory()
+    progress.step(f"ordered by id: {len(dataset):,} rows ready to serve")
     return dataset
 
 

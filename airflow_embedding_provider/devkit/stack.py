@@ -167,7 +167,7 @@ def airflow_env(
         cache_host, cache_port = cache_target.rsplit(":", 1)
         env["AIRFLOW_CONN_CACHE_GRPC_DEFAULT"] = json.dumps(
             {
-                "conn_type": "embedding_grpc",
+                "conn_type": "embedding_cache_grpc",
                 "host": cache_host,
                 "port": int(cache_port),
                 "extra": {"timeout": 5, **(grpc_extra or {})},

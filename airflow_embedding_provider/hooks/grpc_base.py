@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import grpc
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
@@ -87,10 +88,20 @@ class GrpcServiceHook(BaseHook):
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def test_connection(self) -> tuple[bool, str]:
-        """Used by the connection form's Test button: asks the server's health service."""
+        """Used by the connection form's Test button: asks the server's health service about this
+        hook's service, so each connection type tests what its server must serve."""
         try:
             status = self.health()
+        except AirflowNotFoundException as exc:
+            return False, f"{exc}: create the connection {self.grpc_conn_id!r} first"
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                # The health service answered, but knows no such service: another kind of server.
+                return False, (
+                    f"{self.settings.target} answers but does not serve {self.service_name} (NOT_FOUND): "
+                    f"is it the right server, and the connection of the right type ({self.conn_type!r} is "
+                    "for that service)?"
+                )
             return False, f"{self.settings.target}: {exc.code().name}: {exc.details()}"
         except (ValueError, OSError) as exc:
             return False, str(exc)

@@ -85,11 +85,14 @@ class RetryPolicy:
 class GrpcCacheHook(GrpcServiceHook):
     """Calls ``CacheService.InvalidateCache`` on the API server.
 
-    :param grpc_conn_id: an ``embedding_grpc`` connection to the API server (see
-        :class:`GrpcServiceHook`); its ``timeout`` is the default deadline of a call.
+    :param grpc_conn_id: an ``embedding_cache_grpc`` connection to the API server (the same fields
+        as ``embedding_grpc``, see :class:`GrpcServiceHook`; a connection of that type works too);
+        its ``timeout`` is the default deadline of a call.
     """
 
     default_conn_name = "cache_grpc_default"
+    # Its own type, so that the connection form's Test asks the server about CacheService.
+    conn_type = "embedding_cache_grpc"
     hook_name = "Embedding cache invalidation gRPC"
     default_port = DEFAULT_PORT
     service_name = CACHE_SERVICE

@@ -11,6 +11,7 @@ from tenacity import RetryCallState
 
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook, RetryPolicy
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.metrics import record_cache_delivery
 from airflow_embedding_provider.storage.outbox import deliver, pending_entries
 
 if TYPE_CHECKING:
@@ -104,11 +105,15 @@ class CacheInvalidateOperator(BaseOperator):
                 except CacheInvalidationError as exc:
                     if not exc.retryable:
                         raise
-                    return self._pending(target, calls, len(pending_entries(conn, target)), str(exc))
+                    pending = len(pending_entries(conn, target))
+                    record_cache_delivery(0, pending, dag_id=self.dag_id, target=target)
+                    return self._pending(target, calls, pending, str(exc))
+                pending = len(pending_entries(conn, target))
+                record_cache_delivery(len(delivery.entry_ids), pending, dag_id=self.dag_id, target=target)
                 if delivery.outcome == "busy":
                     # The holder delivers what it read; what it did not read waits for the next deliverer.
                     error = f"another deliverer held the lock of {target!r} for over {timeout + LOCK_WAIT_MARGIN:g} s"
-                    return self._pending(target, calls, len(pending_entries(conn, target)), error)
+                    return self._pending(target, calls, pending, error)
         if delivery.outcome == "nothing_pending":
             self.log.info("no pending invalidation of %r: nothing changed or another deliverer did it", target)
         else:

@@ -32,6 +32,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.operators._rendered import flag
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch, canonical_uuid
 from airflow_embedding_provider.storage.dlq import (
@@ -50,12 +51,13 @@ from airflow_embedding_provider.storage.dlq import (
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, apply_schema
-from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+    from airflow.sdk.types import RuntimeTaskInstanceProtocol
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +423,9 @@ class EmbeddingDlqReplayOperator(BaseOperator):
         self.batch_size = batch_size
         self.delete_resolved = delete_resolved
         self.cache_target = cache_target
+        #: rows this task wrote per output (metadata, embedding, dlq), for OpenLineage
+        self._lineage_counts: dict[str, int] = {}
+        self._refetched = False
 
     def scope(self) -> DlqScope:
         """The rendered scope parameters, checked."""
@@ -472,6 +477,9 @@ class EmbeddingDlqReplayOperator(BaseOperator):
                 refetch=functools.partial(refetch_row, hook) if hook is not None else None,
                 delete_resolved=self.delete_resolved,
             )
+        stored = stats.inserted + stats.updated + stats.unchanged
+        self._lineage_counts = {"metadata": stored, "embedding": stored, "dlq": stats.selected}
+        self._refetched = refetch
         self.log.info(
             "DLQ replay: %d selected, %d resolved %s (%d new, %d changed, %d unchanged rows), %d re-fetched",
             stats.selected,
@@ -498,3 +506,20 @@ class EmbeddingDlqReplayOperator(BaseOperator):
                 self.dimension,
             )
         return stats.as_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: RuntimeTaskInstanceProtocol) -> Any:
+        """OpenLineage: the DLQ (and with ``refetch`` the AI server) in; the two tables and the DLQ
+        out, with their columns and the rows written. ``None`` without the OpenLineage provider."""
+        if not openlineage_available():
+            return None
+        target = GrpcEmbeddingHook(self.grpc_conn_id).settings.target if self._refetched else None
+        conn = psycopg3_connection(self.postgres_conn_id)
+        with contextlib.closing(conn):
+            return ingest_lineage(
+                grpc_target=target,
+                stream_name=DEFAULT_STREAM,
+                conn=conn,
+                tables=DEFAULT_TABLES,
+                row_counts=self._lineage_counts,
+                table_inputs=("dlq",),
+            )

@@ -21,6 +21,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
+from airflow_embedding_provider.metrics import record_rate, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
@@ -39,6 +41,7 @@ from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWrite
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+    from airflow.sdk.types import RuntimeTaskInstanceProtocol
 
 DEFAULT_CHUNK_SIZE = 300
 #: Airflow's default ``[core] max_map_length``; a plan never maps wider.
@@ -210,6 +213,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         self.cache_target = cache_target
         self.build_ann_index = build_ann_index
         self.ann_index_method = ann_index_method
+        #: rows this task wrote per output (metadata, embedding, dlq), for OpenLineage
+        self._lineage_counts: dict[str, int] = {}
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
@@ -284,7 +289,25 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
             result["last_processed_uuid"],
         )
         ti.xcom_push(key="checkpoint", value=result["last_processed_uuid"])
+        record_rows(result, dag_id=ti.dag_id, stream=self.stream_name)
+        self._lineage_counts = {"metadata": stats.rows_stored, "embedding": stats.rows_stored, "dlq": stats.rows_dlq}
         return result
+
+    def get_openlineage_facets_on_complete(self, task_instance: RuntimeTaskInstanceProtocol) -> Any:
+        """OpenLineage: the AI server's stream in; the two tables and the DLQ out, with their
+        columns and the rows this task wrote. ``None`` without the OpenLineage provider."""
+        if not openlineage_available():
+            return None
+        target = GrpcEmbeddingHook(self.grpc_conn_id).settings.target
+        conn = psycopg3_connection(self.postgres_conn_id)
+        with contextlib.closing(conn):
+            return ingest_lineage(
+                grpc_target=target,
+                stream_name=self.stream_name,
+                conn=conn,
+                tables=DEFAULT_TABLES,
+                row_counts=self._lineage_counts,
+            )
 
 
 class EmbeddingCheckpointOperator(BaseOperator):
@@ -357,6 +380,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
             "ann_index_built": built,
         }
         ti.xcom_push(key="checkpoint", value=checkpoint)
+        record_rate(summary["rows_per_second"], dag_id=ti.dag_id, stream=self.stream_name)
         self.log.info("run total: %s", summary)
         received, rejected = totals["rows_received"], totals["rows_dlq"]
         limit = float(self.max_dlq_fraction)

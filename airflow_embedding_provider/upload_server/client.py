@@ -7,9 +7,11 @@ filling the pusher's memory.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 
@@ -21,6 +23,8 @@ from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 DEFAULT_CHUNK_SIZE = 300
+#: Seconds between two redraws of the progress line.
+PROGRESS_INTERVAL = 0.5
 
 
 class UploadError(Exception):
@@ -41,6 +45,49 @@ def dataset_chunks(dataset: EmbeddingDataset, chunk_size: int, *, after: str = "
         raise ValueError(f"--after {after[:64]!r} is not a UUID") from None
     # Checked above, before the first send: a generator would only fail inside the gRPC call.
     return dataset.chunks(start, len(dataset), chunk_size)
+
+
+class PushProgress:
+    """One line on a terminal, redrawn in place: rows sent of the total, rows a second, time left.
+
+    Rows count as sent when gRPC takes their message for the transport, which it does only as
+    fast as the server accepts them (flow control), so the rate is the upload's own.
+    """
+
+    def __init__(self, stream: TextIO, total: int, *, interval: float = PROGRESS_INTERVAL) -> None:
+        self.stream = stream
+        self.total = total
+        self.interval = interval
+        self.sent = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.sent / elapsed
+        share = self.sent / self.total if self.total else 1.0
+        left = (self.total - self.sent) / rate if rate > 0 else None
+        eta = "--:--" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
+        return f"sent {self.sent:,} of {self.total:,} rows ({share:.0%}), {rate:,.0f} rows/s, {eta} left"
+
+    def advance(self, rows: int) -> None:
+        self.sent += rows
+        now = time.monotonic()
+        if now - self._drawn >= self.interval:
+            self._drawn = now
+            self.stream.write("\r\x1b[K" + self.line())  # back to the line's start, clear it
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """The last state, then a new line so that the result prints below it."""
+        self.stream.write("\r\x1b[K" + self.line() + "\n")
+        self.stream.flush()
+
+    def watch(self, chunks: Iterator[RowChunkBytes]) -> Iterator[RowChunkBytes]:
+        for chunk in chunks:
+            yield chunk
+            # Resumed when gRPC asks for the next message: this one is on its way.
+            self.advance(len(chunk.rows))
 
 
 def upload(
@@ -92,9 +139,19 @@ def push(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     after: str = "",
     connect_timeout: float = 10.0,
+    progress: TextIO | None = None,
 ) -> embedding_pb2.UploadResult:
-    """Load ``pkl`` and upload its rows (after ``after``) to ``target``; returns the server's answer."""
+    """Load ``pkl`` and upload its rows (after ``after``) to ``target``; returns the server's answer.
+
+    :param progress: a terminal to show :class:`PushProgress` on; none by default.
+    """
     dataset = load_dataset(pkl)
     chunks = dataset_chunks(dataset, chunk_size, after=after)
     upload_id = f"push-{uuid.uuid4().hex[:12]}"
-    return upload(target, chunks, upload_id=upload_id, connect_timeout=connect_timeout)
+    if progress is None:
+        return upload(target, chunks, upload_id=upload_id, connect_timeout=connect_timeout)
+    meter = PushProgress(progress, len(dataset) - dataset.start_after(after))
+    try:
+        return upload(target, meter.watch(chunks), upload_id=upload_id, connect_timeout=connect_timeout)
+    finally:
+        meter.finish()

@@ -6,6 +6,8 @@ against the configured dimension and the writer dead-letters what it rejects.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def _chunk(ids: list[str], vectors: list[bytes]) -> WireChunk:
         primary_keyword=[["Python", "Go", "Rust"][i % 3] for i in range(n)],
         vectors=vectors,
     )
+
+
+def _asset_events(airflow_home: Path) -> list[dict[str, object]]:
+    """The extras of the Asset events this DAG emitted, oldest first, as Airflow recorded them."""
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        rows = db.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+            "WHERE e.source_dag_id = ? AND a.name = 'recruit_embedding' ORDER BY e.id",
+            (DAG_ID,),
+        ).fetchall()
+    return [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
 
 
 def _ingest_rejects(dsn: str, chunk: WireChunk, dimension: int) -> None:
@@ -94,9 +107,12 @@ def test_rows_rejected_for_dimension_are_stored_after_the_fix(
     assert "stores vector(8) but the configured dimension is 16" in failed.stdout + failed.stderr
     assert {v[:2] for v in _dlq(pg_dsn).values()} == {("pending", 0)}
 
+    events_before = _asset_events(airflow_home)
     _migrate(pg_dsn)
     dags_test(DAG_ID, _env(dag_env, 16), conf={"error_kinds": ["dimension_mismatch"]})
     result = task_result(airflow_home, DAG_ID, "replay")
+    # The replay stored rows: one event of the embedding table's Asset, for downstream DAGs.
+    assert _asset_events(airflow_home) == [*events_before, {"rows_changed": 25, "checkpoint": None}]
     assert result == {
         "selected": 25,
         "resolved": 25,
@@ -137,6 +153,7 @@ def test_rows_rejected_for_dimension_are_stored_after_the_fix(
     dags_test(DAG_ID, _env(dag_env, 16))
     again = task_result(airflow_home, DAG_ID, "replay")
     assert (again["selected"], again["resolved"], again["still_failing"]) == (0, 0, 0)
+    assert len(_asset_events(airflow_home)) == len(events_before) + 1  # nothing stored: no event
     with psycopg.connect(pg_dsn) as conn:
         assert table_digest(conn) == digest
         assert conn.execute("SELECT * FROM recruit_embedding_dlq ORDER BY dlq_id").fetchall() == dlq_before

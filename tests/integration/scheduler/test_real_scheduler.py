@@ -131,7 +131,14 @@ def test_scheduler_runs_the_triggered_and_the_scheduled_ingest(
         run_id = cluster.trigger(DAG_ID, {"last_processed_uuid": ids[RESUME_AFTER], "rows_per_partition": 500})
         run = cluster.wait_for_run(DAG_ID, run_id=run_id)
         states = cluster.task_states(run)
-        assert sorted(states) == ["finalize", "ingest[0]", "ingest[1]", "invalidate_cache", "plan_partitions"]
+        assert sorted(states) == [
+            "announce_change",
+            "finalize",
+            "ingest[0]",
+            "ingest[1]",
+            "invalidate_cache",
+            "plan_partitions",
+        ]
         assert set(states.values()) == {"success"}
         _exactly(pg_dsn, dataset, ids[RESUME_AFTER + 1 : FIRST])
         assert _checkpoint(pg_dsn) == ids[FIRST - 1]
