@@ -426,6 +426,8 @@ class _Checked(pickle._Unpickler):
                     self.memo[key] = built
             return
         cls = type(inst)
+        if isinstance(inst, (np.ndarray, np.dtype)):
+            raise _refuse(f"a second state update of a numpy {'array' if isinstance(inst, np.ndarray) else 'dtype'}")
         if not self._is_named(cls) or issubclass(cls, (np.ndarray, np.dtype)) or id(cls) in self._special:
             raise _refuse(f"a state update of a {cls.__name__} the file did not name")
         super().load_build()  # type: ignore[misc]
