@@ -37,7 +37,7 @@ def rich_frame(rows: int = 24, dimension: int = 4) -> pd.DataFrame:
     frame["age"] = pd.to_timedelta(np.arange(rows), unit="h")
     frame["month"] = pd.period_range("2024-01", periods=rows, freq="M")
     frame["band"] = pd.arrays.IntervalArray.from_breaks(np.arange(rows + 1))
-    frame["salary"] = [decimal.Decimal(f"{1000 + i}.50") for i in range(rows)]
+    frame["salary"] = pd.Series([decimal.Decimal(f"{1000 + i}.50") for i in range(rows)], dtype=object)
     frame["Long Description"] = pd.array([f"text {i}" if i % 3 else None for i in range(rows)], dtype="string")
     frame["Long Description_lang"] = pd.array(["en"] * rows, dtype="string[python]")
     frame["views"] = pd.array([i if i % 4 else None for i in range(rows)], dtype="Int64")
@@ -93,7 +93,9 @@ def variants(rows: int = 24, dimension: int = 4) -> dict[str, pd.DataFrame]:
     out["int_years"] = frame.assign(**{"Exp Years": np.arange(rows, dtype=np.int64)})
     out["nullable_years"] = frame.assign(**{"Exp Years": pd.array([1, None] * (rows // 2), dtype="Int64")})
     out["float_keyword"] = frame.assign(**{"Primary Keyword": [np.nan] + ["Go"] * (rows - 1)})
-    out["list_vectors"] = frame.assign(job_post_vectors=[list(map(float, v)) for v in frame["job_post_vectors"]])
+    out["list_vectors"] = frame.assign(
+        job_post_vectors=pd.Series([list(map(float, v)) for v in frame["job_post_vectors"]])
+    )
     try:
         import pyarrow  # noqa: F401
     except ImportError:

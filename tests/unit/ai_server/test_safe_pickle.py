@@ -108,7 +108,8 @@ def test_a_file_with_extra_column_types_serves(tmp_path: Path) -> None:
     frame = rich_frame()
     data = load_dataset(_dump(tmp_path / "rich.pkl", frame))
     assert sorted(data.ids) == data.ids == sorted(frame["id"])
-    assert data.vectors.tobytes() == np.stack(frame.set_index("id").loc[data.ids, "job_post_vectors"]).tobytes()
+    expected = np.stack(frame.set_index("id").loc[data.ids, "job_post_vectors"].tolist())
+    assert data.vectors.tobytes() == expected.tobytes()
 
 
 # -- item 1: exact pairs, refused before the module is imported -----------------------------------
