@@ -213,6 +213,16 @@ def _parquet_vectors(path: Path, rows: int) -> tuple[FloatMatrix, dict[int, byte
         return None
     if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
         return None
+    try:
+        matrix = _fill_from_batches(source, kind, rows)
+    finally:
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed batches otherwise
+    return None if matrix is None else (matrix, {})
+
+
+def _fill_from_batches(source: Any, kind: Any, rows: int) -> FloatMatrix | None:
+    import pyarrow as pa
+
     matrix: FloatMatrix | None = None
     offset = 0
     for batch in source.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[VECTOR_COLUMN]):
@@ -235,8 +245,28 @@ def _parquet_vectors(path: Path, rows: int) -> tuple[FloatMatrix, dict[int, byte
             return None
         matrix[offset : offset + len(column)] = values.reshape(len(column), dimension)
         offset += len(column)
-    if matrix is None or offset != rows:
-        return None
+    return matrix if offset == rows else None
+
+
+def _stack_releasing(cells: list[Any], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
+    """:func:`_vectors` of the column ``cells`` for the common file whose every cell is a 1-D float numpy
+    array of one length, copied into the matrix a batch at a time with each batch's arrays freed
+    at once, so that the per-row arrays and the matrix are not both whole in memory (issue 12:
+    the pickle path peaked at 3.9x the matrix). Any other column goes to :func:`_vectors`.
+    ``cells`` must be the only reference to the arrays (the frame deleted), and is emptied."""
+    first = cells[0] if cells else None
+    dimension = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 1 else 0
+    plain = dimension > 0 and all(
+        type(v) is np.ndarray and v.ndim == 1 and v.shape[0] == dimension and v.dtype.kind == "f" for v in cells
+    )
+    if not plain:
+        return _vectors(pd.Series(cells, dtype=object), path)[:2]
+    matrix: FloatMatrix = np.empty((len(cells), dimension), dtype=np.float32)
+    for start in range(0, len(cells), PARQUET_BATCH_ROWS):
+        stop = min(start + PARQUET_BATCH_ROWS, len(cells))
+        matrix[start:stop] = np.stack(cells[start:stop])
+        cells[start:stop] = [None] * (stop - start)
+        _trim()
     return matrix, {}
 
 
@@ -359,10 +389,13 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     streamed = _parquet_vectors(path, len(frame)) if parquet else None
     if streamed is None and parquet:
         frame[VECTOR_COLUMN] = _read(path, trust_pickle=False, columns=[VECTOR_COLUMN, *metadata])[VECTOR_COLUMN]
-    matrix, odd = streamed if streamed is not None else _vectors(frame[VECTOR_COLUMN], path)[:2]
     raw_ids = frame["id"].tolist()
-    # The frame's per-row vector arrays are the largest thing alive besides the matrix: gone first.
+    cells = frame[VECTOR_COLUMN].tolist() if streamed is None else []
+    # The frame's per-row vector arrays are the largest thing alive: from here on only `cells`
+    # holds them, and _stack_releasing frees them as it copies them into the matrix.
     del frame
+    matrix, odd = streamed if streamed is not None else _stack_releasing(cells, path)
+    del cells
     keys = [_key(v) for v in raw_ids]
     invalid = [i for i, k in enumerate(keys) if k is None]
     valid = [i for i, k in enumerate(keys) if k is not None]
@@ -402,5 +435,9 @@ def _return_freed_memory() -> None:
     """Hand the loading's freed memory back to the OS (glibc keeps it otherwise), so the server's
     resident size is its data, not its peak."""
     gc.collect()
+    _trim()
+
+
+def _trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
