@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import pickletools
 import random
 import resource
 import subprocess
@@ -250,24 +251,44 @@ def test_other_forged_numpy_and_pandas_states_are_refused_in_one_line(tmp_path: 
         assert not detail.startswith("MULTILINE"), (name, detail)
 
 
+def _memo_gets(data: bytes) -> tuple[list[tuple[int, str]], int]:
+    """Where the pickle fetches a memoized object, and how many objects it memoizes."""
+    ops = list(pickletools.genops(data))
+    gets = [(pos, op.name) for op, _, pos in ops if op.name in ("BINGET", "LONG_BINGET") and pos is not None]
+    return gets, sum(op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT") for op, _, _ in ops)
+
+
 def test_fuzzed_pickles_end_in_a_clean_refusal_or_a_clean_load(tmp_path: Path) -> None:
+    """Byte damage (flips, inserts, deletes, truncation) and object confusion (a memo fetch
+    pointed at another object, so that a state or an argument is of the wrong kind)."""
     rng = random.Random(FUZZ_SEED)
     bases = [pickle.dumps(rich_frame(), protocol=p) for p in (2, 5)]
+    memo = [_memo_gets(b) for b in bases]
     paths = []
     for i in range(FUZZ_MUTATIONS):
-        data = bytearray(rng.choice(bases))
-        for _ in range(rng.choice((1, 1, 2, 4, 8))):
-            k, how = rng.randrange(len(data)), rng.random()
-            if how < 0.5:
-                data[k] = rng.randrange(256)
-            elif how < 0.65:
-                data[k] ^= 1 << rng.randrange(8)
-            elif how < 0.8:
-                del data[k : k + rng.randrange(1, 8)]
-            elif how < 0.9:
-                data[k:k] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
-            else:
-                del data[k:]
+        which = rng.randrange(len(bases))
+        data = bytearray(bases[which])
+        if rng.random() < 1 / 3:
+            gets, memoized = memo[which]
+            for _ in range(rng.choice((1, 2, 3))):
+                pos, name = rng.choice(gets)
+                if name == "BINGET":
+                    data[pos + 1] = rng.randrange(min(memoized, 256))
+                else:
+                    data[pos + 1 : pos + 5] = rng.randrange(memoized).to_bytes(4, "little")
+        else:
+            for _ in range(rng.choice((1, 1, 2, 4, 8))):
+                k, how = rng.randrange(len(data)), rng.random()
+                if how < 0.5:
+                    data[k] = rng.randrange(256)
+                elif how < 0.65:
+                    data[k] ^= 1 << rng.randrange(8)
+                elif how < 0.8:
+                    del data[k : k + rng.randrange(1, 8)]
+                elif how < 0.9:
+                    data[k:k] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+                else:
+                    del data[k:]
         path = tmp_path / f"mutation-{i}.pkl"
         path.write_bytes(bytes(data))
         paths.append(path)
