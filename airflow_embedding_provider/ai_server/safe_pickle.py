@@ -272,6 +272,13 @@ def _getattr(_real: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     raise _refuse(f"getattr{tuple(map(str, args))!r:.80}")
 
 
+def _encode(real: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """How protocol 2 writes bytes: ``_codecs.encode(text, "latin1")``, that codec only."""
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] != "latin1":
+        raise _refuse(f"_codecs.encode with {args[1:]!r:.40}")
+    return real(*args)
+
+
 def _placement(placement: Any, items: int) -> list[int]:
     if isinstance(placement, slice):
         return list(range(*placement.indices(items))) if placement.stop is not None else []
@@ -539,6 +546,7 @@ _HANDLERS: dict[tuple[str, str], Callable[[Callable[..., Any], tuple[Any, ...]],
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("builtins", "getattr"): _getattr,
+    ("_codecs", "encode"): _encode,
     ("pandas.core.internals.managers", "BlockManager"): _block_manager,
     ("pyarrow.lib", "_restore_array"): _restore_arrow,
 }
