@@ -1,5 +1,5 @@
 """Peak memory of loading the sample into the AI server's layout, per input path, as a ratio to
-the float32 matrix the server keeps (issue 12: Parquet at most 2x the matrix at 1,000,000 rows).
+the float32 matrix the server keeps (the target: Parquet at most 2x the matrix at 1,000,000 rows).
 
 For each path a fresh process imports the loader, notes its resident size, loads the file with
 ``load_dataset`` and reports its peak resident size (``VmHWM``). The ratio that the target reads
@@ -26,7 +26,7 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.procmem import MIB, peak_rss_mib, rss_mib
 
 PATHS = {"parquet": ".parquet", "pickle": ".pkl", "pickle-trusted": ".pkl"}
-#: issue 12 item 7: loading Parquet peaks at most at twice the float32 matrix
+#: loading Parquet peaks at most at twice the float32 matrix
 PARQUET_PEAK_LIMIT = 2.0
 SEED = 7
 

@@ -185,8 +185,9 @@ def _read(path: Path, *, trust_pickle: bool, columns: list[str] | None = None) -
 
 
 def _read_parquet_columns(path: Path, columns: list[str] | None) -> pd.DataFrame:
-    """``columns`` of a Parquet file; a column it lacks becomes a zero-width placeholder, so
-    that the missing-column check in :func:`_read` names every missing design column at once."""
+    """``columns`` of a Parquet file, with the vector column as a placeholder when it is not
+    among them (:func:`_parquet_vectors` reads it); a file that lacks a design column comes back
+    as an empty frame of its own column names, so that :func:`_read` names what is missing."""
     import pyarrow.parquet as pq
 
     names = pq.read_schema(path).names
@@ -251,8 +252,9 @@ def _fill_from_batches(source: Any, kind: Any, rows: int) -> FloatMatrix | None:
 def _stack_releasing(cells: list[Any], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
     """:func:`_vectors` of the column ``cells`` for the common file whose every cell is a 1-D float numpy
     array of one length, copied into the matrix a batch at a time with each batch's arrays freed
-    at once, so that the per-row arrays and the matrix are not both whole in memory (issue 12:
-    the pickle path peaked at 3.9x the matrix). Any other column goes to :func:`_vectors`.
+    at once, so that the per-row arrays and the matrix are not both whole in memory (they were:
+    the pickle path peaked at 3.9x the matrix, see bench/RESULTS.md). Any other column goes to
+    :func:`_vectors`.
     ``cells`` must be the only reference to the arrays (the frame deleted), and is emptied."""
     first = cells[0] if cells else None
     dimension = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 1 else 0
@@ -272,7 +274,7 @@ def _stack_releasing(cells: list[Any], path: Path) -> tuple[FloatMatrix, dict[in
 
 def _reorder_rows(matrix: FloatMatrix, order: list[int]) -> FloatMatrix:
     """``matrix[order]`` computed in place, one cycle of the permutation at a time: a copy
-    would be a second matrix at the peak of the load (issue 12: at most 2x the matrix)."""
+    would be a second matrix at the peak of the load."""
     done = np.zeros(len(order), dtype=bool)
     for start in range(len(order)):
         if done[start] or order[start] == start:
