@@ -16,6 +16,9 @@ A pickle names the callables that rebuild its objects, so loading an untrusted o
    exactly; pyarrow arrays are validated in full before anything reads them.
 
 Any other failure of a damaged file ends as :class:`pickle.UnpicklingError`, one line.
+The loader is the standard library's pure-Python unpickler with those operations replaced (the
+C one cannot be hooked between an object and its state); it is about 2-3.5x slower than the C
+one (bench/RESULTS.md), and ``--trust-pickle`` skips it.
 """
 
 from __future__ import annotations
@@ -48,12 +51,11 @@ _OFFSETS = (
     "YearEnd",
     "YearBegin",
 )
-#: Every (module, name) a pickle may name: what frames written by pandas 2.x-3.x with numpy
-#: 1.26-2.x (with and without pyarrow) ask for, with the extra column types real files carry
-#: (dates with and without time zones, timedelta, Period, Interval, Decimal, nullable and
-#: string dtypes, categoricals, Timestamp/NaT/bytes/bool/list cells). ``tests/unit/ai_server``
-#: pickles such frames and checks that each pair here is needed by one of them or by a file
-#: written by an older version.
+#: Every (module, name) a pickle may name: what frames written by pandas 2.3-3.1 with numpy
+#: 1.26-2.4 (with and without pyarrow) ask for, with the extra column types real files carry
+#: (dates with and without time zones, timedelta, Period, Interval, Decimal, nullable and string
+#: dtypes, categoricals, Timestamp/NaT/bytes/bool/list cells); tests/unit/ai_server loads such
+#: frames at every protocol, and files that older versions wrote (its pickles/ folder).
 ALLOWED: frozenset[tuple[str, str]] = frozenset(
     {
         # numpy 2 spells its core module numpy._core; files from numpy 1.x say numpy.core
