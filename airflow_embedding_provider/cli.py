@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")
     sample.add_argument("--rows", type=int, required=True)
-    sample.add_argument("--out", required=True)
+    sample.add_argument("--out", required=True, help="a .pkl, or a .parquet/.pq file (written as Parquet)")
     sample.add_argument("--dim", type=int, default=DEFAULT_DIMENSION)
     sample.add_argument("--seed", type=int, default=7)
     sample.set_defaults(func=_sample)

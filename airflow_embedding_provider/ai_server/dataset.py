@@ -135,16 +135,24 @@ class EmbeddingDataset:
 
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+VECTOR_COLUMN = PKL_COLUMNS[-1]
+#: Rows of vectors a Parquet read decodes at once: beside the matrix, only one batch is in memory.
+PARQUET_BATCH_ROWS = 65_536
 
 
-def _read(path: Path, *, trust_pickle: bool) -> pd.DataFrame:
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in PARQUET_SUFFIXES
+
+
+def _read(path: Path, *, trust_pickle: bool, columns: list[str] | None = None) -> pd.DataFrame:
+    """The file's frame: a pickle whole, a Parquet file's ``columns`` (all when None)."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: the file is empty, expected a pickled pandas DataFrame")
     try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            frame = pd.read_parquet(path)  # no code in the file format: the safe alternative
+        if _is_parquet(path):
+            frame = _read_parquet_columns(path, columns)  # no code in the file format: the safe alternative
         else:
             frame = pd.read_pickle(path) if trust_pickle else safe_pickle.load(path)
     except safe_pickle.UnsafePickleError as exc:
@@ -161,7 +169,7 @@ def _read(path: Path, *, trust_pickle: bool) -> pd.DataFrame:
         KeyError,
         OSError,
     ) as exc:
-        kind = "Parquet file" if path.suffix.lower() in PARQUET_SUFFIXES else "pickle"
+        kind = "Parquet file" if _is_parquet(path) else "pickle"
         raise DatasetError(f"{path}: not a readable {kind} ({type(exc).__name__}: {exc})") from None
     if not isinstance(frame, pd.DataFrame):
         raise DatasetError(
@@ -176,6 +184,114 @@ def _read(path: Path, *, trust_pickle: bool) -> pd.DataFrame:
     if len(frame) == 0:
         raise DatasetError(f"{path}: the DataFrame has no rows")
     return frame
+
+
+def _read_parquet_columns(path: Path, columns: list[str] | None) -> pd.DataFrame:
+    """``columns`` of a Parquet file, with the vector column as a placeholder when it is not
+    among them (:func:`_parquet_vectors` reads it); a file that lacks a design column comes back
+    as an empty frame of its own column names, so that :func:`_read` names what is missing."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if columns is None:
+        return pd.read_parquet(path)
+    if any(c not in names for c in PKL_COLUMNS):
+        return pd.DataFrame(columns=names)
+    frame = pq.read_table(path, columns=columns).to_pandas()
+    if VECTOR_COLUMN not in columns:
+        frame[VECTOR_COLUMN] = pd.Series([None] * len(frame), dtype=object)  # read by _parquet_vectors
+    return frame
+
+
+def _parquet_vectors(path: Path, rows: int) -> tuple[FloatMatrix, dict[int, bytes]] | None:
+    """The vector column of a Parquet file as a float32 matrix, read :data:`PARQUET_BATCH_ROWS`
+    rows at a time, when every row is a list of ``dimension`` numbers (no nulls); ``None`` for
+    any other file, which then takes the same per-cell path as a pickle."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(path, buffer_size=8 * 1024 * 1024, pre_buffer=False)
+    kind = source.schema_arrow.field(VECTOR_COLUMN).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return None
+    if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+        return None
+    try:
+        matrix = _fill_from_batches(source, kind, rows)
+    finally:
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed batches otherwise
+    return None if matrix is None else (matrix, {})
+
+
+def _fill_from_batches(source: Any, kind: Any, rows: int) -> FloatMatrix | None:
+    import pyarrow as pa
+
+    matrix: FloatMatrix | None = None
+    offset = 0
+    for batch in source.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[VECTOR_COLUMN]):
+        column = batch.column(0)
+        if column.null_count or column.values.null_count:
+            return None
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        if pa.types.is_fixed_size_list(kind):
+            dimension = kind.list_size
+        else:
+            lengths = np.diff(column.offsets.to_numpy())
+            dimension = int(lengths[0]) if len(lengths) else 0
+            if len(lengths) and not (lengths == dimension).all():
+                return None
+        if matrix is None:
+            if dimension == 0:
+                return None
+            matrix = np.empty((rows, dimension), dtype=np.float32)
+        if dimension != matrix.shape[1] or offset + len(column) > rows:
+            return None
+        matrix[offset : offset + len(column)] = values.reshape(len(column), dimension)
+        offset += len(column)
+    return matrix if offset == rows else None
+
+
+def _stack_releasing(cells: list[Any], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
+    """:func:`_vectors` of the column ``cells`` for the common file whose every cell is a 1-D float numpy
+    array of one length, copied into the matrix a batch at a time with each batch's arrays freed
+    at once, so that the per-row arrays and the matrix are not both whole in memory (they were:
+    the pickle path peaked at 3.9x the matrix, see bench/RESULTS.md). Any other column goes to
+    :func:`_vectors`.
+    ``cells`` must be the only reference to the arrays (the frame deleted), and is emptied."""
+    first = cells[0] if cells else None
+    dimension = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 1 else 0
+    plain = dimension > 0 and all(
+        type(v) is np.ndarray and v.ndim == 1 and v.shape[0] == dimension and v.dtype.kind == "f" for v in cells
+    )
+    if not plain:
+        return _vectors(pd.Series(cells, dtype=object), path)[:2]
+    matrix: FloatMatrix = np.empty((len(cells), dimension), dtype=np.float32)
+    for start in range(0, len(cells), PARQUET_BATCH_ROWS):
+        stop = min(start + PARQUET_BATCH_ROWS, len(cells))
+        matrix[start:stop] = np.stack(cells[start:stop])
+        cells[start:stop] = [None] * (stop - start)
+        _trim()
+    return matrix, {}
+
+
+def _reorder_rows(matrix: FloatMatrix, order: list[int]) -> FloatMatrix:
+    """``matrix[order]`` computed in place, one cycle of the permutation at a time: a copy
+    would be a second matrix at the peak of the load."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        held = matrix[start].copy()
+        at = start
+        while True:
+            done[at] = True
+            source = order[at]
+            if source == start:
+                matrix[at] = held
+                break
+            matrix[at] = matrix[source]
+            at = source
+    return matrix
 
 
 def _text(values: pd.Series, column: str, path: Path) -> list[str | None]:
@@ -288,16 +404,26 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     """
     path = Path(path)
     progress = _LoadProgress(path)
-    frame = _read(path, trust_pickle=trust_pickle)
+    parquet = _is_parquet(path)
+    metadata = [c for c in PKL_COLUMNS if c != VECTOR_COLUMN]
+    frame = _read(path, trust_pickle=trust_pickle, columns=metadata if parquet else None)
     progress.step(f"read {len(frame):,} rows")
     company = _text(frame["Company Name"], "Company Name", path)
     english = _text(frame["English Level"], "English Level", path)
     keyword = _text(frame["Primary Keyword"], "Primary Keyword", path)
     years = _years(frame["Exp Years"], path)
     progress.step("checked the metadata columns")
-    matrix, odd, _ = _vectors(frame["job_post_vectors"], path)
-    progress.step(f"packed {len(matrix):,} vectors of dimension {matrix.shape[1]}")
+    streamed = _parquet_vectors(path, len(frame)) if parquet else None
+    if streamed is None and parquet:
+        frame[VECTOR_COLUMN] = _read(path, trust_pickle=False, columns=[VECTOR_COLUMN, *metadata])[VECTOR_COLUMN]
     raw_ids = frame["id"].tolist()
+    cells = frame[VECTOR_COLUMN].tolist() if streamed is None else []
+    # The frame's per-row vector arrays are the largest thing alive: from here on only `cells`
+    # holds them, and _stack_releasing frees them as it copies them into the matrix.
+    del frame
+    matrix, odd = streamed if streamed is not None else _stack_releasing(cells, path)
+    del cells
+    progress.step(f"packed {len(matrix):,} vectors of dimension {matrix.shape[1]}")
     keys = [_key(v) for v in raw_ids]
     invalid = [i for i, k in enumerate(keys) if k is None]
     valid = [i for i, k in enumerate(keys) if k is not None]
@@ -309,8 +435,8 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
         for i in order
     ]
     position = {old: new for new, old in enumerate(order)}
-    # The frame's per-row vector arrays are the largest thing alive: gone before the reordered copy.
-    del frame, raw_ids, keys
+    del raw_ids, keys
+    _return_freed_memory()
     dataset = EmbeddingDataset(
         ids=ids,
         keys=np.sort(valid_keys, kind="stable"),
@@ -319,7 +445,7 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
         exp_years=[years[i] for i in order],
         english_level=_shared([english[i] for i in order]),
         primary_keyword=_shared([keyword[i] for i in order]),
-        vectors=np.ascontiguousarray(matrix[np.asarray(order, dtype=np.intp)]),
+        vectors=np.ascontiguousarray(_reorder_rows(matrix, order)),
         odd_vectors={position[i]: b for i, b in odd.items()},
     )
     del matrix
@@ -338,5 +464,9 @@ def _return_freed_memory() -> None:
     """Hand the loading's freed memory back to the OS (glibc keeps it otherwise), so the server's
     resident size is its data, not its peak."""
     gc.collect()
+    _trim()
+
+
+def _trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

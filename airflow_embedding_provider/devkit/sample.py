@@ -1,4 +1,4 @@
-"""Generate a sample ``.pkl`` in the design's layout (SEED.md 4.1) with UUIDv7 ids."""
+"""Generate a sample ``.pkl`` (or ``.parquet``) in the design's layout (SEED.md 4.1) with UUIDv7 ids."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from airflow_embedding_provider.ai_server.dataset import PARQUET_BATCH_ROWS, PARQUET_SUFFIXES
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, PKL_COLUMNS
 
 ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
@@ -92,7 +93,13 @@ def make_sample(rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7)
 
 
 def write_sample(path: str | Path, rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7) -> Path:
+    """Write the sample to ``path``: Parquet when it ends in ``.parquet``/``.pq``, else a pickle."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_sample(rows, dimension=dimension, seed=seed).to_pickle(path)
+    frame = make_sample(rows, dimension=dimension, seed=seed)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        # Row groups of a batch each, so that a reader can stream them (SEED.md 2: memory-efficient).
+        frame.to_parquet(path, index=False, row_group_size=PARQUET_BATCH_ROWS)
+    else:
+        frame.to_pickle(path)
     return path
