@@ -56,6 +56,18 @@ _PANDAS_NUMPY_NAMES = frozenset(
         "NaTType",
         "DatetimeIndex",
         "_new_DatetimeIndex",
+        # extra columns of dates, durations, periods and intervals (a real file's ``Published``)
+        "DatetimeArray",
+        "TimedeltaArray",
+        "_timedelta_unpickle",
+        "PeriodArray",
+        "PeriodDtype",
+        "Period",
+        "IntervalArray",
+        "IntervalDtype",
+        "Interval",
+        "__pyx_unpickle_IntervalMixin",
+        "_nat_unpickle",
         # numpy arrays, scalars and dtypes
         "ndarray",
         "dtype",
@@ -77,6 +89,7 @@ _OTHER = frozenset(
         ("datetime", "timedelta"),
         ("datetime", "timezone"),
         ("collections", "OrderedDict"),
+        ("decimal", "Decimal"),
     }
 )
 
