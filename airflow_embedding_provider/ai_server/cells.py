@@ -113,8 +113,11 @@ def _clip(value: Any) -> str:
 Defects = dict[int, list[CellDefect]]
 
 
-def _mark(defects: Defects, row: int, column: str, kind: str, message: str, value: Any) -> None:
-    defects.setdefault(row, []).append(CellDefect(column, kind, message, cell_json(value)))
+def _mark(
+    defects: Defects, row: int, column: str, kind: str, message: str, value: Any, *, json_ready: bool = False
+) -> None:
+    """Record a defect; ``value`` is the cell as in the file, or already JSON-able with ``json_ready``."""
+    defects.setdefault(row, []).append(CellDefect(column, kind, message, value if json_ready else cell_json(value)))
 
 
 def text_column(values: list[Any], column: str, defects: Defects) -> list[str | None]:
@@ -225,7 +228,7 @@ def vector_column(values: list[Any], column: str, defects: Defects) -> list[np.n
         if array is None:
             kind = "vector_too_large" if "message carries" in str(reason) else "invalid_vector"
             message = f"column {column!r} holds {reason}, expected a list of numbers"
-            _mark(defects, i, column, kind, message, _vector_value(v))
+            _mark(defects, i, column, kind, message, _vector_value(v), json_ready=True)
             out.append(empty)
         else:
             out.append(array)
@@ -233,11 +236,15 @@ def vector_column(values: list[Any], column: str, defects: Defects) -> list[np.n
 
 
 def _vector_value(value: Any) -> Any:
-    """A defective vector cell for the DLQ: whole when small, else type, length and a prefix."""
-    size = len(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)) else None
-    if size is not None and size > 4096:
-        head = list(value[:16]) if isinstance(value, (list, tuple, np.ndarray)) else []
-        return {"type": type(value).__name__, "length": size, "prefix": [_json(v) for v in head], "summarised": True}
-    if isinstance(value, np.ndarray):
-        return [_json(v) for v in value.tolist()] if value.ndim == 1 else {"type": "ndarray", "repr": repr(value)}
-    return value
+    """A defective vector cell for the DLQ as JSON: whole when small, else type, length and a prefix."""
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 4096:
+        head = value[:16].tolist() if isinstance(value, np.ndarray) else list(value[:16])
+        return {
+            "type": type(value).__name__,
+            "length": len(value),
+            "prefix": [_json(v) for v in head],
+            "summarised": True,
+        }
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return [_json(v) for v in value.tolist()]
+    return cell_json(value)
