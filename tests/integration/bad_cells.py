@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import decimal
 import uuid
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 
+from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.devkit.sample import make_sample
+from airflow_embedding_provider.devkit.verify import compare, stored_rows
 
 DIM = 384
 #: Rows of the good part of the file.
@@ -120,3 +125,46 @@ def canonical(row_id: Any) -> str | None:
         return str(row_id if isinstance(row_id, uuid.UUID) else uuid.UUID(str(row_id)))
     except ValueError:
         return None
+
+
+def dlq_rows(dsn: str) -> list[tuple[str | None, str, str, dict[str, Any]]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT id::text, error_kind, error_message, payload FROM recruit_embedding_dlq").fetchall()
+
+
+def check_outcome(pg_dsn: str, pkl: Path, expects: list[Expect]) -> None:
+    """Good rows bit-exact (and coerced as the rules say), each bad row one DLQ entry with its
+    column, reason and original value, nothing else."""
+    dataset = load_dataset(pkl)
+    rows = dlq_rows(pg_dsn)
+    bad = [e for e in expects if e.kind]
+    assert Counter(kind for _, kind, _, _ in rows) == Counter(e.kind for e in bad)
+    by_column_value: dict[tuple[str, str], list[Any]] = {}
+    for row_id, kind, message, payload in rows:
+        [defect] = payload["defects"]
+        assert defect["error_kind"] == kind and f"'{defect['column']}'" in message, (kind, message)
+        by_column_value.setdefault((kind, defect["column"]), []).append((row_id, defect["value"], payload))
+    for e in bad:
+        entries = by_column_value[(e.kind, e.column)]  # type: ignore[index]
+        want = canonical(e.id)
+        match = [x for x in entries if x[0] == want]
+        assert len(match) == 1, (e, entries)
+        if e.value is not ...:
+            assert match[0][1] == e.value, (e, match[0][1])
+    big = by_column_value[("text_too_long", "Company Name")][0][1]
+    assert big["length"] == 5_000_000 and big["summarised"]
+    huge = by_column_value[("vector_too_large", "job_post_vectors")][0][1]
+    assert huge["length"] == 1_200_000
+    with psycopg.connect(pg_dsn) as conn:
+        check = compare(conn, dataset)
+        stored = stored_rows(conn)
+    assert check.equal, check.summary()
+    assert len(stored) + len(rows) == len(dataset)
+    for e in expects:
+        if e.kind is None:
+            row_id = canonical(e.id)
+            assert row_id in stored, e
+            if e.years is not ...:
+                assert stored[row_id][0][1] == e.years, (e, stored[row_id])
+
+

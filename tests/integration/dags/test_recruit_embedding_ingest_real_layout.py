@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -92,42 +91,6 @@ def bad_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bad_c
     return path, expects
 
 
-def check_outcome(pg_dsn: str, pkl: Path, expects: list[bad_cells.Expect]) -> None:
-    """Good rows bit-exact (and coerced as the rules say), each bad row one DLQ entry with its
-    column, reason and original value, nothing else."""
-    dataset = load_dataset(pkl)
-    rows = _dlq(pg_dsn)
-    bad = [e for e in expects if e.kind]
-    assert Counter(kind for _, kind, _, _ in rows) == Counter(e.kind for e in bad)
-    by_column_value: dict[tuple[str, str], list[Any]] = {}
-    for row_id, kind, message, payload in rows:
-        [defect] = payload["defects"]
-        assert defect["error_kind"] == kind and f"'{defect['column']}'" in message, (kind, message)
-        by_column_value.setdefault((kind, defect["column"]), []).append((row_id, defect["value"], payload))
-    for e in bad:
-        entries = by_column_value[(e.kind, e.column)]  # type: ignore[index]
-        want = bad_cells.canonical(e.id)
-        match = [x for x in entries if x[0] == want]
-        assert len(match) == 1, (e, entries)
-        if e.value is not ...:
-            assert match[0][1] == e.value, (e, match[0][1])
-    big = by_column_value[("text_too_long", "Company Name")][0][1]
-    assert big["length"] == 5_000_000 and big["summarised"]
-    huge = by_column_value[("vector_too_large", "job_post_vectors")][0][1]
-    assert huge["length"] == 1_200_000
-    with psycopg.connect(pg_dsn) as conn:
-        check = compare(conn, dataset)
-        stored = stored_rows(conn)
-    assert check.equal, check.summary()
-    assert len(stored) + len(rows) == len(dataset)
-    for e in expects:
-        if e.kind is None:
-            row_id = bad_cells.canonical(e.id)
-            assert row_id in stored, e
-            if e.years is not ...:
-                assert stored[row_id][0][1] == e.years, (e, stored[row_id])
-
-
 def test_every_kind_of_bad_cell_costs_only_its_row(
     bad_file: tuple[Path, list[bad_cells.Expect]], airflow_home: Path, pg_dsn: str, api_server: ServerProcess
 ) -> None:
@@ -141,7 +104,7 @@ def test_every_kind_of_bad_cell_costs_only_its_row(
         )  # fmt: skip
         # No retries: a row that stalled a stream would fail the run. 21 of 3046 rows is within 5%.
         dags_test(DAG_ID, env, conf={"rows_per_partition": 1000})
-        check_outcome(pg_dsn, pkl, expects)
+        bad_cells.check_outcome(pg_dsn, pkl, expects)
         summary = task_result(airflow_home, DAG_ID, "finalize")
         assert summary["rows_dlq"] == sum(1 for e in expects if e.kind)
 
