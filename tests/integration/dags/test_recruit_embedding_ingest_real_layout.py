@@ -126,3 +126,52 @@ def test_every_kind_of_bad_cell_costs_only_its_row(
                 assert bytes.fromhex(row["vector"]) == dataset.vectors[i].astype("<f4").tobytes()
     finally:
         server.stop(0)  # type: ignore[attr-defined]
+
+
+def test_refetch_replays_defective_rows_cleanly_once_the_file_is_fixed(
+    tmp_path: Path, airflow_home: Path, pg_dsn: str, api_server: ServerProcess
+) -> None:
+    frame = make_sample(600, seed=77).astype({"Exp Years": object, "Company Name": object})
+    good_vector = frame.at[100, "job_post_vectors"]
+    broken = {5: ("Exp Years", "ten", "3y"), 50: ("Company Name", "Caf\ud800", "Café"), 100: ("job_post_vectors", "0.1", good_vector)}  # fmt: skip
+    bad, fixed = frame.copy(), frame.copy()
+    for i, (column, wrong, right) in broken.items():
+        bad.at[i, column] = wrong
+        fixed.at[i, column] = right
+    bad.to_pickle(tmp_path / "bad.pkl")
+    fixed.to_pickle(tmp_path / "fixed.pkl")
+    ids = {str(frame.at[i, "id"]) for i in broken}
+
+    def env_for(target: str) -> dict[str, str]:
+        return airflow_env(
+            airflow_home, postgres_dsn=pg_dsn, embedding_target=target, cache_target=api_server.target,
+            extra={"RECRUIT_EMBEDDING_RETRIES": "0"},
+        )  # fmt: skip
+
+    server, target = start_ai_server(load_dataset(tmp_path / "bad.pkl"))
+    try:
+        dags_test(DAG_ID, env_for(target))
+        assert {r[0] for r in _dlq(pg_dsn)} == ids
+        # Replaying the stored payloads cannot help: the cells are not in them, the rows fail again.
+        dags_test("recruit_embedding_dlq_replay", env_for(target), conf={"refetch": False})
+        plain = task_result(airflow_home, "recruit_embedding_dlq_replay", "replay")
+        assert (plain["selected"], plain["resolved"], plain["still_failing"]) == (3, 0, 3)
+    finally:
+        server.stop(0)  # type: ignore[attr-defined]
+
+    fixed_dataset = load_dataset(tmp_path / "fixed.pkl")
+    server, target = start_ai_server(fixed_dataset)
+    try:
+        dags_test("recruit_embedding_dlq_replay", env_for(target), conf={"refetch": True})
+        result = task_result(airflow_home, "recruit_embedding_dlq_replay", "replay")
+        assert (result["selected"], result["resolved"], result["refetched"], result["still_failing"]) == (3, 3, 3, 0)
+        assert result["resolved_by_reason"] == {"invalid_exp_years": 1, "unencodable_text": 1, "invalid_vector": 1}
+        with psycopg.connect(pg_dsn) as conn:
+            check = compare(conn, fixed_dataset)
+            pending = conn.execute("SELECT count(*) FROM recruit_embedding_dlq WHERE status = 'pending'").fetchone()
+        assert check.equal, check.summary()  # the three rows as the fixed file has them, bit-exact
+        assert pending == (0,)
+        dags_test("recruit_embedding_dlq_replay", env_for(target), conf={"refetch": True})
+        assert task_result(airflow_home, "recruit_embedding_dlq_replay", "replay")["selected"] == 0
+    finally:
+        server.stop(0)  # type: ignore[attr-defined]
