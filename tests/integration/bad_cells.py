@@ -48,7 +48,7 @@ def build(seed: int = 12) -> tuple[pd.DataFrame, list[Expect]]:
         "Extra Interval": pd.interval_range(0, GOOD_ROWS),
         "Extra Decimal": [decimal.Decimal(i) / 4 for i in range(GOOD_ROWS)],
     }.items():
-        good[name] = values
+        good[name] = values  # type: ignore[call-overload]
     template = good.iloc[0].to_dict()
     rows: list[dict[str, Any]] = []
     expects: list[Expect] = []
@@ -66,7 +66,7 @@ def build(seed: int = 12) -> tuple[pd.DataFrame, list[Expect]]:
     # Exp Years as recruiting data writes it: stored.
     for raw, expected in [("no_exp", 0), ("no experience", 0), ("0", 0), ("5+", 5), ("10+", 10), ("10+ years", 10),
                           ("3-5", 3), ("", None), (decimal.Decimal("4"), 4), (pd.NA, None), ("2y", 2), (7.0, 7)]:  # fmt: skip
-        add(None, years=expected, **{years: raw})
+        add(None, years=expected, **{years: raw})  # type: ignore[arg-type]
     # Exp Years no rule turns into years: the DLQ.
     for raw, kind, recorded in [
         ("-1", "exp_years_out_of_range", "-1"),
@@ -81,7 +81,7 @@ def build(seed: int = 12) -> tuple[pd.DataFrame, list[Expect]]:
         add(kind, years, recorded, **{years: raw})
     # Text cells: missing markers are NULL, other kinds the DLQ.
     for column, raw in [("Primary Keyword", pd.NA), ("Primary Keyword", float("nan")), ("English Level", pd.NaT)]:
-        add(None, **{column: raw})
+        add(None, **{column: raw})  # type: ignore[arg-type]
     stamp = pd.Timestamp("2024-05-01 10:00")
     for column, raw, recorded in [
         ("Primary Keyword", 2.5, 2.5),
@@ -166,5 +166,3 @@ def check_outcome(pg_dsn: str, pkl: Path, expects: list[Expect]) -> None:
             assert row_id in stored, e
             if e.years is not ...:
                 assert stored[row_id][0][1] == e.years, (e, stored[row_id])
-
-

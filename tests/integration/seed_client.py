@@ -109,7 +109,9 @@ def upload(pb2: ModuleType, stub: Any, pkl: str, chunk: int) -> Any:
     import pandas as pd
 
     # The design's six columns by name (a real file has more); years as "3", "3y" or "no_exp" (0).
-    frame = pd.read_pickle(pkl)[["id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors"]]
+    frame = pd.read_pickle(pkl)[
+        ["id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors"]
+    ]
 
     def years_of(value: Any) -> int:
         match = re.match(r"\d+", str(value))

@@ -46,7 +46,7 @@ def test_a_20000_row_djinni_file_from_the_generator_loads_whole(
     pkl = write_sample(tmp_path / "djinni.pkl", 20_000, seed=120, odd_cell=True)
     frame = make_sample(20_000, seed=120, odd_cell=True)
     assert list(frame.columns) == list(DJINNI_COLUMNS)
-    assert frame["Exp Years"].map(type).eq(str).all() and (frame["Exp Years"] == "no_exp").sum() > 1000
+    assert frame["Exp Years"].map(type).eq(str).all() and (frame["Exp Years"] == "no_exp").sum() > 1000  # type: ignore[arg-type]
     assert {uuid.UUID(i).version for i in frame["id"]} == {4}
     dataset = load_dataset(pkl)
     log = tmp_path / "ai.log"
@@ -137,7 +137,7 @@ def test_refetch_replays_defective_rows_cleanly_once_the_file_is_fixed(
     bad, fixed = frame.copy(), frame.copy()
     for i, (column, wrong, right) in broken.items():
         bad.at[i, column] = wrong
-        fixed.at[i, column] = right
+        fixed.at[i, column] = right  # type: ignore[assignment]
     bad.to_pickle(tmp_path / "bad.pkl")
     fixed.to_pickle(tmp_path / "fixed.pkl")
     ids = {str(frame.at[i, "id"]) for i in broken}

@@ -92,9 +92,7 @@ def test_row_level_problems_are_kept_for_the_dead_letter_queue(tmp_path: Path) -
             "column 'job_post_vectors' has no non-empty vector",
         ),
         (
-            lambda p: _write(
-                p.parent, make_sample(3, dimension=4).set_axis(["id"] * 2 + ["x"] * 9, axis=1), p.name
-            ),
+            lambda p: _write(p.parent, make_sample(3, dimension=4).set_axis(["id"] * 2 + ["x"] * 9, axis=1), p.name),
             "column(s) 'id', 'x' appear more than once",
         ),
     ],
