@@ -81,16 +81,24 @@ def _json_value(text: str) -> Any:
         return {"type": "str", "repr": text[:2000]}  # a peer's malformed JSON: kept as its text
 
 
-def _defects(rows: Sequence[RecruitRowBytes]) -> dict[int, tuple[CellDefect, ...]]:
+def _defects(rows: Sequence[RecruitRowBytes], candidates: Sequence[int]) -> dict[int, tuple[CellDefect, ...]]:
     return {
-        i: tuple(CellDefect(d.column, d.error_kind, d.message, _json_value(d.value_json)) for d in r.defects)
-        for i, r in enumerate(rows)
-        if r.defects
+        i: tuple(CellDefect(d.column, d.error_kind, d.message, _json_value(d.value_json)) for d in rows[i].defects)
+        for i in candidates
+        if rows[i].defects
     }
 
 
 def decode_chunk(message: RowChunkBytes) -> WireChunk:
     rows = message.rows
+    # A marked row carries no ``vector`` (embedding.proto: it moves to ``held_vector``), so only rows
+    # without one are looked at for defects: a clean chunk pays one C-level ``all`` for it.
+    raw = [r.vector for r in rows]
+    if all(raw):
+        vectors, defects = raw, {}
+    else:
+        vectors = [b or _vector_bytes(rows[i]) for i, b in enumerate(raw)]
+        defects = _defects(rows, [i for i, b in enumerate(raw) if not b])
     # Column by column, asking ``HasField`` only of an empty value (an unset optional reads as the
     # empty value): one attribute read a field for the common row, half the cost of always asking.
     return WireChunk(
@@ -99,8 +107,8 @@ def decode_chunk(message: RowChunkBytes) -> WireChunk:
         exp_years=[n if (n := r.exp_years) or r.HasField("exp_years") else None for r in rows],
         english_level=[v if (v := r.english_level) or r.HasField("english_level") else None for r in rows],
         primary_keyword=[v if (v := r.primary_keyword) or r.HasField("primary_keyword") else None for r in rows],
-        vectors=[b if (b := r.vector) else _vector_bytes(r) for r in rows],
-        defects=_defects(rows),
+        vectors=vectors,
+        defects=defects,
     )
 
 
