@@ -238,7 +238,8 @@ def _read(path: Path, *, trust_pickle: bool) -> pd.DataFrame:
 
 
 def _vectors(values: list[np.ndarray], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
-    """The common-length vectors as a matrix, other lengths (not empty) as raw bytes."""
+    """The common-length vectors as a matrix, other lengths as raw bytes (empty ones too: a row
+    without a vector must travel without one, never as the matrix's zeros)."""
     dimension = Counter(a.size for a in values if a.size).most_common(1)
     if not dimension:
         raise DatasetError(f"{path}: column 'job_post_vectors' has no non-empty vector")
@@ -248,7 +249,7 @@ def _vectors(values: list[np.ndarray], path: Path) -> tuple[FloatMatrix, dict[in
     for i, a in enumerate(values):
         if a.size == dim:
             matrix[i] = a
-        elif a.size:
+        else:
             odd[i] = a.astype("<f4").tobytes()
     return matrix, odd
 

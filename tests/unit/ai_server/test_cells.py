@@ -203,3 +203,17 @@ def test_file_level_errors_are_one_line_and_exit_1(tmp_path: Path, frame: object
     )  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_a_row_without_a_vector_travels_without_one(tmp_path: Path) -> None:
+    frame = make_sample(4, dimension=4, layout="seed")
+    frame["job_post_vectors"] = frame["job_post_vectors"].astype(object)
+    frame.at[1, "job_post_vectors"] = []
+    frame.at[2, "job_post_vectors"] = None
+    frame.at[3, "job_post_vectors"] = "not a vector"
+    data = load_dataset(_pickle(tmp_path / "f.pkl", frame))
+    rows = decode_chunk(data.chunk(0, 4))
+    by_id = dict(zip(rows.ids, rows.vectors, strict=True))
+    for i in (1, 2, 3):
+        assert by_id[str(frame.at[i, "id"])] == b""  # never the matrix's zeros
+    assert len(by_id[str(frame.at[0, "id"])]) == 16
