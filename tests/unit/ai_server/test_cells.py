@@ -208,7 +208,7 @@ def test_file_level_errors_are_one_line_and_exit_1(tmp_path: Path, frame: object
 def test_a_row_without_a_vector_travels_without_one(tmp_path: Path) -> None:
     frame = make_sample(4, dimension=4, layout="seed")
     frame["job_post_vectors"] = frame["job_post_vectors"].astype(object)
-    frame.at[1, "job_post_vectors"] = []
+    frame.at[1, "job_post_vectors"] = []  # type: ignore[assignment]
     frame.at[2, "job_post_vectors"] = None
     frame.at[3, "job_post_vectors"] = "not a vector"
     data = load_dataset(_pickle(tmp_path / "f.pkl", frame))
