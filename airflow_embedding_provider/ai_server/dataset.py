@@ -74,6 +74,7 @@ class EmbeddingDataset:
     odd_vectors: dict[int, bytes] = field(default_factory=dict)
     defects: dict[int, tuple[CellDefect, ...]] = field(default_factory=dict)
     ignored_columns: tuple[str, ...] = ()
+    _bytes_bound: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def defect_counts(self) -> Counter[tuple[str, str]]:
         """Defective rows by (column, error kind) of their first defect."""
@@ -144,9 +145,24 @@ class EmbeddingDataset:
             yield from self._fitting(start, end)
             start = end
 
+    def _upper_bound(self, start: int, stop: int) -> int:
+        """At least the encoded size of rows ``[start, stop)`` (4 bytes a character, generous field
+        overheads): a chunk under :data:`MAX_CHUNK_BYTES` by this needs no exact measuring."""
+        if self._bytes_bound is None:
+            n = len(self.ids)
+            sizes = np.full(n, 64 + 4 * self.dimension, dtype=np.int64)
+            for column in (self.ids, self.company_name, self.english_level, self.primary_keyword):
+                sizes += 4 * np.fromiter((len(t) if t else 0 for t in column), np.int64, n)
+            for i, raw in self.odd_vectors.items():
+                sizes[i] += len(raw) - 4 * self.dimension
+            for i, marked in self.defects.items():
+                sizes[i] += sum(64 + 4 * (len(d.message) + len(json.dumps(d.value))) for d in marked)
+            self._bytes_bound = np.concatenate([[0], np.cumsum(sizes)])
+        return int(self._bytes_bound[stop] - self._bytes_bound[start])
+
     def _fitting(self, start: int, stop: int) -> Iterator[RowChunkBytes]:
         message = self.chunk(start, stop)
-        if message.ByteSize() <= MAX_CHUNK_BYTES:
+        if self._upper_bound(start, stop) <= MAX_CHUNK_BYTES or message.ByteSize() <= MAX_CHUNK_BYTES:
             yield message
             return
         middle = self.boundary(start + (stop - start) // 2)
