@@ -48,8 +48,17 @@ def _api_server(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.devkit.sample import write_sample
 
-    path = write_sample(args.out, args.rows, dimension=args.dim, seed=args.seed)
-    print(f"wrote {args.rows} rows of dimension {args.dim} to {path}")
+    path = write_sample(
+        args.out,
+        args.rows,
+        dimension=args.dim,
+        seed=args.seed,
+        layout=args.layout,
+        ids=args.ids,
+        odd_cell=not args.no_odd_cell,
+    )
+    odd = "" if args.no_odd_cell else ", one odd 'Exp Years' cell that goes to the DLQ"
+    print(f"wrote {args.rows} rows of dimension {args.dim} ({args.layout} layout{odd}) to {path}")
     return 0
 
 
@@ -169,11 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token-file", metavar="PATH", help=f"bearer token file (default: ${TOKEN_ENV})")
     push.set_defaults(func=_push)
 
-    sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")
+    sample = sub.add_parser(
+        "sample", help="write a sample .pkl in the real dataset's layout (Djinni: string Exp Years, UUID4 ids)"
+    )
     sample.add_argument("--rows", type=int, required=True)
     sample.add_argument("--out", required=True, help="a .pkl, or a .parquet/.pq file (written as Parquet)")
     sample.add_argument("--dim", type=int, default=DEFAULT_DIMENSION)
     sample.add_argument("--seed", type=int, default=7)
+    sample.add_argument("--layout", choices=("djinni", "seed"), default="djinni", help="seed: SEED.md 4.1's six")
+    sample.add_argument("--ids", choices=("uuid4", "uuid7"), help="default: uuid4 (djinni), uuid7 (seed)")
+    sample.add_argument("--no-odd-cell", action="store_true", help="leave out the one row that goes to the DLQ")
     sample.set_defaults(func=_sample)
     return parser
 

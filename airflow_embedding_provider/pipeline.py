@@ -50,6 +50,12 @@ class IngestStats:
     seconds: float = 0.0
     last_processed_uuid: str | None = None
     dlq_by_reason: Counter[str] = field(default_factory=Counter)
+    #: ``(id or "", error_kind, message)`` of every row sent to the DLQ, to report to the AI server
+    #: (SEED.md 11); not part of :meth:`as_dict`, which must stay small.
+    rejects: list[tuple[str, str, str]] = field(default_factory=list, repr=False)
+
+    def reject(self, rows: Iterable[Rejected]) -> None:
+        self.rejects.extend((r.id or "", r.kind, r.message) for r in rows)
 
     @property
     def rows_stored(self) -> int:
@@ -62,6 +68,7 @@ class IngestStats:
     def add(self, result: WriteResult) -> None:
         if result.refused:
             self.dlq_by_reason["database_rejected"] += result.refused
+            self.reject(result.refused_rows)
         self.inserted += result.inserted
         self.updated += result.updated
         self.unchanged += result.unchanged
@@ -70,6 +77,7 @@ class IngestStats:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["rejects"]
         out["dlq_by_reason"] = dict(self.dlq_by_reason)
         out["rows_stored"] = self.rows_stored
         out["rows_per_second"] = round(self.rows_per_second, 1)
@@ -258,6 +266,7 @@ def ingest_chunks(
                     batch, rejected = validate_chunk(chunk.slice(start, stop), dimension)
                     _report(chunk_no, rejected)
                     stats.dlq_by_reason.update(r.kind for r in rejected)
+                    stats.reject(rejected)
                     frontier.register(seq, _last_valid_id(batch, rejected))
                     slots.acquire()
                     pending.add(pool.submit(store, seq, batch, rejected, chunk_no))

@@ -23,6 +23,22 @@ FloatMatrix = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
+class CellDefect:
+    """One cell of a source row that cannot be served as the file has it (``RowDefect`` on the wire).
+
+    :param column: the source column, e.g. ``Exp Years``.
+    :param kind: a short machine-readable reason, the DLQ's ``error_kind``.
+    :param message: what is wrong, naming the column.
+    :param value: the cell as it was in the file, as a JSON-able value (large values summarised).
+    """
+
+    column: str
+    kind: str
+    message: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
 class RowBatch:
     """Rows in column form. ``vectors`` has one row per id and ``dimension`` columns.
 

@@ -68,6 +68,16 @@ def json_text(value: str | None) -> str | dict[str, str] | None:
 
 
 def _payload(chunk: WireChunk, i: int) -> dict[str, Any]:
+    payload = _fields(chunk, i)
+    if i in chunk.defects:
+        # The cells the sender could not serve, as they were in its file: the rest of the row is above.
+        payload["defects"] = [
+            {"column": d.column, "error_kind": d.kind, "message": d.message, "value": d.value} for d in chunk.defects[i]
+        ]
+    return payload
+
+
+def _fields(chunk: WireChunk, i: int) -> dict[str, Any]:
     raw = chunk.vectors[i]
     vector: Any
     if len(raw) % 4 == 0:
@@ -99,6 +109,9 @@ def _canonical(raw_id: str) -> str | None:
 
 
 def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) -> tuple[str, str] | None:
+    marked = chunk.defects.get(i)
+    if marked:  # the sender's verdict on a cell it could not serve comes first: it names the column
+        return marked[0].kind, "; ".join(d.message for d in marked)
     raw_id = chunk.ids[i]
     if not raw_id:
         return "missing_id", "id is missing"
@@ -142,7 +155,7 @@ def _all_rows_clean(chunk: WireChunk, dimension: int) -> bool:
 
 def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rejected]]:
     """Split a received chunk into rows fit to store and rejected rows, keeping stream order."""
-    if _all_rows_clean(chunk, dimension):
+    if not chunk.defects and _all_rows_clean(chunk, dimension):
         return _finite_rows(chunk, list(range(len(chunk))), chunk.ids, [], dimension)
     good: list[int] = []
     rejected: list[Rejected] = []

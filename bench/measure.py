@@ -52,10 +52,10 @@ def sample(spec: Spec) -> dict[str, Any]:
 
     rows, base, changed = int(spec["rows"]), Path(spec["pkl"]), Path(spec["changed_pkl"])
     if not base.exists():
-        write_sample(base, rows, seed=int(spec["seed"]))
+        write_sample(base, rows, seed=int(spec["seed"]), layout="seed")
     tiny = Path(spec["tiny_pkl"])
     if not tiny.exists():
-        write_sample(tiny, TINY_ROWS, seed=int(spec["seed"]))
+        write_sample(tiny, TINY_ROWS, seed=int(spec["seed"]), layout="seed")
     count = 0
     if not changed.exists():
         frame = pd.read_pickle(base)

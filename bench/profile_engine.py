@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir.resolve()
     pkl = workdir / f"profile-{args.rows}.pkl"
     if not pkl.exists():
-        write_sample(pkl, args.rows)
+        write_sample(pkl, args.rows, layout="seed")
     folder = Path(tempfile.mkdtemp(prefix="bench-profile-pg-", dir=workdir))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, folder, ignore_errors=True)

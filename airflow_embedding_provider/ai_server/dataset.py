@@ -1,11 +1,12 @@
 """Load the ``.pkl`` once into columns, ordered by id, with the vectors as one float32 matrix.
 
-Whole-file problems (not readable, not a DataFrame, a column missing, a column of the wrong
-kind, no rows, a value the wire cannot carry such as ``Exp Years`` = "senior") raise
-:class:`DatasetError` with one line that says what to fix. Problems of single rows that the wire
-can carry (an id that is not a UUID, a vector of another length, NaN in a vector) do not stop the
-server: those rows are served as they are, and the batch side puts them in its dead letter queue
-with the reason.
+Whole-file problems (not readable, not a DataFrame, a column missing or there twice, no rows)
+raise :class:`DatasetError` with one line that says what to fix. A cell never does: a value the
+wire cannot carry (see :mod:`cells` for what is accepted) makes its row *defective*; the row is
+still served, marked with a ``RowDefect`` naming the column, the reason and the original value, so
+that the batch side puts it in its dead letter queue. Rows the batch side can judge itself (an id
+that is not a UUID, a vector of another length, NaN in a vector) are served as they are. Columns
+beyond the six the design uses are ignored.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import pickle
-import re
 import time
 import uuid
 from collections import Counter
@@ -28,13 +29,22 @@ import numpy as np
 import pandas as pd
 
 from airflow_embedding_provider.ai_server import safe_pickle
-from airflow_embedding_provider.rows import PKL_COLUMNS, FloatMatrix
-from airflow_embedding_provider.wire.codec import encode_rows
+from airflow_embedding_provider.ai_server.cells import (
+    MAX_VECTOR_BYTES,
+    Defects,
+    cell_json,
+    encodable,
+    is_missing,
+    text_column,
+    vector_column,
+    years_column,
+)
+from airflow_embedding_provider.rows import PKL_COLUMNS, CellDefect, FloatMatrix
+from airflow_embedding_provider.validation import MAX_TEXT_LENGTH
+from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES, encode_rows
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
-INT32_MAX = 2**31 - 1
-# Experience values as recruiting data writes them: "3", "3y", "3 yrs", "3 years".
-_YEARS = re.compile(r"^\s*(\d{1,9})\s*(?:y|yr|yrs|year|years)?\s*$", re.IGNORECASE)
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -50,6 +60,8 @@ class EmbeddingDataset:
         PostgreSQL orders ``uuid`` the same way, so checkpoints agree with the server's order.
     :param vectors: float32 matrix of the rows whose vector has ``dimension`` values.
     :param odd_vectors: raw float32 bytes for rows whose vector has another length.
+    :param defects: the cells of a row that cannot be served as the file has them, by row index.
+    :param ignored_columns: the file's columns beyond the design's six.
     """
 
     ids: list[str]
@@ -61,6 +73,21 @@ class EmbeddingDataset:
     primary_keyword: list[str | None]
     vectors: FloatMatrix
     odd_vectors: dict[int, bytes] = field(default_factory=dict)
+    defects: dict[int, tuple[CellDefect, ...]] = field(default_factory=dict)
+    ignored_columns: tuple[str, ...] = ()
+    _bytes_bound: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def defect_counts(self) -> Counter[tuple[str, str]]:
+        """Defective rows by (column, error kind) of their first defect."""
+        return Counter((d[0].column, d[0].kind) for d in self.defects.values())
+
+    def describe_defects(self) -> str:
+        """One line for the start-up log: defective rows per column and reason, or none."""
+        counts = self.defect_counts()
+        if not counts:
+            return "no defective rows"
+        parts = ", ".join(f"{column!r} {kind}: {n}" for (column, kind), n in sorted(counts.items()))
+        return f"{len(self.defects)} defective row(s), served marked for the DLQ: {parts}"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,11 +139,39 @@ class EmbeddingDataset:
         return ranges
 
     def chunks(self, start: int, stop: int, size: int) -> Iterator[RowChunkBytes]:
-        """Messages of about ``size`` rows from ``start`` up to ``stop``, cut at :meth:`boundary`."""
+        """Messages of about ``size`` rows from ``start`` up to ``stop``, cut at :meth:`boundary`;
+        a message over :data:`MAX_CHUNK_BYTES` (long texts) is cut again, so none exceeds it."""
         while start < stop:
             end = min(self.boundary(min(start + size, stop)), stop)
-            yield self.chunk(start, end)
+            yield from self._fitting(start, end)
             start = end
+
+    def _upper_bound(self, start: int, stop: int) -> int:
+        """At least the encoded size of rows ``[start, stop)`` (4 bytes a character, generous field
+        overheads): a chunk under :data:`MAX_CHUNK_BYTES` by this needs no exact measuring."""
+        if self._bytes_bound is None:
+            n = len(self.ids)
+            sizes = np.full(n, 64 + 4 * self.dimension, dtype=np.int64)
+            for column in (self.ids, self.company_name, self.english_level, self.primary_keyword):
+                sizes += 4 * np.fromiter((len(t) if t else 0 for t in column), np.int64, n)
+            for i, raw in self.odd_vectors.items():
+                sizes[i] += len(raw) - 4 * self.dimension
+            for i, marked in self.defects.items():
+                sizes[i] += sum(64 + 4 * (len(d.message) + len(json.dumps(d.value))) for d in marked)
+            self._bytes_bound = np.concatenate([[0], np.cumsum(sizes)])
+        return int(self._bytes_bound[stop] - self._bytes_bound[start])
+
+    def _fitting(self, start: int, stop: int) -> Iterator[RowChunkBytes]:
+        message = self.chunk(start, stop)
+        if self._upper_bound(start, stop) <= MAX_CHUNK_BYTES or message.ByteSize() <= MAX_CHUNK_BYTES:
+            yield message
+            return
+        middle = self.boundary(start + (stop - start) // 2)
+        if middle <= start or middle >= stop:  # one row, or copies of one id: cells are bounded
+            yield message
+            return
+        yield from self._fitting(start, middle)
+        yield from self._fitting(middle, stop)
 
     def chunk(self, start: int, stop: int) -> RowChunkBytes:
         vectors = self.vectors[start:stop]
@@ -131,7 +186,22 @@ class EmbeddingDataset:
         for i in range(start, stop):
             if i in self.odd_vectors:
                 message.rows[i - start].vector = self.odd_vectors[i]
+        if self.defects:
+            for i in range(start, stop):
+                if i in self.defects:
+                    _mark_row(message.rows[i - start], self.defects[i])
         return message
+
+
+def _mark_row(row: Any, defects: tuple[CellDefect, ...]) -> None:
+    """Attach the defects; the vector moves to ``held_vector``, which seed-text clients skip."""
+    for d in defects:
+        row.defects.add(
+            column=d.column, error_kind=d.kind, message=d.message, value_json=json.dumps(d.value, ensure_ascii=False)
+        )
+    if row.vector:
+        row.held_vector = row.vector
+        row.ClearField("vector")
 
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -174,6 +244,12 @@ def _read(path: Path, *, trust_pickle: bool, columns: list[str] | None = None) -
     if not isinstance(frame, pd.DataFrame):
         raise DatasetError(
             f"{path}: holds a {type(frame).__name__}, expected a pandas DataFrame with columns {', '.join(PKL_COLUMNS)}"
+        )
+    duplicated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+    if duplicated:
+        raise DatasetError(
+            f"{path}: column(s) {', '.join(map(repr, duplicated))} appear more than once; "
+            "rename or drop the copies so that each column name is unique"
         )
     missing = [c for c in PKL_COLUMNS if c not in frame.columns]
     if missing:
@@ -241,8 +317,8 @@ def _fill_from_batches(source: Any, kind: Any, rows: int) -> FloatMatrix | None:
             if len(lengths) and not (lengths == dimension).all():
                 return None
         if matrix is None:
-            if dimension == 0:
-                return None
+            if dimension == 0 or dimension * 4 > MAX_VECTOR_BYTES:
+                return None  # oversized vectors: the per-cell path makes them defects
             matrix = np.empty((rows, dimension), dtype=np.float32)
         if dimension != matrix.shape[1] or offset + len(column) > rows:
             return None
@@ -251,27 +327,41 @@ def _fill_from_batches(source: Any, kind: Any, rows: int) -> FloatMatrix | None:
     return matrix if offset == rows else None
 
 
-def _stack_releasing(cells: list[Any], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
-    """:func:`_vectors` of the column ``cells`` for the common file whose every cell is a 1-D float numpy
-    array of one length, copied into the matrix a batch at a time with each batch's arrays freed
-    at once, so that the per-row arrays and the matrix are not both whole in memory (they were:
-    the pickle path peaked at 3.9x the matrix, see bench/RESULTS.md). Any other column goes to
-    :func:`_vectors`.
+def _stack_releasing(cells: list[Any], path: Path, defects: Defects) -> tuple[FloatMatrix, dict[int, bytes]]:
+    """The vector column ``cells`` as a matrix. The common file, whose every cell is a 1-D float
+    numpy array of one length small enough to travel, is copied into the matrix a batch at a time
+    with each batch's arrays freed at once, so that the per-row arrays and the matrix are not both
+    whole in memory (they were: the pickle path peaked at 3.9x the matrix, see bench/RESULTS.md).
+    Any other column goes cell by cell through :func:`cells.vector_column`, whose defects are
+    recorded in ``defects``.
     ``cells`` must be the only reference to the arrays (the frame deleted), and is emptied."""
     first = cells[0] if cells else None
     dimension = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 1 else 0
-    plain = dimension > 0 and all(
+    plain = 0 < dimension * 4 <= MAX_VECTOR_BYTES and all(
         type(v) is np.ndarray and v.ndim == 1 and v.shape[0] == dimension and v.dtype.kind == "f" for v in cells
     )
     if not plain:
-        return _vectors(pd.Series(cells, dtype=object), path)[:2]
+        fast = _fast_vectors(cells)
+        if fast is not None:
+            return fast, {}
+        return _vectors(vector_column(cells, VECTOR_COLUMN, defects), path)
     matrix: FloatMatrix = np.empty((len(cells), dimension), dtype=np.float32)
     for start in range(0, len(cells), PARQUET_BATCH_ROWS):
         stop = min(start + PARQUET_BATCH_ROWS, len(cells))
-        matrix[start:stop] = np.stack(cells[start:stop])
+        with np.errstate(over="ignore", invalid="ignore"):
+            matrix[start:stop] = np.stack(cells[start:stop])
         cells[start:stop] = [None] * (stop - start)
         _trim()
     return matrix, {}
+
+
+def _column_names(path: Path, frame: pd.DataFrame, parquet: bool) -> list[str]:
+    """Every column of the file: a Parquet read takes only the design's columns, so ask its schema."""
+    if parquet:
+        import pyarrow.parquet as pq
+
+        return [str(c) for c in pq.read_schema(path).names]
+    return [str(c) for c in frame.columns]
 
 
 def _reorder_rows(matrix: FloatMatrix, order: list[int]) -> FloatMatrix:
@@ -294,88 +384,48 @@ def _reorder_rows(matrix: FloatMatrix, order: list[int]) -> FloatMatrix:
     return matrix
 
 
-def _text(values: pd.Series, column: str, path: Path) -> list[str | None]:
-    out: list[str | None] = []
-    for i, v in enumerate(values.tolist()):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            out.append(None)
-        elif isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            out.append(str(v))  # a numeric keyword such as 1C stays text
-        else:
-            raise DatasetError(f"{path}: column {column!r} row {i} holds a {type(v).__name__}, expected text")
-    return out
-
-
-def _years(values: pd.Series, path: Path) -> list[int | None]:
-    out: list[int | None] = []
-    for i, v in enumerate(values.tolist()):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            out.append(None)
-            continue
-        years: int | None = None
-        if (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (
-            isinstance(v, (float, np.floating)) and float(v).is_integer()
-        ):
-            years = int(v)
-        elif isinstance(v, str) and (m := _YEARS.match(v)):
-            years = int(m.group(1))
-        if years is None or not -INT32_MAX <= years <= INT32_MAX:
-            raise DatasetError(
-                f"{path}: column 'Exp Years' row {i} holds {v!r}, expected a whole number "
-                "of years (3, 3.0, '3y' and '3 years' are accepted)"
-            )
-        out.append(years)
-    return out
-
-
-def _vectors(values: pd.Series, path: Path) -> tuple[FloatMatrix, dict[int, bytes], np.ndarray]:
-    """The common-length vectors as a matrix, other lengths as raw bytes."""
-    raw = values.tolist()
-    try:
-        matrix = np.asarray(np.stack(raw), dtype=np.float32)  # fast path: all one length
-        if matrix.ndim == 2 and matrix.shape[1] > 0:
-            return np.ascontiguousarray(matrix), {}, np.ones(len(raw), dtype=bool)
-    except (ValueError, TypeError):
-        pass
-    arrays: list[np.ndarray] = []
-    for i, v in enumerate(raw):
-        try:
-            a = np.asarray(v if v is not None else [], dtype=np.float32).ravel()
-        except (ValueError, TypeError):
-            raise DatasetError(
-                f"{path}: column 'job_post_vectors' row {i} holds {type(v).__name__} "
-                f"{str(v)[:40]!r}, expected a list of floats"
-            ) from None
-        arrays.append(a)
-    dimension = Counter(a.size for a in arrays if a.size).most_common(1)
+def _vectors(values: list[np.ndarray], path: Path) -> tuple[FloatMatrix, dict[int, bytes]]:
+    """The common-length vectors as a matrix, other lengths as raw bytes (empty ones too: a row
+    without a vector must travel without one, never as the matrix's zeros)."""
+    dimension = Counter(a.size for a in values if a.size).most_common(1)
     if not dimension:
         raise DatasetError(f"{path}: column 'job_post_vectors' has no non-empty vector")
     dim = dimension[0][0]
-    fits = np.array([a.size == dim for a in arrays])
-    matrix = np.zeros((len(arrays), dim), dtype=np.float32)
+    matrix = np.zeros((len(values), dim), dtype=np.float32)
     odd: dict[int, bytes] = {}
-    for i, a in enumerate(arrays):
-        if fits[i]:
+    for i, a in enumerate(values):
+        if a.size == dim:
             matrix[i] = a
         else:
             odd[i] = a.astype("<f4").tobytes()
-    return matrix, odd, fits
+    return matrix, odd
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+def _fast_vectors(raw: list[Any]) -> FloatMatrix | None:
+    """All vectors at once when they are one length of a real dtype (the common file), else None."""
+    try:
+        stacked = np.stack(raw)
+    except (ValueError, TypeError):
+        return None
+    if stacked.ndim != 2 or stacked.shape[1] == 0 or stacked.dtype.kind not in "fiu":
+        return None
+    if stacked.shape[1] * 4 > MAX_VECTOR_BYTES:
+        return None  # oversized vectors: the per-row path makes them defects
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray(stacked, dtype=np.float32)
 
 
 def _key(raw: Any) -> bytes | None:
+    if isinstance(raw, uuid.UUID):
+        return raw.bytes
+    if not isinstance(raw, str):
+        return None
     try:
-        return uuid.UUID(str(raw)).bytes if raw is not None else None
+        return uuid.UUID(raw).bytes
     except ValueError:
         return None
 
 
-log = logging.getLogger(__name__)
 #: Files from this size on log each step of their load: a large one takes long enough to wonder.
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 
@@ -395,6 +445,20 @@ class _LoadProgress:
             log.info("%s [%.1f s]", message, time.monotonic() - self.started)
 
 
+def _raw_id(raw: Any, row: int, defects: Defects) -> str:
+    """The id as it travels when it is not a UUID: its text, so that the batch side names it in the
+    DLQ, unless the text cannot travel (then "" and a defect with the original)."""
+    if is_missing(raw):
+        return ""  # "id is missing"
+    text = raw if isinstance(raw, str) else str(raw)
+    if len(text) > MAX_TEXT_LENGTH or not encodable(text):
+        kind = "text_too_long" if len(text) > MAX_TEXT_LENGTH else "unencodable_text"
+        message = f"column 'id' holds {type(raw).__name__} of {len(text)} characters that cannot travel as an id"
+        defects.setdefault(row, []).append(CellDefect("id", kind, message, cell_json(raw)))
+        return ""
+    return text
+
+
 def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDataset:
     """Read and order the file; raises :class:`DatasetError` when it cannot be served.
 
@@ -408,10 +472,12 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     metadata = [c for c in PKL_COLUMNS if c != VECTOR_COLUMN]
     frame = _read(path, trust_pickle=trust_pickle, columns=metadata if parquet else None)
     progress.step(f"read {len(frame):,} rows")
-    company = _text(frame["Company Name"], "Company Name", path)
-    english = _text(frame["English Level"], "English Level", path)
-    keyword = _text(frame["Primary Keyword"], "Primary Keyword", path)
-    years = _years(frame["Exp Years"], path)
+    ignored = tuple(c for c in _column_names(path, frame, parquet) if c not in PKL_COLUMNS)
+    defects: Defects = {}
+    company = text_column(frame["Company Name"].tolist(), "Company Name", defects)
+    english = text_column(frame["English Level"].tolist(), "English Level", defects)
+    keyword = text_column(frame["Primary Keyword"].tolist(), "Primary Keyword", defects)
+    years = years_column(frame["Exp Years"].tolist(), "Exp Years", defects)
     progress.step("checked the metadata columns")
     streamed = _parquet_vectors(path, len(frame)) if parquet else None
     if streamed is None and parquet:
@@ -421,7 +487,7 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     # The frame's per-row vector arrays are the largest thing alive: from here on only `cells`
     # holds them, and _stack_releasing frees them as it copies them into the matrix.
     del frame
-    matrix, odd = streamed if streamed is not None else _stack_releasing(cells, path)
+    matrix, odd = streamed if streamed is not None else _stack_releasing(cells, path, defects)
     del cells
     progress.step(f"packed {len(matrix):,} vectors of dimension {matrix.shape[1]}")
     keys = [_key(v) for v in raw_ids]
@@ -430,10 +496,7 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
     valid_keys = np.array([keys[i] for i in valid], dtype="S16")
     order = invalid + [valid[j] for j in np.argsort(valid_keys, kind="stable")]
     # A missing id (None, or NaN once pandas mixed it into a column) travels as "" ("id is missing").
-    ids = [
-        ("" if _missing(raw_ids[i]) else str(raw_ids[i])) if keys[i] is None else str(uuid.UUID(bytes=keys[i]))
-        for i in order
-    ]
+    ids = [_raw_id(raw_ids[i], i, defects) if keys[i] is None else str(uuid.UUID(bytes=keys[i])) for i in order]
     position = {old: new for new, old in enumerate(order)}
     del raw_ids, keys
     _return_freed_memory()
@@ -447,6 +510,8 @@ def load_dataset(path: str | Path, *, trust_pickle: bool = False) -> EmbeddingDa
         primary_keyword=_shared([keyword[i] for i in order]),
         vectors=np.ascontiguousarray(_reorder_rows(matrix, order)),
         odd_vectors={position[i]: b for i, b in odd.items()},
+        defects={position[i]: tuple(d) for i, d in defects.items()},
+        ignored_columns=ignored,
     )
     del matrix
     _return_freed_memory()

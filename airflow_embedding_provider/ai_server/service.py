@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -13,6 +14,7 @@ import grpc
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,56 @@ SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService
 DEFAULT_CHUNK_SIZE = 300
 DEFAULT_ROWS_PER_PARTITION = 50_000
 DEFAULT_MAX_PARTITIONS = 256
-#: gRPC refuses messages over 4 MiB by default; stay well under it whatever the dimension.
-MAX_MESSAGE_BYTES = 3 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES
 
 
 def max_chunk_size(dimension: int) -> int:
     """The largest chunk whose message stays under :data:`MAX_MESSAGE_BYTES` (1 KiB of text a row)."""
     return max(1, MAX_MESSAGE_BYTES // (4 * dimension + 1024))
+
+
+class RejectLedger:
+    """What the batch side reported rejecting (SEED.md 11: "report the error to the Python side").
+
+    Counted per distinct row id, the latest report winning, so a retried partition that reports
+    the same rows again counts them once; rows without a valid id are counted per report.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, str] = {}
+        self._without_id: Counter[str] = Counter()
+        self.reports = 0
+
+    def record(self, report: embedding_pb2.RejectReport) -> int:
+        kinds: Counter[str] = Counter()
+        with self._lock:
+            self.reports += 1
+            for row in report.rows:
+                kinds[row.error_kind] += 1
+                if row.id:
+                    self._by_id[row.id] = row.error_kind
+                else:
+                    self._without_id[row.error_kind] += 1
+        if kinds:
+            example = report.rows[0]
+            log.warning(
+                "ReportRejects from %s: %d of %d row(s) rejected by the batch side: %s (e.g. %s %s: %s)",
+                report.source or "-",
+                len(report.rows),
+                report.rows_received,
+                ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()),
+                example.id or "(no id)",
+                example.error_kind,
+                example.message[:200],
+            )
+        else:
+            log.info("ReportRejects from %s: no rejected rows of %d", report.source or "-", report.rows_received)
+        return len(report.rows)
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._by_id.values()) + self._without_id
 
 
 class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer):
@@ -36,6 +81,25 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
     def __init__(self, dataset: EmbeddingDataset) -> None:
         self._dataset = dataset
         self._max_chunk = max_chunk_size(dataset.dimension)
+        self.rejects = RejectLedger()
+
+    def ReportRejects(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.RejectReport, context: grpc.ServicerContext
+    ) -> embedding_pb2.RejectReportAck:
+        return embedding_pb2.RejectReportAck(rows_recorded=self.rejects.record(request))
+
+    def GetServerStatus(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.ServerStatusRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.ServerStatus:
+        data = self._dataset
+        status = embedding_pb2.ServerStatus(
+            rows=len(data), dimension=data.dimension, ignored_columns=data.ignored_columns, reports=self.rejects.reports
+        )
+        for (column, kind), n in sorted(data.defect_counts().items()):
+            status.defects.add(column=column, error_kind=kind, rows=n)
+        for kind, n in sorted(self.rejects.counts().items()):
+            status.rejects.add(error_kind=kind, rows=n)
+        return status
 
     def GetEmbeddings(  # noqa: N802 - gRPC method name
         self, request: embedding_pb2.StreamEmbeddingRequest, context: grpc.ServicerContext
@@ -142,11 +206,33 @@ def build_server(
                 request_deserializer=embedding_pb2.PartitionPlanRequest.FromString,
                 response_serializer=embedding_pb2.PartitionPlan.SerializeToString,
             ),
+            "ReportRejects": grpc.unary_unary_rpc_method_handler(
+                servicer.ReportRejects,
+                request_deserializer=embedding_pb2.RejectReport.FromString,
+                response_serializer=embedding_pb2.RejectReportAck.SerializeToString,
+            ),
+            "GetServerStatus": grpc.unary_unary_rpc_method_handler(
+                servicer.GetServerStatus,
+                request_deserializer=embedding_pb2.ServerStatusRequest.FromString,
+                response_serializer=embedding_pb2.ServerStatus.SerializeToString,
+            ),
         },
     )
     server.add_generic_rpc_handlers((handler,))
     add_health(server, SERVICE_NAME)
     return server, bind_port(server, host, port, security)
+
+
+def log_dataset(dataset: EmbeddingDataset) -> None:
+    """The start-up lines about the file: columns ignored (named once), defective rows by column."""
+    if dataset.ignored_columns:
+        log.info(
+            "ignoring %d column(s) beyond the design's six: %s",
+            len(dataset.ignored_columns),
+            ", ".join(map(repr, dataset.ignored_columns)),
+        )
+    level = logging.WARNING if dataset.defects else logging.INFO
+    log.log(level, "dataset: %s", dataset.describe_defects())
 
 
 def serve(
@@ -164,6 +250,7 @@ def serve(
     server, bound = build_server(dataset, host=host, port=port, security=security)
     server.start()
     log.info("AI server listening on %s:%d: %d rows, dimension %d", host, bound, len(dataset), dataset.dimension)
+    log_dataset(dataset)
     log.info("transport: %s", (security or ServerSecurity()).describe())
     print(f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension})", flush=True)
     wait_for_stop_signal(ready)

@@ -1,6 +1,7 @@
 """``make demo``: the main job end to end on this machine, with real parts only.
 
-Starts an embedded PostgreSQL with pgvector (unless ``--dsn`` names one), writes a sample ``.pkl``,
+Starts an embedded PostgreSQL with pgvector (unless ``--dsn`` names one), writes a sample ``.pkl``
+in the real dataset's layout with one deliberately odd cell (which ends in the DLQ with its reason),
 starts the AI server on it, runs ``recruit_embedding_ingest`` twice with ``airflow dags test`` in a
 throwaway ``AIRFLOW_HOME`` (a scheduled-style run that loads everything, then a triggered run that
 resumes after an id in the middle and finds nothing changed), checks the tables against the pkl,
@@ -23,7 +24,7 @@ import psycopg
 from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.api_server.service import read_stats
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import write_sample
+from airflow_embedding_provider.devkit.sample import ODD_EXP_YEARS, write_sample
 from airflow_embedding_provider.devkit.stack import (
     REPO_ROOT,
     ServerProcess,
@@ -66,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             pg = stack.enter_context(EmbeddedPostgres(workdir / "pgdata"))
             dsn = pg.create_database("recruit_demo")  # anew each time: two demos give the same tables
             print(f"PostgreSQL: embedded 16 + pgvector at {dsn}")
-        pkl = workdir / f"sample-{args.rows}.pkl"
+        pkl = workdir / f"sample-djinni-{args.rows}.pkl"
         if not pkl.exists():
-            write_sample(pkl, args.rows)
+            write_sample(pkl, args.rows, odd_cell=True)
         dataset = load_dataset(pkl)
-        print(f"sample: {pkl} ({len(dataset)} rows, dimension {dataset.dimension})")
+        print(
+            f"sample: {pkl} ({len(dataset)} rows in the Djinni layout, dimension {dataset.dimension}; "
+            f"{dataset.describe_defects()})"
+        )
         ai = stack.enter_context(ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "ai-server.log"))
         print(f"AI server: {ai.target} (log {workdir / 'ai-server.log'})")
         stats_file = workdir / "api-server-stats.json"
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 "SELECT last_processed_uuid::text FROM embedding_batch_checkpoint WHERE stream_name = 'recruit'"
             ).fetchone()
             check = compare(conn, dataset)
+            dlq_rows = conn.execute(
+                "SELECT id::text, error_kind, error_message, payload->'defects'->0->'value' FROM recruit_embedding_dlq"
+            ).fetchall()
         invalidations = read_stats(stats_file).invalidations.get("recruit", 0)
 
     print("\n== demo result ==")
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  cache invalidations      {invalidations} (run 1 changed rows; run 2 changed none)")
     print(f"  check                    {check.summary()}")
+    for row_id, kind, message, value in dlq_rows:
+        print(f"  DLQ row                  {row_id} {kind}: {message} (in the file: {value!r})")
     print(f"  wall time                {time.monotonic() - began:.1f} s for the whole demo")
     if not args.dsn:
         print(
@@ -130,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             '  make query SQL="SELECT m.company_name, e.vector <-> (SELECT vector FROM recruit_embedding LIMIT 1) AS d '
             'FROM recruit_embedding e JOIN recruit_metadata m USING (id) ORDER BY d LIMIT 5"'
         )
-    return 0 if check.equal and counts["recruit_metadata"] == len(dataset) else 1
+    # Every row in exactly one place: the odd one in the DLQ with its original value, the rest stored.
+    expected_dlq = [(kind, value) for _, kind, _, value in dlq_rows] == [("invalid_exp_years", ODD_EXP_YEARS)]
+    stored_all = counts["recruit_metadata"] == len(dataset) - len(dataset.defects)
+    return 0 if check.equal and stored_all and expected_dlq else 1
 
 
 if __name__ == "__main__":

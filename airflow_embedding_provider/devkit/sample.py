@@ -1,8 +1,12 @@
-"""Generate a sample ``.pkl`` (or ``.parquet``) in the design's layout (SEED.md 4.1) with UUIDv7 ids."""
+"""Generate a sample ``.pkl`` (or ``.parquet``): by default in the layout of the design's real
+dataset, the Djinni job descriptions (string ``Exp Years`` with ``no_exp``, UUID4 ids, extra columns,
+float32 numpy vectors); ``layout="seed"`` gives the six columns of SEED.md 4.1 with UUIDv7 ids."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -54,6 +58,26 @@ COMPANIES = (
     "Zürich Analytics AG",
 )
 EPOCH_MS = 1_765_411_200_000  # 2025-12-11, the design's date
+#: ``Exp Years`` as Djinni writes it: a string, ``no_exp`` for "no experience required".
+DJINNI_EXP_YEARS = ("no_exp", "1y", "2y", "3y", "5y")
+#: The Djinni dataset's columns, in its order; ``job_post_vectors`` is what the AI team adds.
+DJINNI_COLUMNS = (
+    "Position",
+    "Long Description",
+    "Company Name",
+    "Exp Years",
+    "Primary Keyword",
+    "English Level",
+    "Published",
+    "Long Description_lang",
+    "id",
+    "__index_level_0__",
+    "job_post_vectors",
+)
+#: The deliberately odd cell of ``odd_cell=True``: an ``Exp Years`` no rule turns into years.
+ODD_EXP_YEARS = "senior"
+Layout = Literal["djinni", "seed"]
+IdKind = Literal["uuid4", "uuid7"]
 
 
 def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS) -> list[str]:
@@ -70,33 +94,80 @@ def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS
     return out
 
 
-def make_sample(rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7) -> pd.DataFrame:
-    """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order."""
+def uuid4_strings(count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` random (version 4) UUID strings, reproducible from ``rng``."""
+    raw = rng.bytes(16 * count)
+    return [str(uuid.UUID(bytes=raw[16 * i : 16 * i + 16], version=4)) for i in range(count)]
+
+
+def make_sample(
+    rows: int,
+    *,
+    dimension: int = DEFAULT_DIMENSION,
+    seed: int = 7,
+    layout: Layout = "djinni",
+    ids: IdKind | None = None,
+    odd_cell: bool = False,
+) -> pd.DataFrame:
+    """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order.
+
+    :param layout: ``djinni`` (the real dataset's columns) or ``seed`` (SEED.md 4.1's six, int years).
+    :param ids: ``uuid4`` (Djinni's) or ``uuid7`` (time-ordered); default by layout.
+    :param odd_cell: one row's ``Exp Years`` is :data:`ODD_EXP_YEARS`: that row goes to the DLQ.
+    """
     if rows < 1 or dimension < 1:
         raise ValueError("rows and dimension must be at least 1")
     rng = np.random.default_rng(seed)
-    ids = uuid7_strings(rows, rng)
+    kind = ids or ("uuid4" if layout == "djinni" else "uuid7")
+    row_ids = uuid7_strings(rows, rng) if kind == "uuid7" else uuid4_strings(rows, rng)
     vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(rows)  # the server must order by id itself
+    keywords = rng.choice(np.array(KEYWORDS, dtype=object), size=rows)
     frame = pd.DataFrame(
         {
-            "id": [ids[i] for i in order],
+            "id": [row_ids[i] for i in order],
             "Company Name": rng.choice(np.array(COMPANIES, dtype=object), size=rows),
             "Exp Years": rng.integers(0, 16, size=rows).astype(np.int64),
             "English Level": rng.choice(np.array(ENGLISH_LEVELS, dtype=object), size=rows),
-            "Primary Keyword": rng.choice(np.array(KEYWORDS, dtype=object), size=rows),
+            "Primary Keyword": keywords,
             "job_post_vectors": list(vectors[order]),
         }
     )
-    return frame[list(PKL_COLUMNS)]
+    if layout == "djinni":
+        levels = ("Junior", "Middle", "Senior", "Lead")
+        frame["Exp Years"] = rng.choice(np.array(DJINNI_EXP_YEARS, dtype=object), size=rows)
+        frame["Position"] = [f"{levels[n % 4]} {k} Developer" for n, k in enumerate(keywords)]
+        frame["Long Description"] = [
+            f"We are looking for a {k} engineer to join our team. Remote work, flexible hours." for k in keywords
+        ]
+        published = pd.Timestamp("2021-01-01") + pd.to_timedelta(rng.integers(0, 3 * 365 * 86400, size=rows), "s")
+        frame["Published"] = published
+        frame["Long Description_lang"] = "en"
+        frame["__index_level_0__"] = rng.permutation(rows * 2)[:rows].astype(np.int64)
+        frame = frame[list(DJINNI_COLUMNS)]
+    else:
+        frame = frame[list(PKL_COLUMNS)]
+    if odd_cell:
+        frame["Exp Years"] = frame["Exp Years"].astype(object)
+        frame.loc[rows // 3, "Exp Years"] = ODD_EXP_YEARS
+    return frame
 
 
-def write_sample(path: str | Path, rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7) -> Path:
-    """Write the sample to ``path``: Parquet when it ends in ``.parquet``/``.pq``, else a pickle."""
+def write_sample(
+    path: str | Path,
+    rows: int,
+    *,
+    dimension: int = DEFAULT_DIMENSION,
+    seed: int = 7,
+    layout: Layout = "djinni",
+    ids: IdKind | None = None,
+    odd_cell: bool = False,
+) -> Path:
+    """Write :func:`make_sample` to ``path``: Parquet when it ends in ``.parquet``/``.pq``, else a pickle."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = make_sample(rows, dimension=dimension, seed=seed)
+    frame = make_sample(rows, dimension=dimension, seed=seed, layout=layout, ids=ids, odd_cell=odd_cell)
     if path.suffix.lower() in PARQUET_SUFFIXES:
         # Row groups of a batch each, so that a reader can stream them (SEED.md 2: memory-efficient).
         frame.to_parquet(path, index=False, row_group_size=PARQUET_BATCH_ROWS)

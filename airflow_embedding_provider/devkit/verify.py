@@ -53,7 +53,7 @@ def compare(conn: psycopg.Connection, dataset: EmbeddingDataset, *, ignore: Iter
     skip = set(ignore)
     expected: dict[str, tuple[tuple[object, ...], bytes]] = {}
     for i, row_id in enumerate(dataset.ids):
-        if row_id in skip or i < dataset.invalid_prefix or i in dataset.odd_vectors:
+        if row_id in skip or i < dataset.invalid_prefix or i in dataset.odd_vectors or i in dataset.defects:
             continue
         expected[row_id] = (
             (dataset.company_name[i], dataset.exp_years[i], dataset.english_level[i], dataset.primary_keyword[i]),

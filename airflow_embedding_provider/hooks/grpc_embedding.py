@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -19,6 +19,8 @@ EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamSe
 DEFAULT_PORT = 50051
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
+#: Rejected rows a ``ReportRejects`` call: well under the message limit whatever the messages hold.
+REPORT_ROWS_PER_CALL = 2000
 #: Codes of a stream that broke on the way (server gone, reset, overloaded), not of a bad request.
 STREAM_CUT_CODES = frozenset(
     {
@@ -155,3 +157,40 @@ class GrpcEmbeddingHook(GrpcServiceHook):
             for p in plan.partitions
         ]
         return partitions, int(plan.total_rows)
+
+    def report_rejects(self, *, source: str, rows_received: int, rejects: Sequence[tuple[str, str, str]]) -> int:
+        """``ReportRejects``: tell the AI server which rows (``(id, error_kind, message)``) went to
+        the DLQ, a few thousand a call (at least one call, so a clean unit is reported too).
+        Returns the rows the server recorded."""
+        self.wait_until_ready()
+        call = self.channel.unary_unary(
+            f"/{EMBEDDING_SERVICE}/ReportRejects",
+            request_serializer=embedding_pb2.RejectReport.SerializeToString,
+            response_deserializer=embedding_pb2.RejectReportAck.FromString,
+        )
+        recorded = 0
+        for start in range(0, max(1, len(rejects)), REPORT_ROWS_PER_CALL):
+            report = embedding_pb2.RejectReport(source=source, rows_received=rows_received)
+            for row_id, kind, message in rejects[start : start + REPORT_ROWS_PER_CALL]:
+                # Text that cannot travel (a lone surrogate) must not lose the report.
+                report.rows.add(id=_sendable(row_id), error_kind=kind, message=_sendable(message[:500]))
+            ack = call(report, timeout=self.settings.timeout, metadata=self.settings.metadata())
+            recorded += int(ack.rows_recorded)
+        return recorded
+
+    def server_status(self) -> embedding_pb2.ServerStatus:
+        """``GetServerStatus``: rows, defective rows by column and reason, rejects reported so far."""
+        self.wait_until_ready()
+        call = self.channel.unary_unary(
+            f"/{EMBEDDING_SERVICE}/GetServerStatus",
+            request_serializer=embedding_pb2.ServerStatusRequest.SerializeToString,
+            response_deserializer=embedding_pb2.ServerStatus.FromString,
+        )
+        status: embedding_pb2.ServerStatus = call(
+            embedding_pb2.ServerStatusRequest(), timeout=self.settings.timeout, metadata=self.settings.metadata()
+        )
+        return status
+
+
+def _sendable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

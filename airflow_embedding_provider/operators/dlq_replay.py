@@ -112,6 +112,7 @@ def one_row(chunk: WireChunk, i: int) -> WireChunk:
         english_level=[chunk.english_level[i]],
         primary_keyword=[chunk.primary_keyword[i]],
         vectors=[chunk.vectors[i]],
+        defects={0: chunk.defects[i]} if i in chunk.defects else {},
     )
 
 

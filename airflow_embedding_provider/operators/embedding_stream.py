@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import psycopg
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
@@ -25,7 +26,7 @@ from airflow_embedding_provider.lineage import ingest_lineage, openlineage_avail
 from airflow_embedding_provider.metrics import record_rate, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import Partition
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
@@ -72,6 +73,16 @@ def _build_ann_index(operator: BaseOperator, conn: psycopg.Connection, method: s
         raise AirflowFailException(str(exc)) from exc
     operator.log.info("built the %s index on %s in %.1f s", method, DEFAULT_TABLES.embedding, time.monotonic() - began)
     return method
+
+
+def _report_rejects(operator: BaseOperator, hook: GrpcEmbeddingHook, source: str, stats: IngestStats) -> None:
+    """Tell the AI server which rows went to the DLQ and why (SEED.md 11). The rows are stored in
+    the DLQ already, so a server that cannot take the report (an older one) costs a warning only."""
+    try:
+        hook.report_rejects(source=source, rows_received=stats.rows_received, rejects=stats.rejects)
+    except grpc.RpcError as exc:
+        code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
+        operator.log.warning("could not report %d rejected row(s) to the AI server: %s", len(stats.rejects), code)
 
 
 class EmbeddingStreamPlanOperator(BaseOperator):
@@ -270,6 +281,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                     origin=origin,
                     partition=key,
                 )
+                _report_rejects(self, hook, source if part is None else f"{source} ({part.label})", stats)
             if part is None and self.build_ann_index:
                 _build_ann_index(self, conn, self.ann_index_method)
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}

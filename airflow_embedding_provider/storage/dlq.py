@@ -34,6 +34,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from airflow_embedding_provider.rows import CellDefect
 from airflow_embedding_provider.storage.schema import TableNames
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
@@ -208,14 +209,28 @@ def payload_to_chunk(payloads: Iterable[Mapping[str, Any]]) -> WireChunk:
     english: list[str | None] = []
     keyword: list[str | None] = []
     vectors: list[bytes] = []
-    for payload in payloads:
+    defects: dict[int, tuple[CellDefect, ...]] = {}
+    for i, payload in enumerate(payloads):
         ids.append(_text(payload, "id") or "")
         company.append(_text(payload, "company_name"))
         years.append(_years(payload))
         english.append(_text(payload, "english_level"))
         keyword.append(_text(payload, "primary_keyword"))
         vectors.append(vector_bytes(payload.get("vector")))
-    return WireChunk(ids, company, years, english, keyword, vectors)
+        if payload.get("defects"):
+            defects[i] = _defects(payload["defects"])
+    return WireChunk(ids, company, years, english, keyword, vectors, defects)
+
+
+def _defects(recorded: Any) -> tuple[CellDefect, ...]:
+    """The sender's defects of a row: its payload lacks those cells, so replaying the payload
+    rejects the row again; only a re-fetch of a fixed row (``refetch``) stores it."""
+    if not isinstance(recorded, list) or not all(isinstance(d, Mapping) for d in recorded):
+        raise PayloadError("payload defects is not a list of objects")
+    return tuple(
+        CellDefect(str(d.get("column")), str(d.get("error_kind")), str(d.get("message")), d.get("value"))
+        for d in recorded
+    )
 
 
 def _settle(cur: psycopg.Cursor[Any], tables: TableNames, dlq_ids: Sequence[int], status: str, delete: bool) -> int:

@@ -38,8 +38,7 @@ from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
-from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
-from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +125,6 @@ class _Progress:
             yield chunk
 
 
-def _decoded(requests: Iterable[RowChunkBytes]) -> Iterator[WireChunk]:
-    for message in requests:
-        yield decode_chunk(message)
-
-
 def describe(stats: IngestStats, upload_id: str) -> str:
     """The ``UploadResult.message``: stored, new, changed, unchanged and DLQ counts, and the position."""
     dlq = ""
@@ -171,7 +165,7 @@ class UploadServicer:
             apply_schema(conn, self.settings.dimension)
 
     def UploadEmbeddings(  # noqa: N802 - gRPC method name
-        self, request_iterator: Iterator[RowChunkBytes], context: grpc.ServicerContext
+        self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext
     ) -> embedding_pb2.UploadResult:
         if not self._slots.acquire(blocking=False):
             context.abort(
@@ -188,7 +182,7 @@ class UploadServicer:
             self._slots.release()
 
     def _upload(
-        self, request_iterator: Iterator[RowChunkBytes], context: grpc.ServicerContext
+        self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext
     ) -> embedding_pb2.UploadResult:
         settings = self.settings
         peer = context.peer()
@@ -207,7 +201,7 @@ class UploadServicer:
                 ChunkWriter(c, dimension=settings.dimension, stream_name=settings.stream_name, cache_request=cache)
                 for c in conns
             ]
-            chunks = progress.track(prefetch(_decoded(request_iterator), settings.prefetch_depth))
+            chunks = progress.track(prefetch(request_iterator, settings.prefetch_depth))
             try:
                 stats = ingest_chunks(
                     chunks,
@@ -238,7 +232,13 @@ class UploadServicer:
         log.info("%s (peer %s)", message, peer)
         # success: every row is stored; rejected rows are kept in the DLQ but make the upload fail,
         # so that the sender learns that part of its data needs fixing (SEED.md 11).
-        return embedding_pb2.UploadResult(success=stats.rows_dlq == 0, total_rows=stats.rows_received, message=message)
+        return embedding_pb2.UploadResult(
+            success=stats.rows_dlq == 0,
+            total_rows=stats.rows_received,
+            message=message,
+            rows_rejected=stats.rows_dlq,
+            rejected_by_kind=dict(stats.dlq_by_reason),
+        )
 
     @staticmethod
     def _aborted(upload_id: str, peer: str, progress: _Progress) -> embedding_pb2.UploadResult:
@@ -288,7 +288,8 @@ def build_server(
         {
             "UploadEmbeddings": grpc.stream_unary_rpc_method_handler(
                 servicer.UploadEmbeddings,
-                request_deserializer=RowChunkBytes.FromString,
+                # Text that is not UTF-8 costs its row, not the upload (codec.parse_chunk_lenient).
+                request_deserializer=parse_chunk_lenient,
                 response_serializer=embedding_pb2.UploadResult.SerializeToString,
             )
         },

@@ -7,16 +7,27 @@ vector crosses the Python boundary as one bytes object and never float by float.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from airflow_embedding_provider.rows import FloatMatrix, RowBatch
+from airflow_embedding_provider.rows import CellDefect, FloatMatrix, RowBatch
 from airflow_embedding_provider.wire import embedding_pb2
-from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RecruitRowBytes, RowChunkBytes
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import (
+    RecruitRowBytes,
+    RowChunkBytes,
+    RowChunkRaw,
+)
 
 FLOAT32_LE = np.dtype("<f4")
+#: The largest ``RowChunk`` a sender builds: gRPC refuses messages over 4 MiB by default; stay well
+#: under it whatever the dimension and whatever a row's cells hold.
+MAX_CHUNK_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -24,7 +35,8 @@ class WireChunk:
     """A received chunk, still unvalidated: values as the peer sent them.
 
     ``vectors`` holds each row's raw little-endian float32 bytes; it is up to validation to
-    check their length against the configured dimension.
+    check their length against the configured dimension. ``defects`` holds, by position, the
+    cells a row's sender marked as not servable (``RowDefect``): such a row goes to the DLQ.
     """
 
     ids: list[str]
@@ -33,6 +45,7 @@ class WireChunk:
     english_level: list[str | None]
     primary_keyword: list[str | None]
     vectors: list[bytes]
+    defects: dict[int, tuple[CellDefect, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,21 +58,47 @@ class WireChunk:
             english_level=self.english_level[start:stop],
             primary_keyword=self.primary_keyword[start:stop],
             vectors=self.vectors[start:stop],
+            defects={i - start: d for i, d in self.defects.items() if start <= i < stop},
         )
 
 
 def _vector_bytes(row: RecruitRowBytes) -> bytes:
+    if row.held_vector:  # a defective row's vector (embedding.proto, RecruitRow.held_vector)
+        return row.held_vector
     if row.vector or not row.ListFields():
         return row.vector
     # An encoder may legally send a repeated float unpacked (one fixed32 record a float). The
     # bytes view then keeps those records as unknown fields and sees no vector; parse that rare
     # row through the public message instead of losing its vector.
     public = embedding_pb2.RecruitRow.FromString(row.SerializeToString())
-    return np.asarray(public.vector, dtype=FLOAT32_LE).tobytes()
+    return np.asarray(public.vector or public.held_vector, dtype=FLOAT32_LE).tobytes()
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return {"type": "str", "repr": text[:2000]}  # a peer's malformed JSON: kept as its text
+
+
+def _defects(rows: Sequence[RecruitRowBytes], candidates: Sequence[int]) -> dict[int, tuple[CellDefect, ...]]:
+    return {
+        i: tuple(CellDefect(d.column, d.error_kind, d.message, _json_value(d.value_json)) for d in rows[i].defects)
+        for i in candidates
+        if rows[i].defects
+    }
 
 
 def decode_chunk(message: RowChunkBytes) -> WireChunk:
     rows = message.rows
+    # A marked row carries no ``vector`` (embedding.proto: it moves to ``held_vector``), so only rows
+    # without one are looked at for defects: a clean chunk pays one C-level ``all`` for it.
+    raw = [r.vector for r in rows]
+    if all(raw):
+        vectors, defects = raw, {}
+    else:
+        vectors = [b or _vector_bytes(rows[i]) for i, b in enumerate(raw)]
+        defects = _defects(rows, [i for i, b in enumerate(raw) if not b])
     # Column by column, asking ``HasField`` only of an empty value (an unset optional reads as the
     # empty value): one attribute read a field for the common row, half the cost of always asking.
     return WireChunk(
@@ -68,13 +107,76 @@ def decode_chunk(message: RowChunkBytes) -> WireChunk:
         exp_years=[n if (n := r.exp_years) or r.HasField("exp_years") else None for r in rows],
         english_level=[v if (v := r.english_level) or r.HasField("english_level") else None for r in rows],
         primary_keyword=[v if (v := r.primary_keyword) or r.HasField("primary_keyword") else None for r in rows],
-        vectors=[b if (b := r.vector) else _vector_bytes(r) for r in rows],
+        vectors=vectors,
+        defects=defects,
     )
 
 
 def parse_chunk(data: bytes) -> WireChunk:
     """Deserialize one serialized ``RowChunk``."""
     return decode_chunk(RowChunkBytes.FromString(data))
+
+
+def parse_chunk_lenient(data: bytes) -> WireChunk:
+    """:func:`parse_chunk`, except that text which is not valid UTF-8 costs only its row: such a
+    cell is left unset and the row marked ``invalid_utf8`` with the bytes as they arrived (protobuf
+    refuses the whole message otherwise). Any other malformation still raises ``DecodeError``."""
+    try:
+        return parse_chunk(data)
+    except DecodeError:
+        raw = RowChunkRaw.FromString(data)  # the same fields with text as bytes
+    return _decode_raw(raw)
+
+
+_RAW_TEXT = ("id", "company_name", "english_level", "primary_keyword")
+
+
+def _decode_raw(message: RowChunkRaw) -> WireChunk:
+    columns: dict[str, list[Any]] = {name: [] for name in _RAW_TEXT}
+    years: list[int | None] = []
+    vectors: list[bytes] = []
+    defects: dict[int, tuple[CellDefect, ...]] = {}
+    for i, row in enumerate(message.rows):
+        marked = [_raw_defect(d) for d in row.defects]
+        for name in _RAW_TEXT:
+            value: bytes | None = getattr(row, name) if name == "id" or row.HasField(name) else None
+            text: str | None = None
+            if value is not None:
+                try:
+                    text = value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    marked.append(_utf8_defect(name, value, exc))
+            columns[name].append("" if name == "id" and text is None else text)
+        years.append(row.exp_years if row.HasField("exp_years") else None)
+        vectors.append(row.held_vector or row.vector)
+        if marked:
+            defects[i] = tuple(marked)
+    return WireChunk(
+        ids=columns["id"],
+        company_name=columns["company_name"],
+        exp_years=years,
+        english_level=columns["english_level"],
+        primary_keyword=columns["primary_keyword"],
+        vectors=vectors,
+        defects=defects,
+    )
+
+
+def _raw_defect(d: Any) -> CellDefect:
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", "replace")
+
+    return CellDefect(text(d.column), text(d.error_kind), text(d.message), _json_value(text(d.value_json)))
+
+
+def _utf8_defect(name: str, value: bytes, exc: UnicodeDecodeError) -> CellDefect:
+    shown = value[max(0, exc.start - 8) : exc.end + 8]
+    return CellDefect(
+        name,
+        "invalid_utf8",
+        f"{name} is not valid UTF-8 (byte {exc.start}: {shown!r})",
+        {"type": "bytes", "base64": base64.b64encode(value[:65536]).decode(), "length": len(value)},
+    )
 
 
 def encode_rows(

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/airflow_embedding_provider/wire/embedding.proto\x12\x14recruit.embedding.v1\"]\n\x16StreamEmbeddingRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\"g\n\x14PartitionPlanRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x1a\n\x12rows_per_partition\x18\x02 \x01(\x05\x12\x16\n\x0emax_partitions\x18\x03 \x01(\x05\"P\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nafter_uuid\x18\x02 \x01(\t\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\"k\n\rPartitionPlan\x12\x33\n\npartitions\x18\x01 \x03(\x0b\x32\x1f.recruit.embedding.v1.Partition\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\"D\n\x0cUploadResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x12\n\ntotal_rows\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\":\n\x08RowChunk\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .recruit.embedding.v1.RecruitRow\"\xda\x01\n\nRecruitRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"(\n\x16\x43\x61\x63heInvalidateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"*\n\x17\x43\x61\x63heInvalidateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\xb6\x02\n\x16\x45mbeddingStreamService\x12_\n\rGetEmbeddings\x12,.recruit.embedding.v1.StreamEmbeddingRequest\x1a\x1e.recruit.embedding.v1.RowChunk0\x01\x12X\n\x10UploadEmbeddings\x12\x1e.recruit.embedding.v1.RowChunk\x1a\".recruit.embedding.v1.UploadResult(\x01\x12\x61\n\x0ePlanPartitions\x12*.recruit.embedding.v1.PartitionPlanRequest\x1a#.recruit.embedding.v1.PartitionPlan2~\n\x0c\x43\x61\x63heService\x12n\n\x0fInvalidateCache\x12,.recruit.embedding.v1.CacheInvalidateRequest\x1a-.recruit.embedding.v1.CacheInvalidateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/airflow_embedding_provider/wire/embedding.proto\x12\x14recruit.embedding.v1\"]\n\x16StreamEmbeddingRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\"g\n\x14PartitionPlanRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x1a\n\x12rows_per_partition\x18\x02 \x01(\x05\x12\x16\n\x0emax_partitions\x18\x03 \x01(\x05\"P\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nafter_uuid\x18\x02 \x01(\t\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\"k\n\rPartitionPlan\x12\x33\n\npartitions\x18\x01 \x03(\x0b\x32\x1f.recruit.embedding.v1.Partition\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\"\xe4\x01\n\x0cUploadResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x12\n\ntotal_rows\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rrows_rejected\x18\x04 \x01(\x05\x12P\n\x10rejected_by_kind\x18\x05 \x03(\x0b\x32\x36.recruit.embedding.v1.UploadResult.RejectedByKindEntry\x1a\x35\n\x13RejectedByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\":\n\x08RowChunk\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .recruit.embedding.v1.RecruitRow\"\xa1\x02\n\nRecruitRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x12\x30\n\x07\x64\x65\x66\x65\x63ts\x18\x07 \x03(\x0b\x32\x1f.recruit.embedding.v1.RowDefect\x12\x13\n\x0bheld_vector\x18\x08 \x03(\x02\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"T\n\tRowDefect\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x12\n\nerror_kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nvalue_json\x18\x04 \x01(\t\"f\n\x0cRejectReport\x12\x0e\n\x06source\x18\x01 \x01(\t\x12/\n\x04rows\x18\x02 \x03(\x0b\x32!.recruit.embedding.v1.RejectedRow\x12\x15\n\rrows_received\x18\x03 \x01(\x03\">\n\x0bRejectedRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nerror_kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"(\n\x0fRejectReportAck\x12\x15\n\rrows_recorded\x18\x01 \x01(\x03\"\x15\n\x13ServerStatusRequest\"?\n\x0b\x44\x65\x66\x65\x63tCount\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x12\n\nerror_kind\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\"\xc1\x01\n\x0cServerStatus\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x17\n\x0fignored_columns\x18\x03 \x03(\t\x12\x32\n\x07\x64\x65\x66\x65\x63ts\x18\x04 \x03(\x0b\x32!.recruit.embedding.v1.DefectCount\x12\x32\n\x07rejects\x18\x05 \x03(\x0b\x32!.recruit.embedding.v1.DefectCount\x12\x0f\n\x07reports\x18\x06 \x01(\x03\"(\n\x16\x43\x61\x63heInvalidateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"*\n\x17\x43\x61\x63heInvalidateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\xf4\x03\n\x16\x45mbeddingStreamService\x12_\n\rGetEmbeddings\x12,.recruit.embedding.v1.StreamEmbeddingRequest\x1a\x1e.recruit.embedding.v1.RowChunk0\x01\x12X\n\x10UploadEmbeddings\x12\x1e.recruit.embedding.v1.RowChunk\x1a\".recruit.embedding.v1.UploadResult(\x01\x12\x61\n\x0ePlanPartitions\x12*.recruit.embedding.v1.PartitionPlanRequest\x1a#.recruit.embedding.v1.PartitionPlan\x12Z\n\rReportRejects\x12\".recruit.embedding.v1.RejectReport\x1a%.recruit.embedding.v1.RejectReportAck\x12`\n\x0fGetServerStatus\x12).recruit.embedding.v1.ServerStatusRequest\x1a\".recruit.embedding.v1.ServerStatus2~\n\x0c\x43\x61\x63heService\x12n\n\x0fInvalidateCache\x12,.recruit.embedding.v1.CacheInvalidateRequest\x1a-.recruit.embedding.v1.CacheInvalidateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airflow_embedding_provider.wire.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPLOADRESULT_REJECTEDBYKINDENTRY']._loaded_options = None
+  _globals['_UPLOADRESULT_REJECTEDBYKINDENTRY']._serialized_options = b'8\001'
   _globals['_STREAMEMBEDDINGREQUEST']._serialized_start=73
   _globals['_STREAMEMBEDDINGREQUEST']._serialized_end=166
   _globals['_PARTITIONPLANREQUEST']._serialized_start=168
@@ -39,18 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITION']._serialized_end=353
   _globals['_PARTITIONPLAN']._serialized_start=355
   _globals['_PARTITIONPLAN']._serialized_end=462
-  _globals['_UPLOADRESULT']._serialized_start=464
-  _globals['_UPLOADRESULT']._serialized_end=532
-  _globals['_ROWCHUNK']._serialized_start=534
-  _globals['_ROWCHUNK']._serialized_end=592
-  _globals['_RECRUITROW']._serialized_start=595
-  _globals['_RECRUITROW']._serialized_end=813
-  _globals['_CACHEINVALIDATEREQUEST']._serialized_start=815
-  _globals['_CACHEINVALIDATEREQUEST']._serialized_end=855
-  _globals['_CACHEINVALIDATERESPONSE']._serialized_start=857
-  _globals['_CACHEINVALIDATERESPONSE']._serialized_end=899
-  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_start=902
-  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_end=1212
-  _globals['_CACHESERVICE']._serialized_start=1214
-  _globals['_CACHESERVICE']._serialized_end=1340
+  _globals['_UPLOADRESULT']._serialized_start=465
+  _globals['_UPLOADRESULT']._serialized_end=693
+  _globals['_UPLOADRESULT_REJECTEDBYKINDENTRY']._serialized_start=640
+  _globals['_UPLOADRESULT_REJECTEDBYKINDENTRY']._serialized_end=693
+  _globals['_ROWCHUNK']._serialized_start=695
+  _globals['_ROWCHUNK']._serialized_end=753
+  _globals['_RECRUITROW']._serialized_start=756
+  _globals['_RECRUITROW']._serialized_end=1045
+  _globals['_ROWDEFECT']._serialized_start=1047
+  _globals['_ROWDEFECT']._serialized_end=1131
+  _globals['_REJECTREPORT']._serialized_start=1133
+  _globals['_REJECTREPORT']._serialized_end=1235
+  _globals['_REJECTEDROW']._serialized_start=1237
+  _globals['_REJECTEDROW']._serialized_end=1299
+  _globals['_REJECTREPORTACK']._serialized_start=1301
+  _globals['_REJECTREPORTACK']._serialized_end=1341
+  _globals['_SERVERSTATUSREQUEST']._serialized_start=1343
+  _globals['_SERVERSTATUSREQUEST']._serialized_end=1364
+  _globals['_DEFECTCOUNT']._serialized_start=1366
+  _globals['_DEFECTCOUNT']._serialized_end=1429
+  _globals['_SERVERSTATUS']._serialized_start=1432
+  _globals['_SERVERSTATUS']._serialized_end=1625
+  _globals['_CACHEINVALIDATEREQUEST']._serialized_start=1627
+  _globals['_CACHEINVALIDATEREQUEST']._serialized_end=1667
+  _globals['_CACHEINVALIDATERESPONSE']._serialized_start=1669
+  _globals['_CACHEINVALIDATERESPONSE']._serialized_end=1711
+  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_start=1714
+  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_end=2214
+  _globals['_CACHESERVICE']._serialized_start=2216
+  _globals['_CACHESERVICE']._serialized_end=2342
 # @@protoc_insertion_point(module_scope)

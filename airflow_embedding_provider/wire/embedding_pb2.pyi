@@ -49,14 +49,25 @@ class PartitionPlan(_message.Message):
     def __init__(self, partitions: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., total_rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class UploadResult(_message.Message):
-    __slots__ = ("success", "total_rows", "message")
+    __slots__ = ("success", "total_rows", "message", "rows_rejected", "rejected_by_kind")
+    class RejectedByKindEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BY_KIND_FIELD_NUMBER: _ClassVar[int]
     success: bool
     total_rows: int
     message: str
-    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    rows_rejected: int
+    rejected_by_kind: _containers.ScalarMap[str, int]
+    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ..., rows_rejected: _Optional[int] = ..., rejected_by_kind: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RowChunk(_message.Message):
     __slots__ = ("rows",)
@@ -65,20 +76,92 @@ class RowChunk(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ...) -> None: ...
 
 class RecruitRow(_message.Message):
-    __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector")
+    __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMPANY_NAME_FIELD_NUMBER: _ClassVar[int]
     EXP_YEARS_FIELD_NUMBER: _ClassVar[int]
     ENGLISH_LEVEL_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_KEYWORD_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    DEFECTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_VECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     company_name: str
     exp_years: int
     english_level: str
     primary_keyword: str
     vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., company_name: _Optional[str] = ..., exp_years: _Optional[int] = ..., english_level: _Optional[str] = ..., primary_keyword: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    defects: _containers.RepeatedCompositeFieldContainer[RowDefect]
+    held_vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., company_name: _Optional[str] = ..., exp_years: _Optional[int] = ..., english_level: _Optional[str] = ..., primary_keyword: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., defects: _Optional[_Iterable[_Union[RowDefect, _Mapping]]] = ..., held_vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RowDefect(_message.Message):
+    __slots__ = ("column", "error_kind", "message", "value_json")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    error_kind: str
+    message: str
+    value_json: str
+    def __init__(self, column: _Optional[str] = ..., error_kind: _Optional[str] = ..., message: _Optional[str] = ..., value_json: _Optional[str] = ...) -> None: ...
+
+class RejectReport(_message.Message):
+    __slots__ = ("source", "rows", "rows_received")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    rows: _containers.RepeatedCompositeFieldContainer[RejectedRow]
+    rows_received: int
+    def __init__(self, source: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[RejectedRow, _Mapping]]] = ..., rows_received: _Optional[int] = ...) -> None: ...
+
+class RejectedRow(_message.Message):
+    __slots__ = ("id", "error_kind", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    error_kind: str
+    message: str
+    def __init__(self, id: _Optional[str] = ..., error_kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RejectReportAck(_message.Message):
+    __slots__ = ("rows_recorded",)
+    ROWS_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    rows_recorded: int
+    def __init__(self, rows_recorded: _Optional[int] = ...) -> None: ...
+
+class ServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DefectCount(_message.Message):
+    __slots__ = ("column", "error_kind", "rows")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    error_kind: str
+    rows: int
+    def __init__(self, column: _Optional[str] = ..., error_kind: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("rows", "dimension", "ignored_columns", "defects", "rejects", "reports")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    DEFECTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    dimension: int
+    ignored_columns: _containers.RepeatedScalarFieldContainer[str]
+    defects: _containers.RepeatedCompositeFieldContainer[DefectCount]
+    rejects: _containers.RepeatedCompositeFieldContainer[DefectCount]
+    reports: int
+    def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ..., ignored_columns: _Optional[_Iterable[str]] = ..., defects: _Optional[_Iterable[_Union[DefectCount, _Mapping]]] = ..., rejects: _Optional[_Iterable[_Union[DefectCount, _Mapping]]] = ..., reports: _Optional[int] = ...) -> None: ...
 
 class CacheInvalidateRequest(_message.Message):
     __slots__ = ("target",)

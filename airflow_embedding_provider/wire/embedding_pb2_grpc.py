@@ -49,6 +49,16 @@ class EmbeddingStreamServiceStub:
                 request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.SerializeToString,
                 response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.FromString,
                 _registered_method=True)
+        self.ReportRejects = channel.unary_unary(
+                '/recruit.embedding.v1.EmbeddingStreamService/ReportRejects',
+                request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReport.SerializeToString,
+                response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReportAck.FromString,
+                _registered_method=True)
+        self.GetServerStatus = channel.unary_unary(
+                '/recruit.embedding.v1.EmbeddingStreamService/GetServerStatus',
+                request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStreamServiceServicer:
@@ -76,6 +86,21 @@ class EmbeddingStreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRejects(self, request, context):
+        """Added: after each partition the batch side reports the rows it rejected and why (SEED.md 11:
+        "report the error to the Python side"); the AI server logs a summary and counts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerStatus(self, request, context):
+        """Added: what the AI server loaded, the defective rows it found and the rejects reported to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +118,16 @@ def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
                     servicer.PlanPartitions,
                     request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.FromString,
                     response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.SerializeToString,
+            ),
+            'ReportRejects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRejects,
+                    request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReport.FromString,
+                    response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReportAck.SerializeToString,
+            ),
+            'GetServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStatus,
+                    request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.FromString,
+                    response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +211,60 @@ class EmbeddingStreamService:
             '/recruit.embedding.v1.EmbeddingStreamService/PlanPartitions',
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlanRequest.SerializeToString,
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.PartitionPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRejects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recruit.embedding.v1.EmbeddingStreamService/ReportRejects',
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReport.SerializeToString,
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RejectReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recruit.embedding.v1.EmbeddingStreamService/GetServerStatus',
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.SerializeToString,
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,9 +104,18 @@ def main(argv: list[str]) -> int:
 
 
 def upload(pb2: ModuleType, stub: Any, pkl: str, chunk: int) -> Any:
+    import re
+
     import pandas as pd
 
-    frame = pd.read_pickle(pkl)
+    # The design's six columns by name (a real file has more); years as "3", "3y" or "no_exp" (0).
+    frame = pd.read_pickle(pkl)[
+        ["id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors"]
+    ]
+
+    def years_of(value: Any) -> int:
+        match = re.match(r"\d+", str(value))
+        return int(match.group()) if match else 0
 
     def chunks() -> Iterator[Any]:
         rows = []
@@ -116,7 +125,7 @@ def upload(pb2: ModuleType, stub: Any, pkl: str, chunk: int) -> Any:
                 pb2.RecruitRow(
                     id=str(row_id),
                     company_name=str(company),
-                    exp_years=int(years),
+                    exp_years=years_of(years),
                     english_level=str(english),
                     primary_keyword=str(keyword),
                     vector=[float(x) for x in vector],

@@ -80,7 +80,7 @@ def _rows(n: int, **overrides: object) -> WireChunk:
     rows = [_chunk(ids=f"019b0ab5-1c02-7a99-b42a-{i:012d}", vectors=np.full(DIM, i, "<f4").tobytes()) for i in range(n)]
     rows[n // 2] = _chunk(**{"ids": rows[n // 2].ids[0], "vectors": rows[n // 2].vectors[0], **overrides})
     columns = ("ids", "company_name", "exp_years", "english_level", "primary_keyword", "vectors")
-    return WireChunk(**{c: [getattr(r, c)[0] for r in rows] for c in columns})
+    return WireChunk(**{c: [getattr(r, c)[0] for r in rows] for c in columns})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("overrides", "kind", "message"), BAD_ROWS)

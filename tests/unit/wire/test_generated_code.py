@@ -37,8 +37,10 @@ def test_seed_field_numbers_and_types_are_unchanged() -> None:
         "primary_keyword": (5, F.TYPE_STRING),
         "vector": (6, F.TYPE_FLOAT),
     }
-    assert {f.name: (f.number, f.type) for f in row.fields} == expected
-    assert row.fields_by_name["vector"].is_packed
+    # The seed's fields keep their numbers and types; added ones only take new numbers.
+    added = {"defects": (7, F.TYPE_MESSAGE), "held_vector": (8, F.TYPE_FLOAT)}
+    assert {f.name: (f.number, f.type) for f in row.fields} == expected | added
+    assert row.fields_by_name["vector"].is_packed and row.fields_by_name["held_vector"].is_packed
     req = embedding_pb2.StreamEmbeddingRequest.DESCRIPTOR
     # The seed's two fields, plus one added later under a new number.
     assert {f.name: f.number for f in req.fields} == {"last_processed_uuid": 1, "chunk_size": 2, "until_uuid": 3}
@@ -47,6 +49,8 @@ def test_seed_field_numbers_and_types_are_unchanged() -> None:
         "GetEmbeddings": (False, True),
         "UploadEmbeddings": (True, False),
         "PlanPartitions": (False, False),
+        "ReportRejects": (False, False),
+        "GetServerStatus": (False, False),
     }
     cache = embedding_pb2.DESCRIPTOR.services_by_name["CacheService"]
     assert [m.name for m in cache.methods] == ["InvalidateCache"]
