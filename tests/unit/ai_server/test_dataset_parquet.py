@@ -119,6 +119,7 @@ def test_the_sample_command_writes_real_parquet_that_the_server_loads(tmp_path: 
             "8",
             "--out",
             str(out),
+            "--no-odd-cell",
         ],
         capture_output=True,
         text=True,
