@@ -164,6 +164,38 @@ class _Frontier:
             return self._prefix_max
 
 
+class _IdOrder:
+    """Writes of one id in the order the id arrived, across parallel writers (SEED.md 10.4).
+
+    Sub-batches commit out of order on parallel writers, so two copies of one id in two chunks
+    could commit older-last: the newer copy's COPY wins the race, the older one's retries as an
+    upsert and overwrites it. A sub-batch therefore waits, on its writer thread, for the earlier
+    in-flight sub-batches that hold any of its ids. Only the main thread touches the map, and it
+    holds only the ids of in-flight sub-batches (at most ``2 * writers`` of them).
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[str, Future[WriteResult]] = {}
+        self._ids: dict[Future[WriteResult], Sequence[str]] = {}
+
+    def earlier(self, ids: Sequence[str]) -> list[Future[WriteResult]]:
+        """The in-flight writes a sub-batch of ``ids`` must wait for."""
+        owner = self._owner
+        if not owner:
+            return []
+        return list({owner[i] for i in ids if i in owner})
+
+    def claim(self, ids: Sequence[str], future: Future[WriteResult]) -> None:
+        self._owner.update(dict.fromkeys(ids, future))
+        self._ids[future] = ids
+
+    def release(self, future: Future[WriteResult]) -> None:
+        owner = self._owner
+        for i in self._ids.pop(future, ()):
+            if owner.get(i) is future:
+                del owner[i]
+
+
 def _max_id(a: str | None, b: str | None) -> str | None:
     return b if a is None else a if b is None else max(a, b)
 
@@ -208,15 +240,25 @@ def ingest_chunks(
     """
     if not writers:
         raise ValueError("ingest needs at least one writer")
+    if sub_batch_size < 1:
+        # A cut of 0 rows never advances: the loop below would run forever.
+        raise ValueError(f"sub_batch_size must be at least 1, got {sub_batch_size}")
     stats = IngestStats()
     frontier = _Frontier()
+    order = _IdOrder()
     idle: queue.Queue[ChunkWriter] = queue.Queue()
     for writer in writers:
         idle.put(writer)
     slots = threading.BoundedSemaphore(2 * len(writers))
     began = time.monotonic()
 
-    def store(seq: int, batch: RowBatch, rejected: list[Rejected], chunk_no: int) -> WriteResult:
+    def store(
+        seq: int, batch: RowBatch, rejected: list[Rejected], chunk_no: int, earlier: list[Future[WriteResult]]
+    ) -> WriteResult:
+        # Earlier writes of the same ids first. They were submitted before this one, so they run
+        # already (the pool starts tasks in order): waiting here cannot deadlock. A failed one
+        # fails the ingest through _collect; this write may then go ahead.
+        wait(earlier)
         writer = idle.get()
         try:
             result = writer.write(
@@ -250,7 +292,7 @@ def ingest_chunks(
                 except BaseException:
                     # The stream failed: finish writing what did arrive, so that the recorded
                     # progress covers it and a retry re-sends as little as possible.
-                    _collect(pending, stats, block=True)
+                    _collect(pending, stats, block=True, order=order)
                     raise
                 stats.rows_received += len(chunk)
                 stats.chunks += 1
@@ -260,9 +302,11 @@ def ingest_chunks(
                     stats.dlq_by_reason.update(r.kind for r in rejected)
                     frontier.register(seq, _last_valid_id(batch, rejected))
                     slots.acquire()
-                    pending.add(pool.submit(store, seq, batch, rejected, chunk_no))
+                    future = pool.submit(store, seq, batch, rejected, chunk_no, order.earlier(batch.ids))
+                    order.claim(batch.ids, future)
+                    pending.add(future)
                     seq += 1
-                    pending = _collect(pending, stats, block=False)
+                    pending = _collect(pending, stats, block=False, order=order)
                 if log_every and stats.chunks % log_every == 0:
                     elapsed = max(time.monotonic() - began, 1e-9)
                     log.info(
@@ -272,7 +316,7 @@ def ingest_chunks(
                         stats.rows_received / elapsed,
                         frontier.position,
                     )
-            pending = _collect(pending, stats, block=True)
+            pending = _collect(pending, stats, block=True, order=order)
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -289,12 +333,16 @@ def ingest_chunks(
     return stats
 
 
-def _collect(pending: set[Future[WriteResult]], stats: IngestStats, *, block: bool) -> set[Future[WriteResult]]:
+def _collect(
+    pending: set[Future[WriteResult]], stats: IngestStats, *, block: bool, order: _IdOrder
+) -> set[Future[WriteResult]]:
     """Fold finished writes into ``stats`` and return the unfinished; re-raises a writer's failure.
     ``block``: wait until all are finished."""
     if not pending:
         return pending
     done, rest = wait(pending, timeout=None if block else 0, return_when=ALL_COMPLETED)
+    for future in done:
+        order.release(future)
     for future in done:
         stats.add(future.result())
     return rest
