@@ -11,7 +11,8 @@ from pathlib import Path
 
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
+from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
+from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
 
 
 def _ai_server(args: argparse.Namespace) -> int:
@@ -73,6 +74,8 @@ def _upload_server(args: argparse.Namespace) -> int:
         max_concurrent_uploads=args.max_concurrent_uploads,
         stream_name=args.stream_name,
         cache_target=args.cache_target,
+        idle_timeout=args.idle_timeout,
+        keepalive=args.keepalive,
     )
     connect = dsn_connector(args.postgres_dsn) if args.postgres_dsn else airflow_connector(args.postgres_conn_id)
     security = ServerSecurity.from_args(args)
@@ -152,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
     up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")
     up.add_argument("--grace", type=float, default=60.0, help="seconds SIGTERM waits for in-flight uploads")
+    up.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="end an upload that sends nothing for this long (DEADLINE_EXCEEDED; what arrived stays committed)",
+    )
+    up.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE_SECONDS,
+        metavar="SECONDS",
+        help="ping quiet clients this often; one that does not answer within 10 s is dropped",
+    )
     add_cli_options(up)
     up.set_defaults(func=_upload_server)
 

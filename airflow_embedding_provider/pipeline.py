@@ -77,9 +77,23 @@ class IngestStats:
         return out
 
 
-def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
+class IdleTimeoutError(TimeoutError):
+    """The source of :func:`prefetch` handed over nothing for ``idle_timeout`` seconds."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        super().__init__(f"no message for {idle_timeout:g} s")
+        self.idle_timeout = idle_timeout
+
+
+def prefetch(items: Iterable[T], depth: int = 4, *, idle_timeout: float | None = None) -> Iterator[T]:
     """Pull ``items`` on a thread, at most ``depth`` ahead, so that receiving and decoding the next
-    chunks overlaps the blocking database writes of the current ones."""
+    chunks overlaps the blocking database writes of the current ones.
+
+    :param idle_timeout: raise :class:`IdleTimeoutError` when the consumer has waited this long
+        for the next item (time the buffer is full does not count: then the consumer is busy).
+        The thread stays blocked in the source until the caller ends it (a gRPC handler ends its
+        call by returning), so the caller must end the source after this error.
+    """
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -109,9 +123,14 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
 
     thread = threading.Thread(target=pump, name="chunk-prefetch", daemon=True)
     thread.start()
+    idle = False
     try:
         while True:
-            item = buffer.get()
+            try:
+                item = buffer.get(timeout=idle_timeout)
+            except queue.Empty:
+                idle = True
+                raise IdleTimeoutError(idle_timeout or 0) from None
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -119,7 +138,8 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        # After an idle timeout the thread waits in the source, which only its caller can end.
+        thread.join(timeout=0 if idle else 5)
 
 
 class _Frontier:
