@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
@@ -22,7 +23,7 @@ def _ai_server(args: argparse.Namespace) -> int:
 
     security = ServerSecurity.from_args(args)  # before loading: a bad option fails fast
     dataset = load_dataset(args.pkl, trust_pickle=args.trust_pickle)
-    serve(dataset, host=args.host, port=args.port, security=security)
+    serve(dataset, host=args.host, port=args.port, max_streams=args.max_streams, security=security)
     return 0
 
 
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ai.add_argument("--host", default="127.0.0.1")
     ai.add_argument("--port", type=int, default=50051)
+    ai.add_argument(
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_PARTITIONS,
+        metavar="N",
+        help="GetEmbeddings streams served at once, more are refused with RESOURCE_EXHAUSTED "
+        "(default: the ingest DAG's max_partitions)",
+    )
     add_cli_options(ai)
     ai.set_defaults(func=_ai_server)
 

@@ -25,6 +25,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.schema import ANN_METHODS
@@ -68,7 +69,9 @@ with DAG(
         "rows_per_partition": Param(
             20000, type="integer", minimum=100, description="Aim of rows a mapped task (fewer, larger tasks: higher)."
         ),
-        "max_partitions": Param(64, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."),
+        "max_partitions": Param(
+            DEFAULT_MAX_PARTITIONS, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."
+        ),
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),

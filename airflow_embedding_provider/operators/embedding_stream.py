@@ -22,7 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
-from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
@@ -98,7 +98,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         last_processed_uuid: str | None = None,
         full_refresh: bool | str = False,
         rows_per_partition: int | str = 20_000,
-        max_partitions: int | str = 64,
+        max_partitions: int | str = DEFAULT_MAX_PARTITIONS,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         **kwargs: Any,
