@@ -309,9 +309,10 @@ def ingest_chunks(
                     chunk = next(source)
                 except StopIteration:
                     break
-                except BaseException:
+                except Exception:
                     # The stream failed: finish writing what did arrive, so that the recorded
-                    # progress covers it and a retry re-sends as little as possible.
+                    # progress covers it and a retry re-sends as little as possible. (Not when
+                    # the task is being stopped, a BaseException: see below.)
                     _collect(pending, stats, block=True, order=order)
                     raise
                 stats.rows_received += len(chunk)
@@ -337,9 +338,15 @@ def ingest_chunks(
                         frontier.position,
                     )
             pending = _collect(pending, stats, block=True, order=order)
-        except BaseException:
+        except BaseException as exc:
             for future in pending:
                 future.cancel()
+            if not isinstance(exc, Exception) and any(future.running() for future in pending):
+                # The task is being stopped (its execution_timeout, SIGTERM), and leaving the pool
+                # waits for running writes: cancel their statements, which may wait on a lock.
+                for writer in writers:
+                    with contextlib.suppress(Exception):
+                        writer.cancel()
             raise
     stats.sub_batches = seq
     stats.last_processed_uuid = frontier.position

@@ -35,6 +35,9 @@ DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION)
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
+# A task that runs longer fails (and retries) instead of holding its slot for ever; 0 = no limit.
+# Generous by default: finalize's HNSW build at 1M rows takes many minutes.
+TASK_TIMEOUT = float(os.environ.get("RECRUIT_EMBEDDING_TASK_TIMEOUT", "7200"))
 # A deployment setting, not a per-run Param: the index outlives the run, and a Param's default
 # in the next scheduled run would switch it straight back.
 ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat").strip().lower()
@@ -53,6 +56,7 @@ with DAG(
         "retries": RETRIES,
         "retry_delay": timedelta(seconds=RETRY_DELAY),
         "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(seconds=TASK_TIMEOUT) if TASK_TIMEOUT > 0 else None,
     },
     params={
         "last_processed_uuid": Param(

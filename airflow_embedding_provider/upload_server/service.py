@@ -50,6 +50,7 @@ from airflow_embedding_provider.security import (
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
@@ -76,11 +77,20 @@ _CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-
 ConnectionFactory = Callable[[], psycopg.Connection]
 
 
-def dsn_connector(dsn: str) -> ConnectionFactory:
-    """Connections to ``dsn`` in autocommit mode (every write is an explicit transaction)."""
+def dsn_connector(dsn: str, timeouts: SessionTimeouts | None = None) -> ConnectionFactory:
+    """Connections to ``dsn`` in autocommit mode (every write is an explicit transaction), with
+    ``statement_timeout`` and ``lock_timeout`` set (:class:`SessionTimeouts`, from the environment
+    by default)."""
+    limits = timeouts or SessionTimeouts.from_env()
 
     def connect() -> psycopg.Connection:
-        return psycopg.connect(dsn, autocommit=True)
+        conn = psycopg.connect(dsn, autocommit=True)
+        try:
+            limits.apply(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     return connect
 
@@ -278,13 +288,14 @@ class UploadServicer:
                 raise
             except Exception as exc:
                 log.exception("upload %s from %s: failed after %d rows", upload_id, peer, progress.rows)
+                reason = explain_timeout(exc) or exc
                 raise _UploadFailedError(
                     embedding_pb2.UploadResult(
                         success=False,
                         total_rows=progress.rows,
                         message=(
                             f"upload {upload_id}: failed after receiving {progress.rows} rows in {progress.chunks} "
-                            f"chunks ({type(exc).__name__}: {str(exc).strip()[:500]}); committed sub-batches stay "
+                            f"chunks ({type(reason).__name__}: {str(reason).strip()[:800]}); committed sub-batches stay "
                             "committed, uploading again is idempotent"
                         ),
                     )
