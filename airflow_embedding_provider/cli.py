@@ -15,6 +15,9 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
 from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
 
+#: Environment variable the upload server reads its DSN from when no option names one.
+POSTGRES_DSN_ENV = "EMBEDDING_POSTGRES_DSN"
+
 
 def _ai_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.ai_server.dataset import load_dataset
@@ -22,6 +25,7 @@ def _ai_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.security import ServerSecurity
 
     security = ServerSecurity.from_args(args)  # before loading: a bad option fails fast
+    security.check_exposure(args.host)
     dataset = load_dataset(args.pkl, trust_pickle=args.trust_pickle)
     serve(dataset, host=args.host, port=args.port, max_streams=args.max_streams, security=security)
     return 0
@@ -31,6 +35,8 @@ def _api_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, serve
     from airflow_embedding_provider.security import ServerSecurity
 
+    security = ServerSecurity.from_args(args)
+    security.check_exposure(args.host)
     faults = FaultPlan(
         fail_first=args.fail_first,
         fail_always=args.fail_always,
@@ -42,7 +48,7 @@ def _api_server(args: argparse.Namespace) -> int:
         CacheServicer(faults=faults, stats_file=args.stats_file),
         host=args.host,
         port=args.port,
-        security=ServerSecurity.from_args(args),
+        security=security,
     )
     return 0
 
@@ -78,13 +84,44 @@ def _upload_server(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         keepalive=args.keepalive,
     )
-    connect = dsn_connector(args.postgres_dsn) if args.postgres_dsn else airflow_connector(args.postgres_conn_id)
     security = ServerSecurity.from_args(args)
+    security.check_exposure(args.host)
+    dsn = _postgres_dsn(args)
+    connect = dsn_connector(dsn) if dsn else airflow_connector(args.postgres_conn_id)
     try:
         serve(UploadServicer(connect, settings), host=args.host, port=args.port, grace=args.grace, security=security)
     except (SchemaMismatchError, psycopg.Error) as exc:
         print(f"airflow-embedding upload-server: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _postgres_dsn(args: argparse.Namespace) -> str | None:
+    """The upload server's DSN: ``--postgres-dsn-file``, ``--postgres-dsn`` or ``$EMBEDDING_POSTGRES_DSN``;
+    ``None`` with ``--postgres-conn-id``. A file or the environment keeps the password out of ``ps``."""
+    if args.postgres_conn_id:
+        return None
+    if args.postgres_dsn_file:
+        dsn = Path(args.postgres_dsn_file).read_text(encoding="utf-8").strip()
+        if not dsn:
+            raise ValueError(f"--postgres-dsn-file {str(args.postgres_dsn_file)!r} is empty")
+        return dsn
+    if args.postgres_dsn:
+        return str(args.postgres_dsn)
+    dsn = os.environ.get(POSTGRES_DSN_ENV, "").strip()
+    if not dsn:
+        raise ValueError(
+            f"no database: give --postgres-dsn-file FILE, ${POSTGRES_DSN_ENV} or --postgres-conn-id ID "
+            "(--postgres-dsn works too, but shows the password in the process list)"
+        )
+    return dsn
+
+
+def _token(args: argparse.Namespace) -> int:
+    from airflow_embedding_provider.security import write_token_file
+
+    created = write_token_file(args.out)
+    print(f"{'wrote a new' if created else 'kept the'} bearer token in {args.out}")
     return 0
 
 
@@ -154,8 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload-server", help="ingest server: EmbeddingStreamService.UploadEmbeddings into PostgreSQL")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50053)
-    db = up.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres-dsn", help="libpq connection string of the pgvector database")
+    db = up.add_mutually_exclusive_group()
+    db.add_argument(
+        "--postgres-dsn-file", type=Path, metavar="FILE", help="a file holding the libpq connection string"
+    )
+    db.add_argument(
+        "--postgres-dsn",
+        help=f"libpq connection string of the pgvector database (visible in ps: prefer --postgres-dsn-file "
+        f"or ${POSTGRES_DSN_ENV}, the default)",
+    )
     db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
     up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
     up.add_argument("--sub-batch-size", type=int, default=DEFAULT_SUB_BATCH_SIZE, help="rows a transaction")
@@ -192,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--tls-server-name", help="check the server certificate against this name")
     push.add_argument("--token-file", metavar="PATH", help=f"bearer token file (default: ${TOKEN_ENV})")
     push.set_defaults(func=_push)
+
+    token = sub.add_parser("token", help="write a new random bearer token to a file, unless the file exists")
+    token.add_argument("--out", required=True, type=Path, metavar="FILE", help="where (mode 0600)")
+    token.set_defaults(func=_token)
 
     sample = sub.add_parser("sample", help="write a sample .pkl with UUIDv7 ids and unit-norm vectors")
     sample.add_argument("--rows", type=int, required=True)

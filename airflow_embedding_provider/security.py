@@ -8,6 +8,8 @@ API server, upload server) builds its ``grpc.Server`` through :func:`new_server`
 * mTLS: ``client_ca`` (PEM path) also requires a client certificate signed by that CA.
 * Token: every call must carry ``authorization: Bearer <token>``; otherwise it ends with
   ``UNAUTHENTICATED``. The health service stays open so that probes need no secret.
+* Exposure: a server refuses to listen beyond the loopback interface without a token (anyone who
+  reaches the port could read the whole dataset or overwrite vectors), unless told ``--insecure``.
 
 The token is never logged, echoed in an error or shown in a ``repr``.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import ipaddress
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +63,7 @@ class ServerSecurity:
     :param key: PEM private key of ``cert``.
     :param client_ca: PEM CA bundle; clients must present a certificate it signed (mutual TLS).
     :param token: the bearer token every call except health checks must carry.
+    :param insecure: allow listening beyond loopback without a token (``--insecure``).
     """
 
     cert: Path | None = None
@@ -66,6 +71,7 @@ class ServerSecurity:
     client_ca: Path | None = None
     # repr=False: a logged or printed settings object must not carry the secret.
     token: str | None = field(default=None, repr=False)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -82,6 +88,19 @@ class ServerSecurity:
     @property
     def mutual_tls(self) -> bool:
         return self.client_ca is not None
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse ``host`` beyond loopback without a token, unless :attr:`insecure`.
+
+        :raises ValueError: with what to do; the CLI prints it as one line.
+        """
+        if self.token or self.insecure or is_loopback(host):
+            return
+        raise ValueError(
+            f"refusing to listen on {host} without a bearer token: anyone who reaches the port could call "
+            f"the server (read every row, or overwrite vectors). Give it a token with --token-file FILE "
+            f"(or ${TOKEN_ENV}), listen on 127.0.0.1, or pass --insecure on a network you trust"
+        )
 
     def describe(self) -> str:
         """A one-line summary for start-up messages, without the token."""
@@ -121,7 +140,33 @@ class ServerSecurity:
             key=getattr(args, "tls_key", None),
             client_ca=getattr(args, "tls_client_ca", None),
             token=token,
+            insecure=bool(getattr(args, "insecure", False)),
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``; ``0.0.0.0``, ``[::]`` and names are not."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def write_token_file(path: str | Path) -> bool:
+    """Create ``path`` with a new random token (256 bits, URL-safe), readable by its owner only,
+    unless it exists: restarts keep the token that clients were given. ``True`` when created."""
+    target = Path(path)
+    if target.exists():
+        read_token_file(target)  # an empty file is an error, not a token
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    return True
 
 
 def add_cli_options(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +186,11 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"require 'authorization: Bearer <token>' with the token in FILE (default: ${TOKEN_ENV} if set); "
         "a file keeps the token out of the process list",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond 127.0.0.1 without a token (refused otherwise: anyone could call the server)",
     )
 
 
@@ -294,8 +344,11 @@ class CallSlots:
 def bind_port(server: grpc.Server, host: str, port: int, security: ServerSecurity | None = None) -> int:
     """Listen on ``host:port`` (0 = a free port), TLS when ``security`` has a certificate; returns the port.
 
+    :raises ValueError: ``host`` is beyond loopback and there is no token (see
+        :meth:`ServerSecurity.check_exposure`).
     :raises OSError: the address cannot be bound.
     """
+    (security or ServerSecurity()).check_exposure(host)
     address = f"{host}:{port}"
     if security is not None and security.tls:
         bound = server.add_secure_port(address, security.credentials())
