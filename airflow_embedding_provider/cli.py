@@ -192,9 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50053)
     db = up.add_mutually_exclusive_group()
-    db.add_argument(
-        "--postgres-dsn-file", type=Path, metavar="FILE", help="a file holding the libpq connection string"
-    )
+    db.add_argument("--postgres-dsn-file", type=Path, metavar="FILE", help="a file holding the libpq connection string")
     db.add_argument(
         "--postgres-dsn",
         help=f"libpq connection string of the pgvector database (visible in ps: prefer --postgres-dsn-file "
