@@ -5,6 +5,8 @@ FROM apache/airflow:3.3.2
 USER root
 # The named volume mounted here takes the folder's owner, so the sample writer (user airflow) can write.
 RUN mkdir -p /data && chown airflow:root /data
+# Likewise for the bearer token the one-shot grpc-token service writes (mode 0600, user airflow).
+RUN mkdir -p /secrets && chown airflow:root /secrets
 USER airflow
 
 COPY --chown=airflow:root pyproject.toml README.md /opt/provider/

@@ -9,9 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
+from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
+from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
+
+#: Environment variable the upload server reads its DSN from when no option names one.
+POSTGRES_DSN_ENV = "EMBEDDING_POSTGRES_DSN"
 
 
 def _ai_server(args: argparse.Namespace) -> int:
@@ -20,8 +25,9 @@ def _ai_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.security import ServerSecurity
 
     security = ServerSecurity.from_args(args)  # before loading: a bad option fails fast
+    security.check_exposure(args.host)
     dataset = load_dataset(args.pkl, trust_pickle=args.trust_pickle)
-    serve(dataset, host=args.host, port=args.port, security=security)
+    serve(dataset, host=args.host, port=args.port, max_streams=args.max_streams, security=security)
     return 0
 
 
@@ -29,6 +35,8 @@ def _api_server(args: argparse.Namespace) -> int:
     from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, serve
     from airflow_embedding_provider.security import ServerSecurity
 
+    security = ServerSecurity.from_args(args)
+    security.check_exposure(args.host)
     faults = FaultPlan(
         fail_first=args.fail_first,
         fail_always=args.fail_always,
@@ -40,7 +48,7 @@ def _api_server(args: argparse.Namespace) -> int:
         CacheServicer(faults=faults, stats_file=args.stats_file),
         host=args.host,
         port=args.port,
-        security=ServerSecurity.from_args(args),
+        security=security,
     )
     return 0
 
@@ -82,14 +90,47 @@ def _upload_server(args: argparse.Namespace) -> int:
         max_concurrent_uploads=args.max_concurrent_uploads,
         stream_name=args.stream_name,
         cache_target=args.cache_target,
+        idle_timeout=args.idle_timeout,
+        keepalive=args.keepalive,
     )
-    connect = dsn_connector(args.postgres_dsn) if args.postgres_dsn else airflow_connector(args.postgres_conn_id)
     security = ServerSecurity.from_args(args)
+    security.check_exposure(args.host)
+    dsn = _postgres_dsn(args)
+    connect = dsn_connector(dsn) if dsn else airflow_connector(args.postgres_conn_id)
     try:
         serve(UploadServicer(connect, settings), host=args.host, port=args.port, grace=args.grace, security=security)
     except (SchemaMismatchError, psycopg.Error) as exc:
         print(f"airflow-embedding upload-server: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _postgres_dsn(args: argparse.Namespace) -> str | None:
+    """The upload server's DSN: ``--postgres-dsn-file``, ``--postgres-dsn`` or ``$EMBEDDING_POSTGRES_DSN``;
+    ``None`` with ``--postgres-conn-id``. A file or the environment keeps the password out of ``ps``."""
+    if args.postgres_conn_id:
+        return None
+    if args.postgres_dsn_file:
+        dsn = Path(args.postgres_dsn_file).read_text(encoding="utf-8").strip()
+        if not dsn:
+            raise ValueError(f"--postgres-dsn-file {str(args.postgres_dsn_file)!r} is empty")
+        return dsn
+    if args.postgres_dsn:
+        return str(args.postgres_dsn)
+    dsn = os.environ.get(POSTGRES_DSN_ENV, "").strip()
+    if not dsn:
+        raise ValueError(
+            f"no database: give --postgres-dsn-file FILE, ${POSTGRES_DSN_ENV} or --postgres-conn-id ID "
+            "(--postgres-dsn works too, but shows the password in the process list)"
+        )
+    return dsn
+
+
+def _token(args: argparse.Namespace) -> int:
+    from airflow_embedding_provider.security import write_token_file
+
+    created = write_token_file(args.out)
+    print(f"{'wrote a new' if created else 'kept the'} bearer token in {args.out}")
     return 0
 
 
@@ -135,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ai.add_argument("--host", default="127.0.0.1")
     ai.add_argument("--port", type=int, default=50051)
+    ai.add_argument(
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_PARTITIONS,
+        metavar="N",
+        help="GetEmbeddings streams served at once, more are refused with RESOURCE_EXHAUSTED "
+        "(default: the ingest DAG's max_partitions)",
+    )
     add_cli_options(ai)
     ai.set_defaults(func=_ai_server)
 
@@ -153,8 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload-server", help="ingest server: EmbeddingStreamService.UploadEmbeddings into PostgreSQL")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50053)
-    db = up.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres-dsn", help="libpq connection string of the pgvector database")
+    db = up.add_mutually_exclusive_group()
+    db.add_argument("--postgres-dsn-file", type=Path, metavar="FILE", help="a file holding the libpq connection string")
+    db.add_argument(
+        "--postgres-dsn",
+        help=f"libpq connection string of the pgvector database (visible in ps: prefer --postgres-dsn-file "
+        f"or ${POSTGRES_DSN_ENV}, the default)",
+    )
     db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
     up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
     up.add_argument("--sub-batch-size", type=int, default=DEFAULT_SUB_BATCH_SIZE, help="rows a transaction")
@@ -163,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
     up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")
     up.add_argument("--grace", type=float, default=60.0, help="seconds SIGTERM waits for in-flight uploads")
+    up.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="end an upload that sends nothing for this long (DEADLINE_EXCEEDED; what arrived stays committed)",
+    )
+    up.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE_SECONDS,
+        metavar="SECONDS",
+        help="ping quiet clients this often; one that does not answer within 10 s is dropped",
+    )
     add_cli_options(up)
     up.set_defaults(func=_upload_server)
 
@@ -177,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--tls-server-name", help="check the server certificate against this name")
     push.add_argument("--token-file", metavar="PATH", help=f"bearer token file (default: ${TOKEN_ENV})")
     push.set_defaults(func=_push)
+
+    token = sub.add_parser("token", help="write a new random bearer token to a file, unless the file exists")
+    token.add_argument("--out", required=True, type=Path, metavar="FILE", help="where (mode 0600)")
+    token.set_defaults(func=_token)
 
     sample = sub.add_parser(
         "sample", help="write a sample .pkl in the real dataset's layout (Djinni: string Exp Years, UUID4 ids)"

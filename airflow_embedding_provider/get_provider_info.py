@@ -45,6 +45,11 @@ _GRPC_FIELDS: dict[str, Any] = {
         "description": "Sent as 'authorization: Bearer <token>'",
         "schema": {"type": ["string", "null"], "format": "password"},
     },
+    "token_file": {
+        "label": "Auth token file",
+        "description": "A file holding the token (when no token is set), e.g. one a deployment generated",
+        "schema": {"type": ["string", "null"]},
+    },
     "timeout": {
         "label": "Timeout (s)",
         "description": "Deadline for unary calls and for connecting",

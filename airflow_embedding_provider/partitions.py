@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: The ingest DAG's default cap on its mapped tasks (Param ``max_partitions``), one stream each:
+#: the fan-out the AI server sizes its threads for.
+DEFAULT_MAX_PARTITIONS = 64
+
 
 @dataclass(frozen=True)
 class Partition:

@@ -85,9 +85,23 @@ class IngestStats:
         return out
 
 
-def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
+class IdleTimeoutError(TimeoutError):
+    """The source of :func:`prefetch` handed over nothing for ``idle_timeout`` seconds."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        super().__init__(f"no message for {idle_timeout:g} s")
+        self.idle_timeout = idle_timeout
+
+
+def prefetch(items: Iterable[T], depth: int = 4, *, idle_timeout: float | None = None) -> Iterator[T]:
     """Pull ``items`` on a thread, at most ``depth`` ahead, so that receiving and decoding the next
-    chunks overlaps the blocking database writes of the current ones."""
+    chunks overlaps the blocking database writes of the current ones.
+
+    :param idle_timeout: raise :class:`IdleTimeoutError` when the consumer has waited this long
+        for the next item (time the buffer is full does not count: then the consumer is busy).
+        The thread stays blocked in the source until the caller ends it (a gRPC handler ends its
+        call by returning), so the caller must end the source after this error.
+    """
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -117,9 +131,14 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
 
     thread = threading.Thread(target=pump, name="chunk-prefetch", daemon=True)
     thread.start()
+    idle = False
     try:
         while True:
-            item = buffer.get()
+            try:
+                item = buffer.get(timeout=idle_timeout)
+            except queue.Empty:
+                idle = True
+                raise IdleTimeoutError(idle_timeout or 0) from None
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -127,7 +146,8 @@ def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        # After an idle timeout the thread waits in the source, which only its caller can end.
+        thread.join(timeout=0 if idle else 5)
 
 
 class _Frontier:
@@ -170,6 +190,38 @@ class _Frontier:
     def position(self) -> str | None:
         with self._lock:
             return self._prefix_max
+
+
+class _IdOrder:
+    """Writes of one id in the order the id arrived, across parallel writers (SEED.md 10.4).
+
+    Sub-batches commit out of order on parallel writers, so two copies of one id in two chunks
+    could commit older-last: the newer copy's COPY wins the race, the older one's retries as an
+    upsert and overwrites it. A sub-batch therefore waits, on its writer thread, for the earlier
+    in-flight sub-batches that hold any of its ids. Only the main thread touches the map, and it
+    holds only the ids of in-flight sub-batches (at most ``2 * writers`` of them).
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[str, Future[WriteResult]] = {}
+        self._ids: dict[Future[WriteResult], Sequence[str]] = {}
+
+    def earlier(self, ids: Sequence[str]) -> list[Future[WriteResult]]:
+        """The in-flight writes a sub-batch of ``ids`` must wait for."""
+        owner = self._owner
+        if not owner:
+            return []
+        return list({owner[i] for i in ids if i in owner})
+
+    def claim(self, ids: Sequence[str], future: Future[WriteResult]) -> None:
+        self._owner.update(dict.fromkeys(ids, future))
+        self._ids[future] = ids
+
+    def release(self, future: Future[WriteResult]) -> None:
+        owner = self._owner
+        for i in self._ids.pop(future, ()):
+            if owner.get(i) is future:
+                del owner[i]
 
 
 def _max_id(a: str | None, b: str | None) -> str | None:
@@ -216,15 +268,25 @@ def ingest_chunks(
     """
     if not writers:
         raise ValueError("ingest needs at least one writer")
+    if sub_batch_size < 1:
+        # A cut of 0 rows never advances: the loop below would run forever.
+        raise ValueError(f"sub_batch_size must be at least 1, got {sub_batch_size}")
     stats = IngestStats()
     frontier = _Frontier()
+    order = _IdOrder()
     idle: queue.Queue[ChunkWriter] = queue.Queue()
     for writer in writers:
         idle.put(writer)
     slots = threading.BoundedSemaphore(2 * len(writers))
     began = time.monotonic()
 
-    def store(seq: int, batch: RowBatch, rejected: list[Rejected], chunk_no: int) -> WriteResult:
+    def store(
+        seq: int, batch: RowBatch, rejected: list[Rejected], chunk_no: int, earlier: list[Future[WriteResult]]
+    ) -> WriteResult:
+        # Earlier writes of the same ids first. They were submitted before this one, so they run
+        # already (the pool starts tasks in order): waiting here cannot deadlock. A failed one
+        # fails the ingest through _collect; this write may then go ahead.
+        wait(earlier)
         writer = idle.get()
         try:
             result = writer.write(
@@ -255,10 +317,11 @@ def ingest_chunks(
                     chunk = next(source)
                 except StopIteration:
                     break
-                except BaseException:
+                except Exception:
                     # The stream failed: finish writing what did arrive, so that the recorded
-                    # progress covers it and a retry re-sends as little as possible.
-                    _collect(pending, stats, block=True)
+                    # progress covers it and a retry re-sends as little as possible. (Not when
+                    # the task is being stopped, a BaseException: see below.)
+                    _collect(pending, stats, block=True, order=order)
                     raise
                 stats.rows_received += len(chunk)
                 stats.chunks += 1
@@ -269,9 +332,11 @@ def ingest_chunks(
                     stats.reject(rejected)
                     frontier.register(seq, _last_valid_id(batch, rejected))
                     slots.acquire()
-                    pending.add(pool.submit(store, seq, batch, rejected, chunk_no))
+                    future = pool.submit(store, seq, batch, rejected, chunk_no, order.earlier(batch.ids))
+                    order.claim(batch.ids, future)
+                    pending.add(future)
                     seq += 1
-                    pending = _collect(pending, stats, block=False)
+                    pending = _collect(pending, stats, block=False, order=order)
                 if log_every and stats.chunks % log_every == 0:
                     elapsed = max(time.monotonic() - began, 1e-9)
                     log.info(
@@ -281,10 +346,16 @@ def ingest_chunks(
                         stats.rows_received / elapsed,
                         frontier.position,
                     )
-            pending = _collect(pending, stats, block=True)
-        except BaseException:
+            pending = _collect(pending, stats, block=True, order=order)
+        except BaseException as exc:
             for future in pending:
                 future.cancel()
+            if not isinstance(exc, Exception) and any(future.running() for future in pending):
+                # The task is being stopped (its execution_timeout, SIGTERM), and leaving the pool
+                # waits for running writes: cancel their statements, which may wait on a lock.
+                for writer in writers:
+                    with contextlib.suppress(Exception):
+                        writer.cancel()
             raise
     stats.sub_batches = seq
     stats.last_processed_uuid = frontier.position
@@ -298,12 +369,16 @@ def ingest_chunks(
     return stats
 
 
-def _collect(pending: set[Future[WriteResult]], stats: IngestStats, *, block: bool) -> set[Future[WriteResult]]:
+def _collect(
+    pending: set[Future[WriteResult]], stats: IngestStats, *, block: bool, order: _IdOrder
+) -> set[Future[WriteResult]]:
     """Fold finished writes into ``stats`` and return the unfinished; re-raises a writer's failure.
     ``block``: wait until all are finished."""
     if not pending:
         return pending
     done, rest = wait(pending, timeout=None if block else 0, return_when=ALL_COMPLETED)
+    for future in done:
+        order.release(future)
     for future in done:
         stats.add(future.result())
     return rest

@@ -8,6 +8,8 @@ API server, upload server) builds its ``grpc.Server`` through :func:`new_server`
 * mTLS: ``client_ca`` (PEM path) also requires a client certificate signed by that CA.
 * Token: every call must carry ``authorization: Bearer <token>``; otherwise it ends with
   ``UNAUTHENTICATED``. The health service stays open so that probes need no secret.
+* Exposure: a server refuses to listen beyond the loopback interface without a token (anyone who
+  reaches the port could read the whole dataset or overwrite vectors), unless told ``--insecure``.
 
 The token is never logged, echoed in an error or shown in a ``repr``.
 """
@@ -15,11 +17,14 @@ The token is never logged, echoed in an error or shown in a ``repr``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
+import ipaddress
 import os
+import secrets
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,9 @@ TOKEN_ENV = "EMBEDDING_GRPC_TOKEN"
 #: Calls under this prefix (``Check``, ``Watch``) skip the token check so that probes work.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
+#: Seconds between a server's HTTP/2 pings on a quiet connection, and how long it waits for the answer.
+KEEPALIVE_SECONDS = 30.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
 
 
 def read_token_file(path: str | Path) -> str:
@@ -55,6 +63,7 @@ class ServerSecurity:
     :param key: PEM private key of ``cert``.
     :param client_ca: PEM CA bundle; clients must present a certificate it signed (mutual TLS).
     :param token: the bearer token every call except health checks must carry.
+    :param insecure: allow listening beyond loopback without a token (``--insecure``).
     """
 
     cert: Path | None = None
@@ -62,6 +71,7 @@ class ServerSecurity:
     client_ca: Path | None = None
     # repr=False: a logged or printed settings object must not carry the secret.
     token: str | None = field(default=None, repr=False)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -78,6 +88,19 @@ class ServerSecurity:
     @property
     def mutual_tls(self) -> bool:
         return self.client_ca is not None
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse ``host`` beyond loopback without a token, unless :attr:`insecure`.
+
+        :raises ValueError: with what to do; the CLI prints it as one line.
+        """
+        if self.token or self.insecure or is_loopback(host):
+            return
+        raise ValueError(
+            f"refusing to listen on {host} without a bearer token: anyone who reaches the port could call "
+            f"the server (read every row, or overwrite vectors). Give it a token with --token-file FILE "
+            f"(or ${TOKEN_ENV}), listen on 127.0.0.1, or pass --insecure on a network you trust"
+        )
 
     def describe(self) -> str:
         """A one-line summary for start-up messages, without the token."""
@@ -117,7 +140,33 @@ class ServerSecurity:
             key=getattr(args, "tls_key", None),
             client_ca=getattr(args, "tls_client_ca", None),
             token=token,
+            insecure=bool(getattr(args, "insecure", False)),
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``; ``0.0.0.0``, ``[::]`` and names are not."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def write_token_file(path: str | Path) -> bool:
+    """Create ``path`` with a new random token (256 bits, URL-safe), readable by its owner only,
+    unless it exists: restarts keep the token that clients were given. ``True`` when created."""
+    target = Path(path)
+    if target.exists():
+        read_token_file(target)  # an empty file is an error, not a token
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    return True
 
 
 def add_cli_options(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +186,11 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"require 'authorization: Bearer <token>' with the token in FILE (default: ${TOKEN_ENV} if set); "
         "a file keeps the token out of the process list",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond 127.0.0.1 without a token (refused otherwise: anyone could call the server)",
     )
 
 
@@ -198,34 +252,103 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
+def keepalive_options(keepalive: float = KEEPALIVE_SECONDS) -> list[tuple[str, int]]:
+    """Channel arguments every server runs with: it pings a quiet peer every ``keepalive`` seconds
+    and drops a connection whose ping goes unanswered for :data:`KEEPALIVE_TIMEOUT_SECONDS`, so a
+    dead client (host gone, network cut, process frozen) does not hold a call for ever; and it
+    accepts the clients' own keepalive pings (``hooks/grpc_channel.py`` sends one every 30 s)."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+        # grpcio 1.85 waits for the ping's answer this long, not keepalive_timeout (60 s by default).
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+        # Keep pinging while a call sends nothing (an idle upload, a stalled reader) ...
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # ... and let clients ping as often as every 5 s without being told to go away.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
 def new_server(
     executor: futures.Executor,
     *,
     security: ServerSecurity | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
     maximum_concurrent_rpcs: int | None = None,
+    keepalive: float = KEEPALIVE_SECONDS,
 ) -> grpc.Server:
-    """``grpc.server`` with the interceptors ``security`` asks for (none when it is ``None``).
+    """``grpc.server`` with the interceptors ``security`` asks for (none when it is ``None``) and
+    :func:`keepalive_options`.
 
     :param executor: the thread pool that runs the handlers.
     :param security: TLS and token settings; ``None`` keeps a plain server.
-    :param options: channel arguments passed to ``grpc.server``.
+    :param options: channel arguments passed to ``grpc.server``; they win over the keepalive ones.
     :param maximum_concurrent_rpcs: passed to ``grpc.server``; more calls are refused.
+    :param keepalive: seconds between the server's pings on a quiet connection.
     """
     interceptors = security.interceptors() if security is not None else []
+    merged = dict(keepalive_options(keepalive))
+    merged.update(dict(options or ()))
     return grpc.server(
         executor,
-        options=options,
+        options=list(merged.items()),
         interceptors=interceptors or None,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
 
 
+class CallSlots:
+    """At most ``limit`` calls of one kind at once; one more ends at once with RESOURCE_EXHAUSTED
+    and a message that names the limit and its option, instead of waiting for a thread.
+
+    :param limit: calls served at once.
+    :param what: the calls' name in the refusal, e.g. ``"streams"``.
+    :param option: the option that sets ``limit``, named in the refusal.
+    """
+
+    def __init__(self, limit: int, *, what: str, option: str) -> None:
+        if limit < 1:
+            raise ValueError(f"{option} must be at least 1, got {limit}")
+        self.limit = limit
+        self._what = what
+        self._option = option
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._active = 0
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return self._active
+
+    @contextlib.contextmanager
+    def hold(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold a slot for the body; abort the call with RESOURCE_EXHAUSTED when none is free."""
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limit} {self._what} are in progress, the server's limit ({self._option} {self.limit}); "
+                "retry later",
+            )
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+            self._slots.release()
+
+
 def bind_port(server: grpc.Server, host: str, port: int, security: ServerSecurity | None = None) -> int:
     """Listen on ``host:port`` (0 = a free port), TLS when ``security`` has a certificate; returns the port.
 
+    :raises ValueError: ``host`` is beyond loopback and there is no token (see
+        :meth:`ServerSecurity.check_exposure`).
     :raises OSError: the address cannot be bound.
     """
+    (security or ServerSecurity()).check_exposure(host)
     address = f"{host}:{port}"
     if security is not None and security.tls:
         bound = server.add_secure_port(address, security.credentials())

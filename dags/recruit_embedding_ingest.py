@@ -27,6 +27,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.schema import ANN_METHODS
@@ -36,6 +37,9 @@ DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION)
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
+# A task that runs longer fails (and retries) instead of holding its slot for ever; 0 = no limit.
+# Generous by default: finalize's HNSW build at 1M rows takes many minutes.
+TASK_TIMEOUT = float(os.environ.get("RECRUIT_EMBEDDING_TASK_TIMEOUT", "7200"))
 # A deployment setting, not a per-run Param: the index outlives the run, and a Param's default
 # in the next scheduled run would switch it straight back.
 ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat").strip().lower()
@@ -54,6 +58,7 @@ with DAG(
         "retries": RETRIES,
         "retry_delay": timedelta(seconds=RETRY_DELAY),
         "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(seconds=TASK_TIMEOUT) if TASK_TIMEOUT > 0 else None,
     },
     params={
         "last_processed_uuid": Param(
@@ -70,7 +75,9 @@ with DAG(
         "rows_per_partition": Param(
             20000, type="integer", minimum=100, description="Aim of rows a mapped task (fewer, larger tasks: higher)."
         ),
-        "max_partitions": Param(64, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."),
+        "max_partitions": Param(
+            DEFAULT_MAX_PARTITIONS, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."
+        ),
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),

@@ -12,7 +12,15 @@ from concurrent import futures
 import grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS as DAG_MAX_PARTITIONS
+from airflow_embedding_provider.security import (
+    CallSlots,
+    ServerSecurity,
+    add_health,
+    bind_port,
+    new_server,
+    wait_for_stop_signal,
+)
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
@@ -24,6 +32,12 @@ DEFAULT_CHUNK_SIZE = 300
 DEFAULT_ROWS_PER_PARTITION = 50_000
 DEFAULT_MAX_PARTITIONS = 256
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES
+#: Streams served at once: the fan-out of the ingest DAG (its ``max_partitions``), each mapped task
+#: one stream. More are refused with RESOURCE_EXHAUSTED (the task's hook retries with backoff).
+DEFAULT_MAX_STREAMS = DAG_MAX_PARTITIONS
+#: Threads beyond the streams' for health checks, PlanPartitions and refusals: a stream that waits
+#: on a slow reader holds its thread, and these calls must still be answered then.
+UNARY_THREADS = 8
 
 
 def max_chunk_size(dimension: int) -> int:
@@ -78,10 +92,11 @@ class RejectLedger:
 class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer):
     """Serves ``GetEmbeddings``; ``UploadEmbeddings`` belongs to the batch side's upload server."""
 
-    def __init__(self, dataset: EmbeddingDataset) -> None:
+    def __init__(self, dataset: EmbeddingDataset, *, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self._dataset = dataset
         self._max_chunk = max_chunk_size(dataset.dimension)
         self.rejects = RejectLedger()
+        self.streams = CallSlots(max_streams, what="streams", option="--max-streams")
 
     def ReportRejects(  # noqa: N802 - gRPC method name
         self, request: embedding_pb2.RejectReport, context: grpc.ServicerContext
@@ -102,6 +117,12 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
         return status
 
     def GetEmbeddings(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.StreamEmbeddingRequest, context: grpc.ServicerContext
+    ) -> Iterator[RowChunkBytes]:
+        with self.streams.hold(context):
+            yield from self._stream(request, context)
+
+    def _stream(
         self, request: embedding_pb2.StreamEmbeddingRequest, context: grpc.ServicerContext
     ) -> Iterator[RowChunkBytes]:
         size = request.chunk_size or DEFAULT_CHUNK_SIZE
@@ -175,23 +196,22 @@ def build_server(
     *,
     host: str,
     port: int,
-    max_workers: int = 8,
+    max_streams: int = DEFAULT_MAX_STREAMS,
     security: ServerSecurity | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-to-be server bound to ``host:port`` (0 = a free port); returns it and the port.
 
+    :param max_streams: ``GetEmbeddings`` streams served at once; one more is refused at once with
+        RESOURCE_EXHAUSTED. The pool has a thread for each and :data:`UNARY_THREADS` more, so health
+        checks and ``PlanPartitions`` are answered even when every stream waits on a slow reader.
     :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
     """
+    servicer = EmbeddingStreamServicer(dataset, max_streams=max_streams)
     server = new_server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ai-server"),
+        futures.ThreadPoolExecutor(max_workers=max_streams + UNARY_THREADS, thread_name_prefix="ai-server"),
         security=security,
-        options=[
-            ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ],
+        options=[("grpc.max_send_message_length", 4 * 1024 * 1024)],
     )
-    servicer = EmbeddingStreamServicer(dataset)
     # Send through the bytes view: identical wire format, no float-by-float encoding.
     handler = grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -241,18 +261,24 @@ def serve(
     host: str,
     port: int,
     ready: threading.Event | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
     security: ServerSecurity | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight streams for up to 10 s.
 
+    :param max_streams: streams served at once (see :func:`build_server`).
     :param security: TLS, mutual TLS and bearer-token settings; ``None`` serves plaintext without a token.
     """
-    server, bound = build_server(dataset, host=host, port=port, security=security)
+    server, bound = build_server(dataset, host=host, port=port, max_streams=max_streams, security=security)
     server.start()
     log.info("AI server listening on %s:%d: %d rows, dimension %d", host, bound, len(dataset), dataset.dimension)
     log_dataset(dataset)
     log.info("transport: %s", (security or ServerSecurity()).describe())
-    print(f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension})", flush=True)
+    print(
+        f"AI server listening on {host}:{bound} ({len(dataset)} rows, dimension {dataset.dimension}, "
+        f"up to {max_streams} streams)",
+        flush=True,
+    )
     wait_for_stop_signal(ready)
     log.info("shutting down")
     server.stop(grace=10).wait()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 #: Room for the largest chunk the servers send (they stay under 4 MiB) plus headroom.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -48,13 +51,16 @@ class ChannelSettings:
         if not conn.host:
             raise ValueError(f"connection {conn.conn_id!r} has no host")
         timeout = extra.get("timeout")
+        token = extra.get("token") or conn.password or None
+        if not token and extra.get("token_file"):
+            token = _read_token(str(extra["token_file"]), conn.conn_id)
         return cls(
             target=f"{conn.host}:{conn.port or default_port}",
             use_tls=_flag(extra.get("use_tls", False)),
             ca_cert=extra.get("ca_cert") or None,
             client_cert=extra.get("client_cert") or None,
             client_key=extra.get("client_key") or None,
-            token=extra.get("token") or conn.password or None,
+            token=token,
             timeout=float(timeout) if timeout not in (None, "") else 30.0,
             tls_server_name=extra.get("tls_server_name") or None,
         )
@@ -64,6 +70,13 @@ class ChannelSettings:
         return [("authorization", f"Bearer {self.token}")] if self.token and not self.use_tls else []
 
     def open_channel(self) -> grpc.Channel:
+        if self.token and not self.use_tls:
+            # Anyone on the path can read a token sent in plaintext, and replay it.
+            log.warning(
+                "sending the bearer token to %s over a plaintext channel: anyone on the network path can read "
+                "it; set use_tls (and ca_cert) on the connection for anything beyond a private network",
+                self.target,
+            )
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -86,3 +99,14 @@ class ChannelSettings:
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return grpc.secure_channel(self.target, credentials, options=options)
+
+
+def _read_token(path: str, conn_id: str) -> str:
+    """The token in the file an ``embedding_grpc`` connection's ``token_file`` extra names."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"connection {conn_id!r}: cannot read token_file {path!r}: {exc.strerror}") from None
+    if not token:
+        raise ValueError(f"connection {conn_id!r}: token_file {path!r} is empty")
+    return token

@@ -25,7 +25,7 @@ from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.metrics import record_rate, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
-from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
@@ -38,6 +38,7 @@ from airflow_embedding_provider.storage.progress import (
     save_plan,
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
+from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
 if TYPE_CHECKING:
@@ -51,11 +52,13 @@ MAX_MAP_LENGTH = 1024
 
 @contextlib.contextmanager
 def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Connection]]:
+    """``count`` connections; a lock or statement timeout in the body fails with what to do."""
     conns: list[psycopg.Connection] = []
     try:
-        for _ in range(count):
-            conns.append(psycopg3_connection(postgres_conn_id))
-        yield conns
+        with timeouts_explained():
+            for _ in range(count):
+                conns.append(psycopg3_connection(postgres_conn_id))
+            yield conns
     finally:
         for conn in conns:
             conn.close()
@@ -67,8 +70,9 @@ def _build_ann_index(operator: BaseOperator, conn: psycopg.Connection, method: s
     method = str(method).strip().lower()
     began = time.monotonic()
     try:
-        if not ensure_ann_index(conn, DEFAULT_TABLES, method):
-            return None
+        with without_statement_timeout(conn):
+            if not ensure_ann_index(conn, DEFAULT_TABLES, method):
+                return None
     except ValueError as exc:  # an unknown method
         raise AirflowFailException(str(exc)) from exc
     operator.log.info("built the %s index on %s in %.1f s", method, DEFAULT_TABLES.embedding, time.monotonic() - began)
@@ -112,7 +116,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         last_processed_uuid: str | None = None,
         full_refresh: bool | str = False,
         rows_per_partition: int | str = 20_000,
-        max_partitions: int | str = 64,
+        max_partitions: int | str = DEFAULT_MAX_PARTITIONS,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         **kwargs: Any,
@@ -233,6 +237,10 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         if part is not None:
             context["partition_label"] = part.label  # type: ignore[typeddict-unknown-key]  # map_index_template
         chunk_size, sub_batch = int(self.chunk_size), int(self.sub_batch_size)
+        for name, value in (("chunk_size", chunk_size), ("sub_batch_size", sub_batch)):
+            if value < 1:
+                # Configuration, not a passing fault: no retries. 0 rows a transaction never advances.
+                raise AirflowFailException(f"{name} must be at least 1 row, got {value}")
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
         with _connections(self.postgres_conn_id, max(1, int(self.db_connections))) as conns:

@@ -104,6 +104,13 @@ class ChunkWriter:
         self._staged = False
         self._stage_dirty = True
 
+    def cancel(self) -> None:
+        """Ask PostgreSQL to cancel this writer's running statement, from any thread: an ingest that
+        is stopped (a task's execution_timeout, a stream failure) must not wait for a write that is
+        stuck on a lock."""
+        if not self._conn.closed:
+            self._conn.cancel_safe(timeout=5)
+
     def ensure_stage(self) -> None:
         """Create this connection's staging tables (once)."""
         if self._staged:

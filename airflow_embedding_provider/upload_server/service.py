@@ -17,12 +17,12 @@ received committed; the server logs how far the upload got, and uploading again 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,11 +31,26 @@ import grpc
 import psycopg
 from grpc_health.v1 import health
 
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
+from airflow_embedding_provider.pipeline import (
+    DEFAULT_SUB_BATCH_SIZE,
+    IdleTimeoutError,
+    IngestStats,
+    ingest_chunks,
+    prefetch,
+)
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
+from airflow_embedding_provider.security import (
+    KEEPALIVE_SECONDS,
+    CallSlots,
+    ServerSecurity,
+    add_health,
+    bind_port,
+    new_server,
+    wait_for_stop_signal,
+)
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
@@ -49,6 +64,8 @@ DEFAULT_PORT = 50053
 #: must not move the pull's resume point past rows the pull never received.
 DEFAULT_UPLOAD_STREAM = "recruit_upload"
 DEFAULT_CACHE_TARGET = "recruit"
+#: Seconds an upload may stay silent between messages (``--idle-timeout``).
+DEFAULT_IDLE_TIMEOUT = 60.0
 #: Request metadata key naming an upload (the push command sends one); else the server picks one.
 UPLOAD_ID_KEY = "x-upload-id"
 #: Room for the largest chunk a sender may use (the AI server keeps messages under 4 MiB).
@@ -59,11 +76,20 @@ _CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-
 ConnectionFactory = Callable[[], psycopg.Connection]
 
 
-def dsn_connector(dsn: str) -> ConnectionFactory:
-    """Connections to ``dsn`` in autocommit mode (every write is an explicit transaction)."""
+def dsn_connector(dsn: str, timeouts: SessionTimeouts | None = None) -> ConnectionFactory:
+    """Connections to ``dsn`` in autocommit mode (every write is an explicit transaction), with
+    ``statement_timeout`` and ``lock_timeout`` set (:class:`SessionTimeouts`, from the environment
+    by default)."""
+    limits = timeouts or SessionTimeouts.from_env()
 
     def connect() -> psycopg.Connection:
-        return psycopg.connect(dsn, autocommit=True)
+        conn = psycopg.connect(dsn, autocommit=True)
+        try:
+            limits.apply(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     return connect
 
@@ -88,6 +114,11 @@ class UploadSettings:
         so at most ``max_concurrent_uploads * db_connections`` connections are open.
     :param stream_name: the checkpoint row uploads advance.
     :param cache_target: the cache the outbox marks stale when an upload changes rows.
+    :param idle_timeout: seconds an upload may send nothing while the server waits for its next
+        message; then it ends with DEADLINE_EXCEEDED (what arrived is committed), so that a client
+        that opens an upload and goes quiet cannot hold a slot and its connections for ever.
+    :param keepalive: seconds between the server's HTTP/2 pings on a quiet connection; a peer
+        that stops answering (a dead host, a cut network) is dropped about 10 s after a ping.
     """
 
     dimension: int = DEFAULT_DIMENSION
@@ -97,11 +128,16 @@ class UploadSettings:
     max_concurrent_uploads: int = 4
     stream_name: str = DEFAULT_UPLOAD_STREAM
     cache_target: str = DEFAULT_CACHE_TARGET
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    keepalive: float = KEEPALIVE_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("sub_batch_size", "db_connections", "prefetch_depth", "max_concurrent_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("idle_timeout", "keepalive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
 
 
 class _Progress:
@@ -113,7 +149,7 @@ class _Progress:
         self.chunks = 0
         self.last_id: str | None = None
 
-    def track(self, chunks: Iterable[WireChunk]) -> Iterator[WireChunk]:
+    def track(self, chunks: Iterable[WireChunk]) -> Generator[WireChunk, None, None]:
         for chunk in chunks:
             self.rows += len(chunk)
             self.chunks += 1
@@ -150,14 +186,11 @@ class UploadServicer:
     def __init__(self, connect: ConnectionFactory, settings: UploadSettings | None = None) -> None:
         self._connect = connect
         self.settings = settings or UploadSettings()
-        self._slots = threading.BoundedSemaphore(self.settings.max_concurrent_uploads)
-        self._lock = threading.Lock()
-        self._active = 0
+        self._slots = CallSlots(self.settings.max_concurrent_uploads, what="uploads", option="--max-concurrent-uploads")
 
     @property
     def active_uploads(self) -> int:
-        with self._lock:
-            return self._active
+        return self._slots.active
 
     def prepare(self) -> None:
         """Create the schema once, before serving; raises ``SchemaMismatchError`` on a dimension change."""
@@ -167,19 +200,8 @@ class UploadServicer:
     def UploadEmbeddings(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext
     ) -> embedding_pb2.UploadResult:
-        if not self._slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.settings.max_concurrent_uploads} uploads are in progress, the server's limit; retry later",
-            )
-        with self._lock:
-            self._active += 1
-        try:
+        with self._slots.hold(context):
             return self._upload(request_iterator, context)
-        finally:
-            with self._lock:
-                self._active -= 1
-            self._slots.release()
 
     def _upload(
         self, request_iterator: Iterator[WireChunk], context: grpc.ServicerContext
@@ -189,42 +211,33 @@ class UploadServicer:
         upload_id = _upload_id(context)
         progress = _Progress()
         log.info("upload %s from %s: started", upload_id, peer)
-        with ExitStack() as stack:
-            try:
-                conns = [stack.enter_context(self._connect()) for _ in range(settings.db_connections)]
-            except (psycopg.Error, RuntimeError) as exc:
-                log.error("upload %s from %s: cannot connect to PostgreSQL: %s", upload_id, peer, exc)
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"the upload server cannot reach PostgreSQL: {exc}")
-            # One outbox entry per upload: concurrent uploads never wait on each other's outbox row.
-            cache = CacheRequest(settings.cache_target, f"upload/{peer}/{upload_id}")
-            writers = [
-                ChunkWriter(c, dimension=settings.dimension, stream_name=settings.stream_name, cache_request=cache)
-                for c in conns
-            ]
-            chunks = progress.track(prefetch(request_iterator, settings.prefetch_depth))
-            try:
-                stats = ingest_chunks(
-                    chunks,
-                    writers,
-                    dimension=settings.dimension,
-                    sub_batch_size=settings.sub_batch_size,
-                    origin={"upload": upload_id, "peer": peer},
-                )
-            except grpc.RpcError:
-                # The request stream ended abnormally: the client cancelled, its deadline passed or
-                # the server stopped after its grace period. ingest_chunks has written what arrived.
-                return self._aborted(upload_id, peer, progress)
-            except Exception as exc:
-                log.exception("upload %s from %s: failed after %d rows", upload_id, peer, progress.rows)
-                return embedding_pb2.UploadResult(
-                    success=False,
-                    total_rows=progress.rows,
-                    message=(
-                        f"upload {upload_id}: failed after receiving {progress.rows} rows in {progress.chunks} "
-                        f"chunks ({type(exc).__name__}: {str(exc).strip()[:500]}); committed sub-batches stay "
-                        "committed, uploading again is idempotent"
-                    ),
-                )
+        chunks = progress.track(prefetch(request_iterator, settings.prefetch_depth, idle_timeout=settings.idle_timeout))
+        try:
+            with contextlib.closing(chunks):
+                # The connections open with the first message: a client that opens an upload and
+                # sends nothing holds no database connection while the idle timeout runs.
+                first = next(chunks, None)
+                stats = self._ingest(_resumed(first, chunks), context, upload_id, peer, progress)
+        except grpc.RpcError:
+            # The request stream ended abnormally: the client cancelled, its deadline passed or
+            # the server stopped after its grace period. ingest_chunks has written what arrived.
+            return self._aborted(upload_id, peer, progress)
+        except IdleTimeoutError as exc:
+            log.warning(
+                "upload %s from %s: %s after %d rows in %d chunks (all committed); closing it",
+                upload_id,
+                peer,
+                exc,
+                progress.rows,
+                progress.chunks,
+            )
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"upload {upload_id}: {exc} (the server's --idle-timeout); the {progress.rows} rows received "
+                f"are committed, highest id {progress.last_id or '-'}: upload again (idempotent) or push --after it",
+            )
+        except _UploadFailedError as exc:
+            return exc.result
         if not context.is_active():
             # gRPC may end the request iterator of a cancelled call as if the client had finished.
             return self._aborted(upload_id, peer, progress)
@@ -240,6 +253,52 @@ class UploadServicer:
             rejected_by_kind=dict(stats.dlq_by_reason),
         )
 
+    def _ingest(
+        self,
+        chunks: Iterator[WireChunk],
+        context: grpc.ServicerContext,
+        upload_id: str,
+        peer: str,
+        progress: _Progress,
+    ) -> IngestStats:
+        settings = self.settings
+        with ExitStack() as stack:
+            try:
+                conns = [stack.enter_context(self._connect()) for _ in range(settings.db_connections)]
+            except (psycopg.Error, RuntimeError) as exc:
+                log.error("upload %s from %s: cannot connect to PostgreSQL: %s", upload_id, peer, exc)
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"the upload server cannot reach PostgreSQL: {exc}")
+            # One outbox entry per upload: concurrent uploads never wait on each other's outbox row.
+            cache = CacheRequest(settings.cache_target, f"upload/{peer}/{upload_id}")
+            writers = [
+                ChunkWriter(c, dimension=settings.dimension, stream_name=settings.stream_name, cache_request=cache)
+                for c in conns
+            ]
+            try:
+                return ingest_chunks(
+                    chunks,
+                    writers,
+                    dimension=settings.dimension,
+                    sub_batch_size=settings.sub_batch_size,
+                    origin={"upload": upload_id, "peer": peer},
+                )
+            except (grpc.RpcError, IdleTimeoutError):
+                raise
+            except Exception as exc:
+                log.exception("upload %s from %s: failed after %d rows", upload_id, peer, progress.rows)
+                reason = explain_timeout(exc) or exc
+                raise _UploadFailedError(
+                    embedding_pb2.UploadResult(
+                        success=False,
+                        total_rows=progress.rows,
+                        message=(
+                            f"upload {upload_id}: failed after receiving {progress.rows} rows in {progress.chunks} "
+                            f"chunks ({type(reason).__name__}: {str(reason).strip()[:800]}); committed sub-batches stay "
+                            "committed, uploading again is idempotent"
+                        ),
+                    )
+                ) from exc
+
     @staticmethod
     def _aborted(upload_id: str, peer: str, progress: _Progress) -> embedding_pb2.UploadResult:
         log.warning(
@@ -253,6 +312,22 @@ class UploadServicer:
         )
         # Nobody receives this answer: the call is over.
         return embedding_pb2.UploadResult(success=False, total_rows=progress.rows, message="aborted")
+
+
+class _UploadFailedError(Exception):
+    """Carries the answer of an upload that failed for a reason other than its stream."""
+
+    def __init__(self, result: embedding_pb2.UploadResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+def _resumed(first: WireChunk | None, rest: Iterator[WireChunk]) -> Iterator[WireChunk]:
+    """``first`` (already pulled to see that the upload sends something), then ``rest``."""
+    if first is None:
+        return
+    yield first
+    yield from rest
 
 
 def _upload_id(context: grpc.ServicerContext) -> str:
@@ -274,13 +349,10 @@ def build_server(
     server = new_server(
         # Spare threads beyond the upload limit answer health checks and refuse extra uploads.
         futures.ThreadPoolExecutor(max_workers=limit + 4, thread_name_prefix="upload-server"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         maximum_concurrent_rpcs=limit + 64,
         security=security,
+        keepalive=servicer.settings.keepalive,
     )
     # Receive through the bytes view: wire-identical to RowChunk, vectors arrive as one bytes object.
     handler = grpc.method_handlers_generic_handler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -130,3 +131,27 @@ def test_a_plan_is_stored_once_per_run(conns: list[psycopg.Connection], sample_d
     first = _plan(conns[0], sample_dataset, [1000])
     again = save_plan(conns[0], DEFAULT_TABLES, "recruit", RUN, [Partition(0, None, sample_dataset.ids[5], 6)])
     assert again == first
+
+
+def test_a_sub_batch_size_below_one_is_refused_instead_of_looping(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ingest_chunks(
+                chunks_of(sample_dataset, 0, 300, 300),
+                [ChunkWriter(conns[0], dimension=384)],
+                dimension=384,
+                sub_batch_size=0,
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "ingest_chunks loops for ever on sub_batch_size 0"
+    assert len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]) == "sub_batch_size must be at least 1, got 0"

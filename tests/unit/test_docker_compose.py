@@ -155,7 +155,8 @@ def test_ports_and_health_probes_match_the_servers(services: dict[str, dict[str,
         if args.command not in SERVERS:
             continue
         svc = services[name]
-        assert f"{args.port}:{args.port}" in svc.get("ports", []), f"{name} does not publish {args.port}"
+        # Published on the host's loopback only: the compose network is where the clients are.
+        assert svc.get("ports") == [f"127.0.0.1:{args.port}:{args.port}"], f"{name} publishes {svc.get('ports')}"
         probe = " ".join(svc["healthcheck"]["test"])
         assert "grpc_health" in probe and f"127.0.0.1:{args.port}" in probe, f"{name} health probe: {probe}"
 
@@ -201,7 +202,10 @@ def test_postgres_connection_and_upload_server_use_the_pgvector_database(service
         db_env["POSTGRES_PASSWORD"],
         db_env["POSTGRES_DB"],
     )
-    assert embedding_services(services)["upload-server"].postgres_dsn == dsn
+    # The upload server reads the same connection from its environment: no password in its argv.
+    upload = embedding_services(services)["upload-server"]
+    assert (upload.postgres_conn_id, upload.postgres_dsn, upload.postgres_dsn_file) == ("postgres_default", None, None)
+    assert airflow_env(services, "upload-server")["AIRFLOW_CONN_POSTGRES_DEFAULT"] == dsn
 
 
 def test_airflow_runs_on_its_own_metadata_database(services: dict[str, dict[str, Any]]) -> None:
@@ -271,7 +275,7 @@ def test_databases_have_pg_isready_health_checks(services: dict[str, dict[str, A
 
 def test_long_running_services_have_health_checks(services: dict[str, dict[str, Any]]) -> None:
     one_shots = {n for n, s in services.items() if s.get("restart") == "no"}
-    assert one_shots == {"airflow-init", "sample-data"}
+    assert one_shots == {"airflow-init", "sample-data", "grpc-token"}
     missing = sorted(n for n, s in services.items() if n not in one_shots and not s.get("healthcheck"))
     assert not missing, f"no healthcheck: {missing}"
 
@@ -334,3 +338,73 @@ def test_celery_settings_are_the_ones_the_cluster_test_proves(services: dict[str
         # Celery's results go to Airflow's metadata database, as in the test.
         backend = env["AIRFLOW__CELERY__RESULT_BACKEND"]
         assert backend.startswith("db+") and urlsplit(backend[3:])[1:] == urlsplit(metadata)[1:], backend
+
+
+# -- the bearer token and other secrets -------------------------------------------------------------
+
+
+def token_file(services: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """The service that writes the token (``airflow-embedding token --out``) and the file."""
+    writers = {n: a.out for n, a in embedding_services(services).items() if a.command == "token"}
+    assert len(writers) == 1, f"one service must generate the token, found {sorted(writers)}"
+    ((name, out),) = writers.items()
+    return name, str(out)
+
+
+def mounts_folder(service: dict[str, Any], folder: str) -> str | None:
+    """The volume ``service`` mounts at ``folder``, if any."""
+    for volume in service.get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        if rest.split(":")[0] == folder:
+            return source
+    return None
+
+
+def test_servers_on_every_interface_require_the_generated_token(services: dict[str, dict[str, Any]]) -> None:
+    from airflow_embedding_provider.security import ServerSecurity
+
+    writer, path = token_file(services)
+    folder = str(Path(path).parent)
+    volume = mounts_folder(services[writer], folder)
+    assert volume, f"{writer} writes {path} outside a volume"
+    for name, args in embedding_services(services).items():
+        if args.command not in SERVERS:
+            continue
+        assert str(args.token_file) == path and not args.insecure, f"{name}: token {args.token_file}, {args.insecure=}"
+        assert mounts_folder(services[name], folder) == volume, f"{name} does not see the token volume"
+        assert services[name]["depends_on"][writer]["condition"] == "service_completed_successfully"
+        # What the server does with these options: listen on 0.0.0.0 because a token is required ...
+        ServerSecurity(token="from the file").check_exposure(args.host)
+        # ... and refuse to without one.
+        with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without a bearer token"):
+            ServerSecurity.from_args(
+                argparse.Namespace(**{**vars(args), "token_file": None}), environ={}
+            ).check_exposure(args.host)
+
+
+def test_airflow_connections_read_the_same_token_file(services: dict[str, dict[str, Any]]) -> None:
+    from airflow.models.connection import Connection
+
+    from airflow_embedding_provider.get_provider_info import get_provider_info
+
+    writer, path = token_file(services)
+    assert "token_file" in get_provider_info()["connection-types"][0]["conn-fields"]
+    volume = mounts_folder(services[writer], str(Path(path).parent))
+    for name in (*AIRFLOW_COMPONENTS, "airflow-worker"):
+        env = airflow_env(services, name)
+        for _command, (_service, conn_id) in SERVERS.items():
+            if conn_id is None:
+                continue
+            conn = Connection.from_json(env[f"AIRFLOW_CONN_{conn_id.upper()}"], conn_id=conn_id)
+            assert conn.extra_dejson.get("token_file") == path, f"{name}: {conn_id} has no token_file {path}"
+            assert "token" not in conn.extra_dejson and not conn.password, f"{name}: {conn_id} carries a token"
+        assert mounts_folder(services[name], str(Path(path).parent)) == volume, f"{name} cannot read the token"
+        assert services[name]["depends_on"][writer]["condition"] == "service_completed_successfully", name
+
+
+def test_no_command_carries_a_password(services: dict[str, dict[str, Any]]) -> None:
+    # argv is in `ps` and `docker inspect`; a connection string with a password belongs elsewhere.
+    credentials = re.compile(r"://[^/\s:@]+:[^@\s]+@")
+    for name, svc in services.items():
+        args = " ".join(argv(svc)) if svc.get("build") else " ".join(map(str, svc.get("command") or []))
+        assert not credentials.search(args), f"{name} has a password in its command: {args}"

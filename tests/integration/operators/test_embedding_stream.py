@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_embedding_provider.operators.embedding_stream import EmbeddingCheckpointOperator, _build_ann_index
+from airflow_embedding_provider.operators.embedding_stream import (
+    EmbeddingCheckpointOperator,
+    EmbeddingStreamToPgvectorOperator,
+    _build_ann_index,
+)
 from airflow_embedding_provider.storage.schema import apply_schema
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 
 def test_an_unknown_ann_index_method_fails_the_task_without_retries(pg_dsn: str) -> None:
@@ -20,3 +29,11 @@ def test_an_unknown_ann_index_method_fails_the_task_without_retries(pg_dsn: str)
         assert conn.execute(
             "SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%ivfflat' OR indexname LIKE '%hnsw'"
         ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("sub_batch_size", [0, -5])
+def test_a_sub_batch_size_below_one_fails_the_task_without_retries(sub_batch_size: int) -> None:
+    # 0 rows a transaction used to loop for ever; a negative one raised deep inside the writer.
+    operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", sub_batch_size=sub_batch_size)
+    with pytest.raises(AirflowFailException, match=f"sub_batch_size must be at least 1 row, got {sub_batch_size}"):
+        operator.execute(cast("Context", {"ti": None}))
