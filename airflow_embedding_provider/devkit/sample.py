@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION, PKL_COLUMNS
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, ENGLISH_LEVELS, PKL_COLUMNS
 
-ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
+__all__ = ["ENGLISH_LEVELS", "clustered_vectors", "make_sample", "uuid7_strings", "write_sample"]
 KEYWORDS = (
     "Python",
     "Java",
@@ -69,14 +70,39 @@ def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS
     return out
 
 
-def make_sample(rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7) -> pd.DataFrame:
-    """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order."""
+def clustered_vectors(
+    rows: int, dimension: int, rng: np.random.Generator, *, clusters: int, spread: float = 0.6
+) -> npt.NDArray[np.float32]:
+    """Unit-norm vectors in ``clusters`` neighbourhoods of uneven size, as text embeddings have
+    (topics): each row is its cluster's centre plus noise of norm about ``spread``. Uniform noise,
+    where every row is about equally far from every other, makes every ANN index look bad."""
+    centres = rng.standard_normal((clusters, dimension)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sizes = rng.dirichlet(np.full(clusters, 2.0))
+    member = rng.choice(clusters, size=rows, p=sizes)
+    noise = rng.standard_normal((rows, dimension)).astype(np.float32) * np.float32(spread / np.sqrt(dimension))
+    vectors = centres[member] + noise
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32)
+
+
+def make_sample(
+    rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7, clusters: int | None = None
+) -> pd.DataFrame:
+    """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order.
+
+    :param clusters: draw the vectors from this many neighbourhoods (:func:`clustered_vectors`)
+        instead of uniformly on the sphere.
+    """
     if rows < 1 or dimension < 1:
         raise ValueError("rows and dimension must be at least 1")
     rng = np.random.default_rng(seed)
     ids = uuid7_strings(rows, rng)
-    vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    if clusters:
+        vectors = clustered_vectors(rows, dimension, rng, clusters=clusters)
+    else:
+        vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(rows)  # the server must order by id itself
     frame = pd.DataFrame(
         {
@@ -91,8 +117,10 @@ def make_sample(rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7)
     return frame[list(PKL_COLUMNS)]
 
 
-def write_sample(path: str | Path, rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7) -> Path:
+def write_sample(
+    path: str | Path, rows: int, *, dimension: int = DEFAULT_DIMENSION, seed: int = 7, clusters: int | None = None
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_sample(rows, dimension=dimension, seed=seed).to_pickle(path)
+    make_sample(rows, dimension=dimension, seed=seed, clusters=clusters).to_pickle(path)
     return path

@@ -1,0 +1,190 @@
+"""The recall gate: after a load that built or changed the ANN index, tune its search setting.
+
+Invariant: the setting stored in ``embedding_search_settings`` (which every search applies,
+storage/search.py) is the smallest ``ivfflat.probes`` or ``hnsw.ef_search`` whose top-10 matched
+exact search on at least ``min_recall`` of a sample, measured on the rows as they are now; when
+no candidate reaches it, the best one measured is stored and the report says ``reached = False``.
+
+Queries are stored rows picked at random; each query's own row is left out of both answers, so
+recall measures its neighbours, not the trivial self-match. Exact answers come from the same SQL
+with ``SET LOCAL enable_indexscan = off`` in their own transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, ann_index_method
+from airflow_embedding_provider.storage.search import SEARCH_SETTINGS, apply_setting
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_RECALL = 0.95
+DEFAULT_RECALL_QUERIES = 50
+RECALL_K = 10
+_IVFFLAT_PROBES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 65, 80, 100, 130, 160, 200, 260, 320, 400)
+_HNSW_EF_SEARCH = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800, 1000)
+
+
+@dataclass(frozen=True)
+class RecallReport:
+    """What the gate measured and chose; ``as_dict()`` goes to finalize's XCom."""
+
+    method: str
+    setting: str
+    value: int
+    recall_at_10: float
+    min_recall: float
+    reached: bool
+    queries: int
+    rows_indexed: int
+    latency_ms_p50: float
+    latency_ms_p95: float
+    tried: dict[int, float] = field(default_factory=dict)
+    database_default: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tried"] = {str(key): value for key, value in self.tried.items()}
+        return out
+
+
+def _lists(conn: psycopg.Connection, tables: TableNames) -> int:
+    row = conn.execute(
+        "SELECT option_value::int FROM pg_options_to_table((SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s))) "
+        "WHERE option_name = 'lists'",
+        (tables.ann_index("ivfflat").as_string(conn),),
+    ).fetchone()
+    return int(row[0]) if row else 100  # pgvector's default lists
+
+
+def candidates(conn: psycopg.Connection, tables: TableNames, method: str) -> list[int]:
+    if method == "hnsw":
+        return list(_HNSW_EF_SEARCH)
+    lists = _lists(conn, tables)
+    return sorted({p for p in _IVFFLAT_PROBES if p < lists} | {lists})  # probes = lists is exact
+
+
+def _top(conn: psycopg.Connection, statement: sql.Composed, query: Any, self_id: str) -> tuple[list[str], float]:
+    began = time.perf_counter()
+    rows = conn.execute(statement, {"q": query, "k": RECALL_K + 1}).fetchall()
+    elapsed = time.perf_counter() - began
+    return [r[0] for r in rows if r[0] != self_id][:RECALL_K], elapsed
+
+
+def tune_search(
+    conn: psycopg.Connection,
+    tables: TableNames = DEFAULT_TABLES,
+    *,
+    min_recall: float = DEFAULT_MIN_RECALL,
+    queries: int = DEFAULT_RECALL_QUERIES,
+    seed: float = 0.5,
+) -> RecallReport | None:
+    """Measure recall@10 per candidate setting, smallest first; store and return the choice.
+
+    ``None`` when the table has no ANN index managed by this package. ``conn`` is autocommit.
+    """
+    method = ann_index_method(conn, tables)
+    if method is None:
+        return None
+    register_vector(conn)
+    ids = tables.identifiers()
+    with conn.transaction():
+        conn.execute("SELECT setseed(%s)", (seed,))
+        sample = conn.execute(
+            sql.SQL("SELECT id::text, vector FROM {} ORDER BY random() LIMIT %s").format(ids["embedding"]), (queries,)
+        ).fetchall()
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
+    rows_indexed = int(count[0]) if count else 0
+    if not sample:
+        return None
+    statement = sql.SQL("SELECT id::text FROM {} ORDER BY vector <-> %(q)s LIMIT %(k)s").format(ids["embedding"])
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_indexscan = off")
+        truth = [set(_top(conn, statement, vector, row_id)[0]) for row_id, vector in sample]
+    name, _ = SEARCH_SETTINGS[method]
+    tried: dict[int, float] = {}
+    best: tuple[float, int, list[float]] = (-1.0, 0, [])
+    for value in candidates(conn, tables, method):
+        with conn.transaction():
+            apply_setting(conn, name, value)
+            hits, seconds = [], []
+            for (row_id, vector), exact in zip(sample, truth, strict=True):
+                found, elapsed = _top(conn, statement, vector, row_id)
+                hits.append(len(exact.intersection(found)) / max(1, len(exact)))
+                seconds.append(elapsed)
+        recall = float(np.mean(hits))
+        tried[value] = round(recall, 4)
+        if recall > best[0]:
+            best = (recall, value, seconds)
+        if recall >= min_recall:
+            best = (recall, value, seconds)
+            break
+    recall, value, seconds = best
+    p50, p95 = (float(np.percentile(seconds, q)) * 1000 for q in (50, 95))
+    report = RecallReport(
+        method=method,
+        setting=name,
+        value=value,
+        recall_at_10=round(recall, 4),
+        min_recall=float(min_recall),
+        reached=recall >= min_recall,
+        queries=len(sample),
+        rows_indexed=rows_indexed,
+        latency_ms_p50=round(p50, 3),
+        latency_ms_p95=round(p95, 3),
+        tried=tried,
+    )
+    save_setting(conn, tables, report)
+    return RecallReport(**{**asdict(report), "database_default": set_database_default(conn, name, value)})
+
+
+def save_setting(conn: psycopg.Connection, tables: TableNames, report: RecallReport) -> None:
+    """Upsert the choice where every search of the provider reads it (storage/search.py)."""
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (embedding_table, method, setting, value, recall_at_10, min_recall, rows_indexed, measured_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, NOW()) ON CONFLICT (embedding_table) DO UPDATE SET "
+            "method = EXCLUDED.method, setting = EXCLUDED.setting, value = EXCLUDED.value, "
+            "recall_at_10 = EXCLUDED.recall_at_10, min_recall = EXCLUDED.min_recall, "
+            "rows_indexed = EXCLUDED.rows_indexed, measured_at = EXCLUDED.measured_at"
+        ).format(sql.Identifier(tables.search_settings)),
+        (
+            tables.embedding,
+            report.method,
+            report.setting,
+            report.value,
+            report.recall_at_10,
+            report.min_recall,
+            report.rows_indexed,
+        ),
+    )
+
+
+def set_database_default(conn: psycopg.Connection, name: str, value: int) -> bool:
+    """``ALTER DATABASE <current> SET name = value``, so that new sessions of users' own SQL search
+    with it too. Needs the database's owner (or superuser): without, logs what to run and returns False."""
+    dbname = conn.info.dbname
+    statement = sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+        sql.Identifier(dbname), sql.SQL(name), sql.Literal(str(value))
+    )
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning(
+            "cannot set the database default (not its owner): the provider's searches use %s = %d from the "
+            "settings table; for other SQL run as the owner: %s",
+            name,
+            value,
+            statement.as_string(conn),
+        )
+        return False
+    return True
