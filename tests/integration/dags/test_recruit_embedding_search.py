@@ -90,9 +90,9 @@ def test_a_dag_run_tunes_the_index_and_search_finds_the_exact_neighbours(
         assert conn.execute("SHOW ivfflat.probes").fetchone() == (str(recall["value"]),)
     assert stored == [("ivfflat", recall["value"])]
 
-    vectors = np.stack(loaded["job_post_vectors"].to_numpy()).astype(np.float32)
+    vectors = np.stack(list(loaded["job_post_vectors"])).astype(np.float32)
     ids = loaded["id"].to_numpy()
-    queries = np.stack(held_out["job_post_vectors"].to_numpy()).astype(np.float32)
+    queries = np.stack(list(held_out["job_post_vectors"])).astype(np.float32)
     query_file = tmp_path / "queries.npy"
     np.save(query_file, queries)
 
