@@ -413,13 +413,9 @@ class EmbeddingCheckpointOperator(BaseOperator):
                 f"{limit:.1%}; everything else is stored. Top reasons: {top}. Inspect recruit_embedding_dlq, "
                 "fix the source or the configuration, then run recruit_embedding_dlq_replay."
             )
-        if recall and recall.get("reached") is False:
-            raise AirflowFailException(
-                f"recall@10 {recall['recall_at_10']:.3f} is below min_recall {recall['min_recall']:.3f} at every "
-                f"{recall['setting']} tried ({recall['tried']}); searches now use the best one "
-                f"({recall['setting']} = {recall['value']}). Everything is stored and the checkpoint settled. "
-                "Raise ivfflat lists or switch RECRUIT_EMBEDDING_ANN_INDEX to hnsw, or lower min_recall."
-            )
+        failure = recall_failure(recall)
+        if failure:
+            raise AirflowFailException(failure)
         return summary
 
     def _recall_gate(self, conn: psycopg.Connection, changed: bool) -> dict[str, Any] | None:
@@ -443,6 +439,18 @@ class EmbeddingCheckpointOperator(BaseOperator):
         result = report.as_dict() | {"measured": True}
         _report_recall(self, report)
         return result
+
+
+def recall_failure(recall: dict[str, Any] | None) -> str | None:
+    """What finalize fails with when the gate measured a recall below its target, else ``None``."""
+    if not recall or recall.get("reached") is not False:
+        return None
+    return (
+        f"recall@10 {recall['recall_at_10']:.3f} is below min_recall {recall['min_recall']:.3f} at every "
+        f"{recall['setting']} tried ({recall['tried']}); searches now use the best one "
+        f"({recall['setting']} = {recall['value']}). Everything is stored and the checkpoint settled. "
+        "Raise ivfflat lists or switch RECRUIT_EMBEDDING_ANN_INDEX to hnsw, or lower min_recall."
+    )
 
 
 def _report_recall(operator: BaseOperator, report: RecallReport) -> None:

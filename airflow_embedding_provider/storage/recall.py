@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,11 +88,15 @@ def tune_search(
     min_recall: float = DEFAULT_MIN_RECALL,
     queries: int = DEFAULT_RECALL_QUERIES,
     seed: float = 0.5,
+    values: Sequence[int] | None = None,
 ) -> RecallReport | None:
     """Measure recall@10 per candidate setting, smallest first; store and return the choice.
 
     ``None`` when the table has no ANN index managed by this package. ``conn`` is autocommit.
+    ``values`` replaces the candidate settings (:func:`candidates`).
     """
+    if not 0 < float(min_recall) <= 1:
+        raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
     method = ann_index_method(conn, tables)
     if method is None:
         return None
@@ -113,7 +118,7 @@ def tune_search(
     name, _ = SEARCH_SETTINGS[method]
     tried: dict[int, float] = {}
     best: tuple[float, int, list[float]] = (-1.0, 0, [])
-    for value in candidates(conn, tables, method):
+    for value in values or candidates(conn, tables, method):
         with conn.transaction():
             apply_setting(conn, name, value)
             hits, seconds = [], []

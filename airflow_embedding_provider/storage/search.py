@@ -308,4 +308,5 @@ def stored_vector(
         raise SearchError(f"--like {row_id!r} is not a UUID") from None
     if row is None:
         raise SearchError(f"no stored row has id {row_id}")
-    return np.asarray(row[0], dtype=np.float32)
+    value = row[0]
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
