@@ -71,7 +71,7 @@ def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS
 
 
 def clustered_vectors(
-    rows: int, dimension: int, rng: np.random.Generator, *, clusters: int, spread: float = 0.6
+    rows: int, dimension: int, rng: np.random.Generator, *, clusters: int, spread: float = 1.0
 ) -> npt.NDArray[np.float32]:
     """Unit-norm vectors in ``clusters`` neighbourhoods of uneven size, as text embeddings have
     (topics): each row is its cluster's centre plus noise of norm about ``spread``. Uniform noise,

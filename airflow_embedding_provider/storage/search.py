@@ -258,7 +258,8 @@ class Searcher:
             statement = self._query(where)
             short = []
             for i, query in enumerate(matrix):
-                rows = self.conn.execute(statement, {"q": query, "k": k}).fetchall()
+                # prepare=False: a cached generic plan would outlive the SET LOCAL above.
+                rows = self.conn.execute(statement, {"q": query, "k": k}, prepare=False).fetchall()
                 results[i] = sorted((SearchHit(r[0], float(r[1]), *r[2:]) for r in rows), key=lambda h: h.distance)
                 if len(rows) < k:
                     short.append(i)
@@ -280,7 +281,7 @@ class Searcher:
             self.conn.execute("SET LOCAL enable_indexscan = off")
             statement = self._query(where)
             for i in which:
-                rows = self.conn.execute(statement, {"q": matrix[i], "k": k}).fetchall()
+                rows = self.conn.execute(statement, {"q": matrix[i], "k": k}, prepare=False).fetchall()
                 results[i] = [SearchHit(r[0], float(r[1]), *r[2:]) for r in rows]
 
 
