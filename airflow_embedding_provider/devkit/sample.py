@@ -71,19 +71,34 @@ def uuid7_strings(count: int, rng: np.random.Generator, start_ms: int = EPOCH_MS
 
 
 def clustered_vectors(
-    rows: int, dimension: int, rng: np.random.Generator, *, clusters: int, spread: float = 1.0
-) -> npt.NDArray[np.float32]:
-    """Unit-norm vectors in ``clusters`` neighbourhoods of uneven size, as text embeddings have
-    (topics): each row is its cluster's centre plus noise of norm about ``spread``. Uniform noise,
-    where every row is about equally far from every other, makes every ANN index look bad."""
-    centres = rng.standard_normal((clusters, dimension)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    sizes = rng.dirichlet(np.full(clusters, 2.0))
-    member = rng.choice(clusters, size=rows, p=sizes)
-    noise = rng.standard_normal((rows, dimension)).astype(np.float32) * np.float32(spread / np.sqrt(dimension))
-    vectors = centres[member] + noise
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors.astype(np.float32)
+    rows: int,
+    dimension: int,
+    rng: np.random.Generator,
+    *,
+    clusters: int,
+    topics: int = len(KEYWORDS),
+    spread: float = 0.9,
+    topic_spread: float = 1.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Unit-norm vectors as text embeddings lie: ``topics`` broad areas, each holding fine
+    neighbourhoods (``clusters`` in all, of uneven size) of rows; a neighbourhood's centre is its
+    topic's centre plus noise of norm ``topic_spread``, a row its neighbourhood's centre plus noise
+    of norm ``spread``. Returns the vectors and each row's topic. Uniform noise, where every row is
+    about equally far from every other, makes every ANN index look bad."""
+
+    def unit(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    def noise(count: int, norm: float) -> npt.NDArray[np.float32]:
+        return rng.standard_normal((count, dimension)).astype(np.float32) * np.float32(norm / np.sqrt(dimension))
+
+    topics = max(1, min(topics, clusters))
+    topic_centres = unit(rng.standard_normal((topics, dimension)).astype(np.float32))
+    topic_of = rng.integers(0, topics, size=clusters)
+    centres = unit(topic_centres[topic_of] + noise(clusters, topic_spread))
+    member = rng.choice(clusters, size=rows, p=rng.dirichlet(np.full(clusters, 2.0)))
+    vectors = unit(centres[member] + noise(rows, spread))
+    return vectors.astype(np.float32), topic_of[member].astype(np.int64)
 
 
 def make_sample(
@@ -92,14 +107,16 @@ def make_sample(
     """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order.
 
     :param clusters: draw the vectors from this many neighbourhoods (:func:`clustered_vectors`)
-        instead of uniformly on the sphere.
+        instead of uniformly on the sphere; a row's primary keyword is then its topic's (one
+        topic a keyword) four times in five, as a job post's text is about its keyword.
     """
     if rows < 1 or dimension < 1:
         raise ValueError("rows and dimension must be at least 1")
     rng = np.random.default_rng(seed)
     ids = uuid7_strings(rows, rng)
+    topic = None
     if clusters:
-        vectors = clustered_vectors(rows, dimension, rng, clusters=clusters)
+        vectors, topic = clustered_vectors(rows, dimension, rng, clusters=clusters)
     else:
         vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -114,6 +131,10 @@ def make_sample(
             "job_post_vectors": list(vectors[order]),
         }
     )
+    if topic is not None:
+        on_topic = rng.random(rows) < 0.8
+        topical = np.array(KEYWORDS, dtype=object)[topic[order] % len(KEYWORDS)]
+        frame["Primary Keyword"] = np.where(on_topic, topical, frame["Primary Keyword"].to_numpy())
     return frame[list(PKL_COLUMNS)]
 
 

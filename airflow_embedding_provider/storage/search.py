@@ -5,7 +5,8 @@ Invariants: every search goes through the ANN index with the setting the recall 
 whenever ``k`` rows match. pgvector 0.8+ keeps scanning the index until enough rows pass the
 filter (iterative index scans); an older pgvector stops after ``probes`` lists or ``ef_search``
 candidates, so there the search asks the index for more in proportion to the filter's
-selectivity, and a query that still comes back short is answered again by exact search (also on
+selectivity (HNSW's ``ef_search`` grows so on every version: the filtered top-k lies that much
+deeper in the graph), and a query that still comes back short is answered again by exact search (also on
 0.8, past ``hnsw.max_scan_tuples``). Filters are parsed into values and composed with
 ``psycopg.sql``: a column or an operator outside :data:`FILTER_OPERATORS` is refused.
 """
@@ -241,17 +242,20 @@ class Searcher:
     ) -> list[int]:
         value = setting.value
         with self.conn.transaction():
+            keep = max(self._selectivity(where), 1e-6) if filters else 1.0
             if filters and self.iterative:
-                # relaxed_order: ivfflat has no other; the rows are sorted again below.
-                apply_setting(self.conn, ITERATIVE_SCAN[setting.method], "relaxed_order")
-            elif filters:
-                # pgvector < 0.8: the index hands out only probes lists / ef_search candidates
-                # before the filter, so ask for more in proportion to what the filter keeps.
-                keep = max(self._selectivity(where), 1e-6)
-                if setting.method == "hnsw":
-                    value = min(1000, max(value, int(np.ceil(2 * k / keep))))
-                else:
-                    value = int(np.ceil(value / keep))
+                # HNSW can keep the scan's order strictly; ivfflat has relaxed_order only (the rows
+                # are sorted again below).
+                order = "strict_order" if setting.method == "hnsw" else "relaxed_order"
+                apply_setting(self.conn, ITERATIVE_SCAN[setting.method], order)
+            elif filters and setting.method == "ivfflat":
+                # pgvector < 0.8: the index hands out only the probes lists' rows before the
+                # filter, so probe more lists in proportion to what the filter keeps.
+                value = int(np.ceil(value / keep))
+            if filters and setting.method == "hnsw":
+                # The filtered top-k lies as deep in the graph as the unfiltered top-k/keep: a
+                # candidate list of ef_search rows (at most 1,000) that deep, on every version.
+                value = min(1000, max(value, int(np.ceil(value / keep))))
             if setting.method == "hnsw":
                 value = max(value, k)  # HNSW returns at most ef_search rows
             apply_setting(self.conn, setting.name, value)
