@@ -32,7 +32,13 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.recall import tune_search
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
-from airflow_embedding_provider.storage.search import Searcher, SearchHit, pgvector_version
+from airflow_embedding_provider.storage.search import (
+    Searcher,
+    SearchFilter,
+    SearchHit,
+    pgvector_version,
+    read_search_setting,
+)
 
 SEED_ROWS = 141_897
 K = 10
@@ -84,8 +90,12 @@ def run(rows: int, queries: int, exact_queries: int, workdir: Path) -> list[str]
     vectors = np.stack(list(loaded["job_post_vectors"])).astype(np.float32)
     ids = loaded["id"].to_numpy()
     qs = np.stack(list(held["job_post_vectors"])).astype(np.float32)
-    mask = (loaded["Primary Keyword"] == KEYWORD).to_numpy()
-    truth, truth_filtered = _truth(vectors, ids, qs), _truth(vectors[mask], ids[mask], qs)
+    masks = {
+        f"primary_keyword={KEYWORD}": (loaded["Primary Keyword"] == KEYWORD).to_numpy(),
+        "english_level>=intermediate": loaded["English Level"].isin(["intermediate", "upper", "fluent"]).to_numpy(),
+    }
+    truth = _truth(vectors, ids, qs)
+    truths = {name: _truth(vectors[m], ids[m], qs) for name, m in masks.items()}
     out: list[str] = []
     pg = EmbeddedPostgres(workdir / "pgdata").start()
     try:
@@ -97,7 +107,8 @@ def run(rows: int, queries: int, exact_queries: int, workdir: Path) -> list[str]
             pgv = ".".join(map(str, pgvector_version(conn)))
             out += [
                 f"rows: {rows:,} clustered ({rows // 10} neighbourhoods), dimension {DEFAULT_DIMENSION}; "
-                f"{len(qs)} held-out queries; filter primary_keyword={KEYWORD} keeps {mask.mean():.1%} of rows",
+                f"{len(qs)} held-out queries; filters keep "
+                + ", ".join(f"{name} {m.mean():.1%}" for name, m in masks.items()),
                 f"PostgreSQL {version[0] if version else '?'}, pgvector {pgv} (embedded); "
                 f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load at start {os.getloadavg()}",
                 f"COPY BINARY of both tables: {copy_seconds:.2f} s ({rows / copy_seconds:,.0f} rows/s)",
@@ -107,9 +118,10 @@ def run(rows: int, queries: int, exact_queries: int, workdir: Path) -> list[str]
             ]
             searcher = Searcher(conn)
             exact_plain = _timed(lambda q: searcher.search(q, K, exact=True)[0], qs[:exact_queries])
-            exact_filtered = _timed(
-                lambda q: searcher.search(q, K, [f"primary_keyword={KEYWORD}"], exact=True)[0], qs[:exact_queries]
-            )
+            exact_filtered = {
+                name: _timed(lambda q, f=name: searcher.search(q, K, [f], exact=True)[0], qs[:exact_queries])[1]  # type: ignore[misc]
+                for name in masks
+            }
             sql_exact_recall = _recall(exact_plain[0], truth[:exact_queries])
             for method in ("ivfflat", "hnsw"):
                 began = time.perf_counter()
@@ -121,17 +133,27 @@ def run(rows: int, queries: int, exact_queries: int, workdir: Path) -> list[str]
                 plain = _timed(lambda q: searcher.search(q, K)[0], qs)
                 out.append(
                     f"| {method} | {build:.1f} | {setting} | none | index | {_recall(plain[0], truth):.3f} | "
-                    f"{plain[1]:.0f} | {exact_plain[1]:.1f} | {plain[1] / exact_plain[1]:.0f}x |"
+                    f"{plain[1]:.0f} | {exact_plain[1]:.1f} | {plain[1] / exact_plain[1]:.1f}x |"
                 )
-                for iterative, path in ((True, "iterative scan (0.8)"), (False, "over-fetch + exact fallback (<0.8)")):
-                    searcher.iterative = iterative
-                    filtered = _timed(lambda q: searcher.search(q, K, [f"primary_keyword={KEYWORD}"])[0], qs)
-                    short = sum(len(f) < K for f in filtered[0])
-                    out.append(
-                        f"| {method} | | | primary_keyword={KEYWORD} | {path} | {_recall(filtered[0], truth_filtered):.3f} | "
-                        f"{filtered[1]:.0f} | {exact_filtered[1]:.1f} | {filtered[1] / exact_filtered[1]:.0f}x |"
-                        + (f" {short} short" if short else "")
-                    )
+                for name in masks:
+                    for iterative, path in ((True, "0.8: iterative scan"), (False, "pre-0.8 path")):
+                        searcher.iterative = iterative
+                        setting_now = read_search_setting(conn)
+                        assert setting_now is not None
+                        where = SearchFilter.parse(name).condition()
+                        plan = searcher._filtered_plan(where, setting_now, K)
+                        how = (
+                            "exact (few matches, or every list)"
+                            if plan is None
+                            else f"index, {setting_now.name} = {plan}"
+                        )
+                        filtered = _timed(lambda q, f=name: searcher.search(q, K, [f])[0], qs)  # type: ignore[misc]
+                        short = sum(len(f) < K for f in filtered[0])
+                        out.append(
+                            f"| {method} | | | {name} | {path}: {how} | {_recall(filtered[0], truths[name]):.3f} | "
+                            f"{filtered[1]:.0f} | {exact_filtered[name]:.1f} | {filtered[1] / exact_filtered[name]:.1f}x |"
+                            + (f" {short} short" if short else "")
+                        )
                 searcher.iterative = searcher.version >= (0, 8, 0)
             out += [
                 "",

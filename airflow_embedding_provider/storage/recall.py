@@ -26,7 +26,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, ann_index_method
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, ann_index_method, ivfflat_lists
 from airflow_embedding_provider.storage.search import SEARCH_SETTINGS, apply_setting
 
 log = logging.getLogger(__name__)
@@ -62,19 +62,10 @@ class RecallReport:
         return out
 
 
-def _lists(conn: psycopg.Connection, tables: TableNames) -> int:
-    row = conn.execute(
-        "SELECT option_value::int FROM pg_options_to_table((SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s))) "
-        "WHERE option_name = 'lists'",
-        (tables.ann_index("ivfflat").as_string(conn),),
-    ).fetchone()
-    return int(row[0]) if row else 100  # pgvector's default lists
-
-
 def candidates(conn: psycopg.Connection, tables: TableNames, method: str) -> list[int]:
     if method == "hnsw":
         return list(_HNSW_EF_SEARCH)
-    lists = _lists(conn, tables)
+    lists = ivfflat_lists(conn, tables)
     return sorted({p for p in _IVFFLAT_PROBES if p < lists} | {lists})  # probes = lists is exact
 
 

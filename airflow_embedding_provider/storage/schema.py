@@ -237,3 +237,13 @@ def ann_index_method(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABL
         if found and found[0] is not None:
             return method
     return None
+
+
+def ivfflat_lists(conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES) -> int:
+    """The ``lists`` the package's ivfflat index was built with (pgvector's default 100 when unset)."""
+    row = conn.execute(
+        "SELECT option_value::int FROM pg_options_to_table((SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s))) "
+        "WHERE option_name = 'lists'",
+        (tables.ann_index("ivfflat").as_string(conn),),
+    ).fetchone()
+    return int(row[0]) if row else 100

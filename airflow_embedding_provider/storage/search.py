@@ -2,12 +2,13 @@
 
 Invariants: every search goes through the ANN index with the setting the recall gate chose
 (storage/recall.py, table ``embedding_search_settings``); a filtered search returns ``k`` rows
-whenever ``k`` rows match. pgvector 0.8+ keeps scanning the index until enough rows pass the
-filter (iterative index scans); an older pgvector stops after ``probes`` lists or ``ef_search``
-candidates, so there the search asks the index for more in proportion to the filter's
-selectivity (HNSW's ``ef_search`` grows so on every version: the filtered top-k lies that much
-deeper in the graph), and a query that still comes back short is answered again by exact search (also on
-0.8, past ``hnsw.max_scan_tuples``). Filters are parsed into values and composed with
+whenever ``k`` rows match. A filter keeping a share ``keep`` of the rows puts its top-k as deep
+as the unfiltered top-k/keep, so the tuned setting grows by 1/keep for it; where that reaches
+every ivfflat list, or few rows match, exact search over the matching rows is cheaper and is
+used instead. pgvector 0.8+ also keeps scanning the index until enough rows pass the filter
+(iterative index scans); an older pgvector stops after ``probes`` lists or ``ef_search``
+candidates. On every version a query that still comes back short is answered again by exact
+search. Filters are parsed into values and composed with
 ``psycopg.sql``: a column or an operator outside :data:`FILTER_OPERATORS` is refused.
 """
 
@@ -26,7 +27,13 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from airflow_embedding_provider.rows import ENGLISH_LEVELS
-from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, ann_index_method, vector_dimension
+from airflow_embedding_provider.storage.schema import (
+    DEFAULT_TABLES,
+    TableNames,
+    ann_index_method,
+    ivfflat_lists,
+    vector_dimension,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,9 @@ SEARCH_SETTINGS = {"ivfflat": ("ivfflat.probes", 1), "hnsw": ("hnsw.ef_search", 
 ITERATIVE_SCAN = {"ivfflat": "ivfflat.iterative_scan", "hnsw": "hnsw.iterative_scan"}
 ITERATIVE_SCAN_VERSION = (0, 8, 0)
 MAX_K = 1000
+#: A filter keeping at most this many rows is answered by exact search over them: about the
+#: vectors pgvector's iterative HNSW scan reads at most (``hnsw.max_scan_tuples``' default).
+EXACT_FILTER_ROWS = 20_000
 _FILTER = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|=|!=|<>|<|>|==)\s*(.*?)\s*$")
 
 
@@ -171,11 +181,21 @@ def _as_matrix(vectors: Any, dimension: int) -> npt.NDArray[np.float32]:
 
 
 class Searcher:
-    """Top-k search over one database connection (autocommit; each call runs its own transactions)."""
+    """Top-k search over one database connection (autocommit; each call runs its own transactions).
 
-    def __init__(self, conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES) -> None:
+    :param exact_filter_rows: a filter keeping at most this many rows is answered exactly.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        tables: TableNames = DEFAULT_TABLES,
+        *,
+        exact_filter_rows: int = EXACT_FILTER_ROWS,
+    ) -> None:
         self.conn = conn
         self.tables = tables
+        self.exact_filter_rows = exact_filter_rows
         dimension = vector_dimension(conn, tables.embedding)
         if dimension is None:
             raise SearchError(f"table {tables.embedding} does not exist: load rows first")
@@ -184,9 +204,9 @@ class Searcher:
         self.iterative = self.version >= ITERATIVE_SCAN_VERSION
         if not self.iterative:
             log.warning(
-                "pgvector %s has no iterative index scans (0.8+): a filtered search asks the index for "
-                "1/selectivity more candidates and answers what still comes back short by exact search, "
-                "so selective filters cost a scan of the table; upgrade pgvector to keep them on the index",
+                "pgvector %s has no iterative index scans (0.8+): a filtered search that the index "
+                "answers short (the filter drops what probes/ef_search found) is searched again exactly, "
+                "which scans every matching row; upgrade pgvector to keep such searches on the index",
                 ".".join(map(str, self.version)),
             )
         register_vector(conn)
@@ -199,12 +219,31 @@ class Searcher:
             "ORDER BY e.vector <-> %(q)s LIMIT %(k)s"
         ).format(embedding=ids["embedding"], metadata=ids["metadata"], where=where)
 
-    def _selectivity(self, where: sql.Composable) -> float:
+    def _matches(self, where: sql.Composable) -> tuple[int, int]:
+        """Rows the filter keeps, and all rows (one scan of the metadata table)."""
         ids = self.tables.identifiers()
         row = self.conn.execute(
             sql.SQL("SELECT count(*) FILTER (WHERE {}), count(*) FROM {} m").format(where, ids["metadata"])
         ).fetchone()
-        return (int(row[0]) / int(row[1])) if row and row[1] else 0.0
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def _filtered_plan(self, where: sql.Composable, setting: SearchSetting, k: int) -> int | None:
+        """The setting for a filtered search, or ``None`` when exact search is the better plan.
+
+        A filter keeping a share ``keep`` of the rows puts the filtered top-k about as deep as the
+        unfiltered top-k/keep: the tuned setting, which reaches the target for the unfiltered
+        top-k, grows by 1/keep (ivfflat up to all lists, ef_search up to pgvector's 1,000). When
+        that reaches every list, or few rows match (EXACT_FILTER_ROWS), exact search over the
+        matching rows reads fewer vectors than the index would (bench/RESULTS.md "Search").
+        """
+        matches, total = self._matches(where)
+        keep = max(matches / total, 1e-9) if total else 1.0
+        if matches <= self.exact_filter_rows:
+            return None
+        grown = int(np.ceil(setting.value / keep))
+        if setting.method == "ivfflat":
+            return None if grown >= ivfflat_lists(self.conn, self.tables) else grown
+        return min(1000, max(setting.value, grown, 2 * k))
 
     def search(
         self, vectors: Any, k: int = 10, filters: Sequence[str | SearchFilter] = (), *, exact: bool = False
@@ -242,20 +281,16 @@ class Searcher:
     ) -> list[int]:
         value = setting.value
         with self.conn.transaction():
-            keep = max(self._selectivity(where), 1e-6) if filters else 1.0
-            if filters and self.iterative:
-                # HNSW can keep the scan's order strictly; ivfflat has relaxed_order only (the rows
-                # are sorted again below).
-                order = "strict_order" if setting.method == "hnsw" else "relaxed_order"
-                apply_setting(self.conn, ITERATIVE_SCAN[setting.method], order)
-            elif filters and setting.method == "ivfflat":
-                # pgvector < 0.8: the index hands out only the probes lists' rows before the
-                # filter, so probe more lists in proportion to what the filter keeps.
-                value = int(np.ceil(value / keep))
-            if filters and setting.method == "hnsw":
-                # The filtered top-k lies as deep in the graph as the unfiltered top-k/keep: a
-                # candidate list of ef_search rows (at most 1,000) that deep, on every version.
-                value = min(1000, max(value, int(np.ceil(value / keep))))
+            if filters:
+                plan = self._filtered_plan(where, setting, k)
+                if plan is None:
+                    return list(range(len(matrix)))  # exact search is cheaper and exact
+                value = plan
+                if self.iterative:
+                    # HNSW can keep the scan's order strictly; ivfflat has relaxed_order only (the
+                    # rows are sorted again below). Either keeps scanning until k rows pass.
+                    order = "strict_order" if setting.method == "hnsw" else "relaxed_order"
+                    apply_setting(self.conn, ITERATIVE_SCAN[setting.method], order)
             if setting.method == "hnsw":
                 value = max(value, k)  # HNSW returns at most ef_search rows
             apply_setting(self.conn, setting.name, value)

@@ -10,13 +10,14 @@ import pandas as pd
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.hooks.postgres import PgvectorSearchHook
 from airflow_embedding_provider.operators.embedding_stream import recall_failure
-from airflow_embedding_provider.storage.recall import tune_search
-from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
-from airflow_embedding_provider.storage.search import Searcher, SearchError, read_search_setting
+from airflow_embedding_provider.storage.recall import candidates, tune_search
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index, ivfflat_lists
+from airflow_embedding_provider.storage.search import Searcher, SearchError, SearchFilter, read_search_setting
 
 ROWS = 6000
 DIMENSION = 32
@@ -59,9 +60,10 @@ def _exact(frame: pd.DataFrame, mask: np.ndarray, query: np.ndarray, k: int) -> 
 def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connection) -> None:
     assert read_search_setting(conn) is not None and not read_search_setting(conn).tuned  # type: ignore[union-attr]
     report = tune_search(conn, min_recall=0.95, queries=40)
-    assert report is not None and report.reached and report.recall_at_10 >= 0.95
-    assert report.tried[report.value] == report.recall_at_10
-    assert all(recall < 0.95 for value, recall in report.tried.items() if value < report.value)  # the smallest
+    assert report is not None and report.reached and report.recall_lower_bound >= 0.95
+    assert report.recall_at_10 >= report.recall_lower_bound and report.tried[report.value] == report.recall_at_10
+    # Smallest first, stopping at the first that reached the target.
+    assert list(report.tried) == [v for v in candidates(conn, DEFAULT_TABLES, "ivfflat") if v <= report.value]
     setting = read_search_setting(conn)
     assert setting is not None and setting.tuned and (setting.name, setting.value) == ("ivfflat.probes", report.value)
     assert report.database_default  # the test database's owner may set it
@@ -78,31 +80,44 @@ def test_a_target_no_setting_reaches_stores_the_best_and_fails_finalize(conn: ps
         tune_search(conn, min_recall=1.5)
 
 
-@pytest.mark.parametrize("iterative", [True, False], ids=["pgvector-0.8-iterative", "pre-0.8-overfetch"])
+@pytest.mark.parametrize("iterative", [True, False], ids=["pgvector-0.8-iterative", "pre-0.8-path"])
 def test_a_filtered_search_returns_k_matching_rows_whenever_k_match(
     conn: psycopg.Connection, frame: pd.DataFrame, iterative: bool
 ) -> None:
     tune_search(conn, queries=30)
-    searcher = Searcher(conn)
+    # exact_filter_rows=0: every filter through the index unless the grown setting reaches every list.
+    searcher = Searcher(conn, exact_filter_rows=0)
     assert searcher.version >= (0, 8, 0)
     searcher.iterative = iterative  # False: the path for a user's pgvector 0.5-0.7, on this 0.8 server
     queries = np.stack(list(frame["job_post_vectors"][:20])).astype(np.float32)
-    filters = ["primary_keyword=Python", "english_level>=upper", "exp_years<=7"]
-    mask = (
+    broad = ["english_level>=intermediate", "exp_years<=10"]
+    broad_mask = (
+        frame["English Level"].isin(["intermediate", "upper", "fluent"]) & (frame["Exp Years"] <= 10)
+    ).to_numpy()
+    selective = ["primary_keyword=Python", "english_level>=upper", "exp_years<=7"]
+    selective_mask = (
         (frame["Primary Keyword"] == "Python")
         & frame["English Level"].isin(["upper", "fluent"])
         & (frame["Exp Years"] <= 7)
     ).to_numpy()
-    assert 10 < mask.sum() < 0.02 * ROWS  # selective: about 1 row in 100
-    hits = searcher.search(queries, 10, filters)
-    recalls = []
-    for query, found in zip(queries, hits, strict=True):
-        assert len(found) == 10
-        assert all(h.primary_keyword == "Python" and h.english_level in ("upper", "fluent") for h in found)
-        assert all(h.exp_years is not None and h.exp_years <= 7 for h in found)
-        assert [h.distance for h in found] == sorted(h.distance for h in found)
-        recalls.append(len({h.id for h in found} & set(_exact(frame, mask, query, 10))) / 10)
-    assert np.mean(recalls) >= 0.95
+    assert 10 < selective_mask.sum() < 0.02 * ROWS < 0.2 * ROWS < broad_mask.sum()
+    setting = read_search_setting(conn)
+    assert setting is not None
+    where = lambda filters: sql.SQL(" AND ").join([SearchFilter.parse(f).condition() for f in filters])  # noqa: E731
+    # The broad filter grows the tuned probes by 1/keep and stays on the index; the selective one
+    # would need every list, so it is searched exactly.
+    grown = int(np.ceil(setting.value * ROWS / broad_mask.sum()))
+    assert searcher._filtered_plan(where(broad), setting, 10) == (grown if grown < ivfflat_lists(conn) else None)
+    assert searcher._filtered_plan(where(selective), setting, 10) is None
+    for filters, mask in ((broad, broad_mask), (selective, selective_mask)):
+        hits = searcher.search(queries, 10, filters)
+        recalls = []
+        for query, found in zip(queries, hits, strict=True):
+            assert len(found) == 10
+            assert all(h.exp_years is not None and h.exp_years <= 10 for h in found)
+            assert [h.distance for h in found] == sorted(h.distance for h in found)
+            recalls.append(len({h.id for h in found} & set(_exact(frame, mask, query, 10))) / 10)
+        assert np.mean(recalls) >= 0.95, (filters, np.mean(recalls))
     # Fewer rows match than asked for: all of them come back.
     rare = ["primary_keyword=Rust", "english_level>=fluent", "exp_years<=0"]
     matches = int(
