@@ -54,7 +54,7 @@ def measure(name: str, rows: int, hnsw_rows: int) -> str:
         shutil.chown(data, user, user)
     began = time.monotonic()
     subprocess.run(
-        [str(bin_path / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--locale=C"],
+        [str(bin_path / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C"],
         check=True,
         capture_output=True,
         user=user,
