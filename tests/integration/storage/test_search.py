@@ -71,6 +71,11 @@ def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connectio
 
 
 def test_a_target_no_setting_reaches_stores_the_best_and_fails_finalize(conn: psycopg.Connection) -> None:
+    # 100 lists of 60 rows: one or two probed lists hold only part of any top-10.
+    conn.execute("DROP INDEX recruit_embedding_ivfflat")
+    conn.execute(
+        "CREATE INDEX recruit_embedding_ivfflat ON recruit_embedding USING ivfflat (vector vector_l2_ops) WITH (lists = 100)"
+    )
     report = tune_search(conn, min_recall=1.0, queries=40, values=[1, 2])
     assert report is not None and not report.reached and report.value == max(report.tried, key=report.tried.get)  # type: ignore[arg-type]
     assert read_search_setting(conn).value == report.value  # type: ignore[union-attr]
