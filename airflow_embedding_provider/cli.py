@@ -64,6 +64,7 @@ def _sample(args: argparse.Namespace) -> int:
         layout=args.layout,
         ids=args.ids,
         odd_cell=not args.no_odd_cell,
+        clusters=args.clusters,
     )
     odd = "" if args.no_odd_cell else ", one odd 'Exp Years' cell that goes to the DLQ"
     print(f"wrote {args.rows} rows of dimension {args.dim} ({args.layout} layout{odd}) to {path}")
@@ -162,6 +163,49 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit status of ``search`` for input it cannot use (as argparse's own usage errors).
+BAD_INPUT = 2
+
+
+def _search(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import psycopg
+
+    from airflow_embedding_provider.storage.search import Searcher, SearchError, parse_filters, stored_vector
+
+    def fail(message: str, status: int = BAD_INPUT) -> int:
+        print(f"airflow-embedding search: error: {message}", file=sys.stderr)
+        return status
+
+    try:
+        filters = parse_filters(args.filter or [])
+        queries = None
+        if args.vector_file:
+            try:
+                queries = np.load(args.vector_file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                return fail(f"--vector-file {args.vector_file}: not a readable .npy array ({exc})")
+        if args.postgres_conn_id:
+            from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+
+            conn = psycopg3_connection(args.postgres_conn_id)
+        else:
+            conn = psycopg.connect(args.postgres_dsn, autocommit=True)
+        with conn:
+            if queries is None:
+                queries = stored_vector(conn, args.like)
+            hits = Searcher(conn).search(queries, args.k, filters)
+    except SearchError as exc:
+        return fail(str(exc))
+    except psycopg.Error as exc:
+        return fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 1)
+    for number, found in enumerate(hits):
+        print(json.dumps({"query": number, "results": [hit.as_dict() for hit in found]}, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airflow-embedding", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -250,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--out", required=True, type=Path, metavar="FILE", help="where (mode 0600)")
     token.set_defaults(func=_token)
 
+    find = sub.add_parser(
+        "search",
+        help="the k nearest stored rows of query vectors (through the tuned ANN index); one JSON line a query",
+    )
+    found_db = find.add_mutually_exclusive_group(required=True)
+    found_db.add_argument("--postgres-dsn", help="libpq connection string of the pgvector database")
+    found_db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
+    query = find.add_mutually_exclusive_group(required=True)
+    query.add_argument("--vector-file", metavar="Q.npy", help="queries: a .npy of shape (dim,) or (q, dim)")
+    query.add_argument("--like", metavar="UUID", help="query with the vector stored for this id")
+    find.add_argument("-k", type=int, default=10, help="rows a query (default 10)")
+    find.add_argument(
+        "--filter",
+        action="append",
+        metavar="EXPR",
+        help="repeatable, all must hold: primary_keyword=Python, english_level>=upper, exp_years<=3",
+    )
+    find.set_defaults(func=_search)
+
     sample = sub.add_parser(
         "sample", help="write a sample .pkl in the real dataset's layout (Djinni: string Exp Years, UUID4 ids)"
     )
@@ -260,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--layout", choices=("djinni", "seed"), default="djinni", help="seed: SEED.md 4.1's six")
     sample.add_argument("--ids", choices=("uuid4", "uuid7"), help="default: uuid4 (djinni), uuid7 (seed)")
     sample.add_argument("--no-odd-cell", action="store_true", help="leave out the one row that goes to the DLQ")
+    sample.add_argument(
+        "--clusters", type=int, help="draw vectors from this many neighbourhoods (like text embeddings)"
+    )
     sample.set_defaults(func=_sample)
     return parser
 

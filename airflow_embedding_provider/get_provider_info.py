@@ -74,7 +74,10 @@ def get_provider_info() -> dict[str, Any]:
         "description": "Streams embeddings from a Python AI server over gRPC into PostgreSQL/pgvector, "
         "with a dead letter queue, checkpoints and cache invalidation.",
         "versions": [__version__],
-        "integrations": [{"integration-name": "Embedding gRPC", "tags": ["software"]}],
+        "integrations": [
+            {"integration-name": "Embedding gRPC", "tags": ["software"]},
+            {"integration-name": "Embedding pgvector search", "tags": ["software"]},
+        ],
         "hooks": [
             {
                 "integration-name": "Embedding gRPC",
@@ -82,7 +85,11 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_embedding_provider.hooks.grpc_embedding",
                     "airflow_embedding_provider.hooks.grpc_cache",
                 ],
-            }
+            },
+            {
+                "integration-name": "Embedding pgvector search",
+                "python-modules": ["airflow_embedding_provider.hooks.postgres"],
+            },
         ],
         "operators": [
             {

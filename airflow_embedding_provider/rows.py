@@ -18,6 +18,9 @@ import numpy.typing as npt
 PKL_COLUMNS = ("id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors")
 METADATA_FIELDS = ("company_name", "exp_years", "english_level", "primary_keyword")
 DEFAULT_DIMENSION = 384
+#: The values of ``english_level``, lowest first: a search filter ``english_level>=upper`` means
+#: this level or any after it (storage/search.py).
+ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
 
 FloatMatrix = npt.NDArray[np.float32]
 

@@ -30,7 +30,8 @@ from airflow_embedding_provider.operators.embedding_stream import (
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.storage.schema import ANN_METHODS
+from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
+from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_MAX_BUILD_MEMORY
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
@@ -45,6 +46,8 @@ TASK_TIMEOUT = float(os.environ.get("RECRUIT_EMBEDDING_TASK_TIMEOUT", "7200"))
 ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat").strip().lower()
 if ANN_INDEX not in ANN_METHODS:
     raise ValueError(f"RECRUIT_EMBEDDING_ANN_INDEX must be one of {', '.join(ANN_METHODS)}, got {ANN_INDEX!r}")
+# The most maintenance_work_mem the index build sets for its own transaction (a PostgreSQL size).
+MAX_BUILD_MEMORY = os.environ.get("RECRUIT_EMBEDDING_MAX_BUILD_MEMORY", DEFAULT_MAX_BUILD_MEMORY)
 
 with DAG(
     dag_id="recruit_embedding_ingest",
@@ -81,6 +84,13 @@ with DAG(
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),
+        "min_recall": Param(
+            DEFAULT_MIN_RECALL,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Recall@10 the tuned ANN search must reach after a change (finalize fails below it).",
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -104,6 +114,8 @@ with DAG(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
         ann_index_method=ANN_INDEX,
+        max_build_memory=MAX_BUILD_MEMORY,
+        min_recall="{{ params.min_recall }}",
         trigger_rule="none_failed",  # also after a run with nothing new (no mapped task)
     )
     # After every partition succeeded: drop the API server's cache once, through the outbox the

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from airflow_embedding_provider.ai_server.dataset import PARQUET_BATCH_ROWS, PARQUET_SUFFIXES
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION, PKL_COLUMNS
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, ENGLISH_LEVELS, PKL_COLUMNS
 
-ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
+__all__ = ["ENGLISH_LEVELS", "clustered_vectors", "make_sample", "uuid7_strings", "write_sample"]
 KEYWORDS = (
     "Python",
     "Java",
@@ -100,6 +101,37 @@ def uuid4_strings(count: int, rng: np.random.Generator) -> list[str]:
     return [str(uuid.UUID(bytes=raw[16 * i : 16 * i + 16], version=4)) for i in range(count)]
 
 
+def clustered_vectors(
+    rows: int,
+    dimension: int,
+    rng: np.random.Generator,
+    *,
+    clusters: int,
+    topics: int = len(KEYWORDS),
+    spread: float = 0.9,
+    topic_spread: float = 1.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Unit-norm vectors as text embeddings lie: ``topics`` broad areas, each holding fine
+    neighbourhoods (``clusters`` in all, of uneven size) of rows; a neighbourhood's centre is its
+    topic's centre plus noise of norm ``topic_spread``, a row its neighbourhood's centre plus noise
+    of norm ``spread``. Returns the vectors and each row's topic. Uniform noise, where every row is
+    about equally far from every other, makes every ANN index look bad."""
+
+    def unit(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    def noise(count: int, norm: float) -> npt.NDArray[np.float32]:
+        return rng.standard_normal((count, dimension)).astype(np.float32) * np.float32(norm / np.sqrt(dimension))
+
+    topics = max(1, min(topics, clusters))
+    topic_centres = unit(rng.standard_normal((topics, dimension)).astype(np.float32))
+    topic_of = rng.integers(0, topics, size=clusters)
+    centres = unit(topic_centres[topic_of] + noise(clusters, topic_spread))
+    member = rng.choice(clusters, size=rows, p=rng.dirichlet(np.full(clusters, 2.0)))
+    vectors = unit(centres[member] + noise(rows, spread))
+    return vectors.astype(np.float32), topic_of[member].astype(np.int64)
+
+
 def make_sample(
     rows: int,
     *,
@@ -108,20 +140,28 @@ def make_sample(
     layout: Layout = "djinni",
     ids: IdKind | None = None,
     odd_cell: bool = False,
+    clusters: int | None = None,
 ) -> pd.DataFrame:
     """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order.
 
     :param layout: ``djinni`` (the real dataset's columns) or ``seed`` (SEED.md 4.1's six, int years).
     :param ids: ``uuid4`` (Djinni's) or ``uuid7`` (time-ordered); default by layout.
     :param odd_cell: one row's ``Exp Years`` is :data:`ODD_EXP_YEARS`: that row goes to the DLQ.
+    :param clusters: draw the vectors from this many neighbourhoods (:func:`clustered_vectors`)
+        instead of uniformly on the sphere; a row's primary keyword is then its topic's (one
+        topic a keyword) four times in five, as a job post's text is about its keyword.
     """
     if rows < 1 or dimension < 1:
         raise ValueError("rows and dimension must be at least 1")
     rng = np.random.default_rng(seed)
     kind = ids or ("uuid4" if layout == "djinni" else "uuid7")
     row_ids = uuid7_strings(rows, rng) if kind == "uuid7" else uuid4_strings(rows, rng)
-    vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    topic = None
+    if clusters:
+        vectors, topic = clustered_vectors(rows, dimension, rng, clusters=clusters)
+    else:
+        vectors = rng.standard_normal((rows, dimension), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(rows)  # the server must order by id itself
     keywords = rng.choice(np.array(KEYWORDS, dtype=object), size=rows)
     frame = pd.DataFrame(
@@ -134,6 +174,10 @@ def make_sample(
             "job_post_vectors": list(vectors[order]),
         }
     )
+    if topic is not None:
+        on_topic = rng.random(rows) < 0.8
+        topical = np.array(KEYWORDS, dtype=object)[topic[order] % len(KEYWORDS)]
+        frame["Primary Keyword"] = np.where(on_topic, topical, frame["Primary Keyword"].to_numpy())
     if layout == "djinni":
         levels = ("Junior", "Middle", "Senior", "Lead")
         frame["Exp Years"] = rng.choice(np.array(DJINNI_EXP_YEARS, dtype=object), size=rows)
@@ -163,11 +207,14 @@ def write_sample(
     layout: Layout = "djinni",
     ids: IdKind | None = None,
     odd_cell: bool = False,
+    clusters: int | None = None,
 ) -> Path:
     """Write :func:`make_sample` to ``path``: Parquet when it ends in ``.parquet``/``.pq``, else a pickle."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = make_sample(rows, dimension=dimension, seed=seed, layout=layout, ids=ids, odd_cell=odd_cell)
+    frame = make_sample(
+        rows, dimension=dimension, seed=seed, layout=layout, ids=ids, odd_cell=odd_cell, clusters=clusters
+    )
     if path.suffix.lower() in PARQUET_SUFFIXES:
         # Row groups of a batch each, so that a reader can stream them (SEED.md 2: memory-efficient).
         frame.to_parquet(path, index=False, row_group_size=PARQUET_BATCH_ROWS)

@@ -9,6 +9,7 @@ checkpoint, builds the ANN index and checks the DLQ budget.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
-from airflow_embedding_provider.metrics import record_rate, record_rows
+from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
@@ -37,7 +38,19 @@ from airflow_embedding_provider.storage.progress import (
     resume_point,
     save_plan,
 )
-from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
+from airflow_embedding_provider.storage.recall import (
+    DEFAULT_MIN_RECALL,
+    DEFAULT_RECALL_QUERIES,
+    RecallReport,
+    tune_search,
+)
+from airflow_embedding_provider.storage.schema import (
+    DEFAULT_MAX_BUILD_MEMORY,
+    DEFAULT_TABLES,
+    apply_schema,
+    ensure_ann_index,
+)
+from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
@@ -64,14 +77,19 @@ def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Con
             conn.close()
 
 
-def _build_ann_index(operator: BaseOperator, conn: psycopg.Connection, method: str) -> str | None:
+def _build_ann_index(
+    operator: BaseOperator,
+    conn: psycopg.Connection,
+    method: str,
+    max_build_memory: str | int = DEFAULT_MAX_BUILD_MEMORY,
+) -> str | None:
     """Build the ANN index when missing (see :func:`ensure_ann_index`); the method built, if any.
     An unknown method fails the task without retries: it is configuration, not a passing fault."""
     method = str(method).strip().lower()
     began = time.monotonic()
     try:
         with without_statement_timeout(conn):
-            if not ensure_ann_index(conn, DEFAULT_TABLES, method):
+            if not ensure_ann_index(conn, DEFAULT_TABLES, method, max_build_memory=max_build_memory):
                 return None
     except ValueError as exc:  # an unknown method
         raise AirflowFailException(str(exc)) from exc
@@ -186,6 +204,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
     :param cache_target: the API server cache that changed rows make stale (outbox entry).
     :param build_ann_index: without ``partition``: build the ANN index after the load.
     :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
+    :param max_build_memory: the most ``maintenance_work_mem`` the index build sets for itself
+        (a PostgreSQL size such as ``"1GB"``); see :func:`ensure_ann_index`.
     """
 
     template_fields: Sequence[str] = (
@@ -213,9 +233,11 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         cache_target: str | None = "recruit",
         build_ann_index: bool = True,
         ann_index_method: str = "ivfflat",
+        max_build_memory: str = DEFAULT_MAX_BUILD_MEMORY,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_build_memory = max_build_memory
         self.grpc_conn_id = grpc_conn_id
         self.postgres_conn_id = postgres_conn_id
         self.partition = partition
@@ -291,7 +313,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 )
                 _report_rejects(self, hook, source if part is None else f"{source} ({part.label})", stats)
             if part is None and self.build_ann_index:
-                _build_ann_index(self, conn, self.ann_index_method)
+                _build_ann_index(self, conn, self.ann_index_method, self.max_build_memory)
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
@@ -338,15 +360,25 @@ class EmbeddingCheckpointOperator(BaseOperator):
     load, and fails the run when more than ``max_dlq_fraction`` of the received rows went to the
     DLQ (after everything good and everything rejected is stored), naming the top reasons.
 
+    After a load that built the index or changed rows (or while no setting was ever measured) it
+    runs the recall gate (storage/recall.py): the smallest ``ivfflat.probes`` / ``hnsw.ef_search``
+    whose top-10 matches exact search on ``min_recall`` of sampled queries is stored for every
+    search; XCom ``recall`` and the result's ``recall`` key carry recall_at_10, the setting and
+    latency p50/p95. A target no setting reaches fails the run (no retries: a retry measures the
+    same index), after the best setting measured is stored and everything else is settled.
+
     :param postgres_conn_id: PostgreSQL connection.
     :param ingest_task_id: the mapped ingest task whose results are summed.
     :param max_dlq_fraction: the share of rejected rows above which the run fails (templated).
     :param stream_name: the checkpoint row of this stream.
     :param build_ann_index: build the ANN index when missing and the table has rows.
     :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
+    :param max_build_memory: the most ``maintenance_work_mem`` the index build sets for itself (templated).
+    :param min_recall: recall@10 the tuned search must reach (templated); ``None`` turns the gate off.
+    :param recall_queries: sampled queries the gate measures with.
     """
 
-    template_fields: Sequence[str] = ("max_dlq_fraction", "ann_index_method")
+    template_fields: Sequence[str] = ("max_dlq_fraction", "ann_index_method", "max_build_memory", "min_recall")
 
     def __init__(
         self,
@@ -357,9 +389,15 @@ class EmbeddingCheckpointOperator(BaseOperator):
         stream_name: str = DEFAULT_STREAM,
         build_ann_index: bool = True,
         ann_index_method: str = "ivfflat",
+        max_build_memory: str = DEFAULT_MAX_BUILD_MEMORY,
+        min_recall: float | str | None = DEFAULT_MIN_RECALL,
+        recall_queries: int = DEFAULT_RECALL_QUERIES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_build_memory = max_build_memory
+        self.min_recall = min_recall
+        self.recall_queries = recall_queries
         self.postgres_conn_id = postgres_conn_id
         self.ingest_task_id = ingest_task_id
         self.max_dlq_fraction = max_dlq_fraction
@@ -383,7 +421,13 @@ class EmbeddingCheckpointOperator(BaseOperator):
                 advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
         with _connections(self.postgres_conn_id, 1) as (conn,):
             checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
-            built = _build_ann_index(self, conn, self.ann_index_method) if self.build_ann_index else None
+            built = (
+                _build_ann_index(self, conn, self.ann_index_method, self.max_build_memory)
+                if self.build_ann_index
+                else None
+            )
+            changed = bool(built) or totals["inserted"] + totals["updated"] > 0
+            recall = self._recall_gate(conn, changed)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
         seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
@@ -398,8 +442,10 @@ class EmbeddingCheckpointOperator(BaseOperator):
             "dlq_by_reason": dict(reasons),
             "last_processed_uuid": checkpoint,
             "ann_index_built": built,
+            "recall": recall,
         }
         ti.xcom_push(key="checkpoint", value=checkpoint)
+        ti.xcom_push(key="recall", value=recall)
         record_rate(summary["rows_per_second"], dag_id=ti.dag_id, stream=self.stream_name)
         self.log.info("run total: %s", summary)
         received, rejected = totals["rows_received"], totals["rows_dlq"]
@@ -411,4 +457,63 @@ class EmbeddingCheckpointOperator(BaseOperator):
                 f"{limit:.1%}; everything else is stored. Top reasons: {top}. Inspect recruit_embedding_dlq, "
                 "fix the source or the configuration, then run recruit_embedding_dlq_replay."
             )
+        failure = recall_failure(recall)
+        if failure:
+            raise AirflowFailException(failure)
         return summary
+
+    def _recall_gate(self, conn: psycopg.Connection, changed: bool) -> dict[str, Any] | None:
+        """Tune the search setting after a change (see the class docstring); what searches use now."""
+        if self.min_recall in (None, "", "None"):
+            return None
+        stored = read_search_setting(conn, DEFAULT_TABLES)
+        if stored is None:
+            return None  # no ANN index: searches are exact
+        if not changed and stored.tuned:
+            self.log.info("recall gate: nothing changed; searches keep %s = %d", stored.name, stored.value)
+            return {
+                "measured": False,
+                "setting": stored.name,
+                "value": stored.value,
+                "recall_at_10": stored.recall_at_10,
+            }
+        report = tune_search(conn, DEFAULT_TABLES, min_recall=float(self.min_recall), queries=int(self.recall_queries))
+        if report is None:
+            return None
+        result = report.as_dict() | {"measured": True}
+        _report_recall(self, report)
+        return result
+
+
+def recall_failure(recall: dict[str, Any] | None) -> str | None:
+    """What finalize fails with when the gate measured a recall below its target, else ``None``."""
+    if not recall or recall.get("reached") is not False:
+        return None
+    return (
+        f"recall@10 {recall['recall_at_10']:.3f} is below min_recall {recall['min_recall']:.3f} at every "
+        f"{recall['setting']} tried ({recall['tried']}); searches now use the best one "
+        f"({recall['setting']} = {recall['value']}). Everything is stored and the checkpoint settled. "
+        "Raise ivfflat lists or switch RECRUIT_EMBEDDING_ANN_INDEX to hnsw, or lower min_recall."
+    )
+
+
+def _report_recall(operator: BaseOperator, report: RecallReport) -> None:
+    """The one place finalize reports the recall gate: the log, and the recall gauge (metrics.py)."""
+    level = logging.INFO if report.reached else logging.ERROR
+    operator.log.log(
+        level,
+        "recall gate: recall@10 %.3f (target %.3f%s) with %s = %d over %d queries on %d rows; search latency "
+        "p50 %.1f ms, p95 %.1f ms; tried %s; database default %s",
+        report.recall_at_10,
+        report.min_recall,
+        "" if report.reached else ", NOT REACHED",
+        report.setting,
+        report.value,
+        report.queries,
+        report.rows_indexed,
+        report.latency_ms_p50,
+        report.latency_ms_p95,
+        report.tried,
+        "set" if report.database_default else "not set (no privilege)",
+    )
+    record_recall(report.recall_at_10, dag_id=operator.dag_id, stream=getattr(operator, "stream_name", DEFAULT_STREAM))

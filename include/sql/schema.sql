@@ -77,3 +77,17 @@ CREATE TABLE IF NOT EXISTS {progress} (
     updated_at TIMESTAMP NOT NULL DEFAULT NOW(),
     PRIMARY KEY (stream_name, run_id, partition_index)
 );
+
+-- The search setting the recall gate chose after the last load that built or changed the ANN index
+-- (storage/recall.py): one row per embedding table; every search of the provider applies it
+-- (storage/search.py). Users' own SQL gets it from ALTER DATABASE ... SET where allowed (README "Search").
+CREATE TABLE IF NOT EXISTS {search_settings} (
+    embedding_table TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    value INT NOT NULL,
+    recall_at_10 DOUBLE PRECISION NOT NULL,
+    min_recall DOUBLE PRECISION NOT NULL,
+    rows_indexed BIGINT NOT NULL,
+    measured_at TIMESTAMP NOT NULL DEFAULT NOW()
+);

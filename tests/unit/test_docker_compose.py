@@ -192,7 +192,10 @@ def test_grpc_connections_point_at_the_servers(services: dict[str, dict[str, Any
 
 def test_postgres_connection_and_upload_server_use_the_pgvector_database(services: dict[str, dict[str, Any]]) -> None:
     pgvector = services["pgvector"]
-    assert str(pgvector["image"]).startswith("pgvector/pgvector:pg16")
+    image = str(pgvector["image"])
+    assert re.fullmatch(r"pgvector/pgvector:0\.(8|9)\.\d+-pg1[78]", image), (
+        f"{image}: want pgvector 0.8+ (iterative scans)"
+    )
     db_env = pgvector["environment"]
     dsn = airflow_env(services, "airflow-scheduler")["AIRFLOW_CONN_POSTGRES_DEFAULT"]
     url = urlsplit(dsn)

@@ -1,0 +1,145 @@
+"""Search and the recall gate against a real PostgreSQL with pgvector 0.8, on clustered vectors."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from airflow_embedding_provider.devkit.sample import make_sample
+from airflow_embedding_provider.hooks.postgres import PgvectorSearchHook
+from airflow_embedding_provider.operators.embedding_stream import recall_failure
+from airflow_embedding_provider.storage.recall import candidates, tune_search
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index, ivfflat_lists
+from airflow_embedding_provider.storage.search import Searcher, SearchError, SearchFilter, read_search_setting
+
+ROWS = 6000
+DIMENSION = 32
+
+
+def load_frame(conn: psycopg.Connection, frame: pd.DataFrame) -> None:
+    register_vector(conn)
+    with conn.transaction(), conn.cursor() as cur:
+        with cur.copy(
+            "COPY recruit_metadata (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN"
+        ) as copy:
+            for row in frame.itertuples(index=False):
+                copy.write_row((row[0], row[1], int(row[2]), row[3], row[4]))
+        with cur.copy("COPY recruit_embedding (id, vector) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "vector"])
+            for row_id, vector in zip(frame["id"], frame["job_post_vectors"], strict=True):
+                copy.write_row((uuid.UUID(row_id), np.asarray(vector, dtype=np.float32)))
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return make_sample(ROWS, dimension=DIMENSION, seed=3, clusters=60)
+
+
+@pytest.fixture
+def conn(pg_dsn: str, frame: pd.DataFrame) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(pg_dsn, autocommit=True) as opened:
+        apply_schema(opened, DIMENSION)
+        load_frame(opened, frame)
+        assert ensure_ann_index(opened, DEFAULT_TABLES, "ivfflat")
+        yield opened
+
+
+def _exact(frame: pd.DataFrame, mask: np.ndarray, query: np.ndarray, k: int) -> list[str]:
+    vectors = np.stack(list(frame["job_post_vectors"][mask])).astype(np.float32)
+    order = np.argsort(((vectors - query) ** 2).sum(axis=1), kind="stable")[:k]
+    return list(frame["id"][mask].to_numpy()[order])
+
+
+def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connection) -> None:
+    assert read_search_setting(conn) is not None and not read_search_setting(conn).tuned  # type: ignore[union-attr]
+    report = tune_search(conn, min_recall=0.95, queries=40)
+    assert report is not None and report.reached and report.recall_lower_bound >= 0.95
+    assert report.recall_at_10 >= report.recall_lower_bound and report.tried[report.value] == report.recall_at_10
+    # Smallest first, stopping at the first that reached the target.
+    assert list(report.tried) == [v for v in candidates(conn, DEFAULT_TABLES, "ivfflat") if v <= report.value]
+    setting = read_search_setting(conn)
+    assert setting is not None and setting.tuned and (setting.name, setting.value) == ("ivfflat.probes", report.value)
+    assert report.database_default  # the test database's owner may set it
+    assert recall_failure(report.as_dict()) is None
+
+
+def test_a_target_no_setting_reaches_stores_the_best_and_fails_finalize(conn: psycopg.Connection) -> None:
+    # 100 lists of 60 rows: one or two probed lists hold only part of any top-10.
+    conn.execute("DROP INDEX recruit_embedding_ivfflat")
+    conn.execute(
+        "CREATE INDEX recruit_embedding_ivfflat ON recruit_embedding USING ivfflat (vector vector_l2_ops) WITH (lists = 100)"
+    )
+    report = tune_search(conn, min_recall=1.0, queries=40, values=[1, 2])
+    assert report is not None and not report.reached and report.value == max(report.tried, key=report.tried.get)  # type: ignore[arg-type]
+    assert read_search_setting(conn).value == report.value  # type: ignore[union-attr]
+    message = recall_failure(report.as_dict())
+    assert message and "below min_recall 1.000" in message and "searches now use the best one" in message
+    with pytest.raises(ValueError, match="min_recall"):
+        tune_search(conn, min_recall=1.5)
+
+
+@pytest.mark.parametrize("iterative", [True, False], ids=["pgvector-0.8-iterative", "pre-0.8-path"])
+def test_a_filtered_search_returns_k_matching_rows_whenever_k_match(
+    conn: psycopg.Connection, frame: pd.DataFrame, iterative: bool
+) -> None:
+    tune_search(conn, queries=30)
+    # exact_filter_rows=0: every filter through the index unless the grown setting reaches every list.
+    searcher = Searcher(conn, exact_filter_rows=0)
+    assert searcher.version >= (0, 8, 0)
+    searcher.iterative = iterative  # False: the path for a user's pgvector 0.5-0.7, on this 0.8 server
+    queries = np.stack(list(frame["job_post_vectors"][:20])).astype(np.float32)
+    broad = ["english_level>=intermediate", "exp_years<=10"]
+    broad_mask = (
+        frame["English Level"].isin(["intermediate", "upper", "fluent"]) & (frame["Exp Years"] <= 10)
+    ).to_numpy()
+    selective = ["primary_keyword=Python", "english_level>=upper", "exp_years<=7"]
+    selective_mask = (
+        (frame["Primary Keyword"] == "Python")
+        & frame["English Level"].isin(["upper", "fluent"])
+        & (frame["Exp Years"] <= 7)
+    ).to_numpy()
+    assert 10 < selective_mask.sum() < 0.02 * ROWS < 0.2 * ROWS < broad_mask.sum()
+    setting = read_search_setting(conn)
+    assert setting is not None
+    where = lambda filters: sql.SQL(" AND ").join([SearchFilter.parse(f).condition() for f in filters])  # noqa: E731
+    # The broad filter grows the tuned probes by 1/keep and stays on the index; the selective one
+    # would need every list, so it is searched exactly.
+    grown = int(np.ceil(setting.value * ROWS / broad_mask.sum()))
+    assert searcher._filtered_plan(where(broad), setting, 10) == (grown if grown < ivfflat_lists(conn) else None)
+    assert searcher._filtered_plan(where(selective), setting, 10) is None
+    for filters, mask in ((broad, broad_mask), (selective, selective_mask)):
+        hits = searcher.search(queries, 10, filters)
+        recalls = []
+        for query, found in zip(queries, hits, strict=True):
+            assert len(found) == 10
+            assert all(h.exp_years is not None and h.exp_years <= 10 for h in found)
+            assert [h.distance for h in found] == sorted(h.distance for h in found)
+            recalls.append(len({h.id for h in found} & set(_exact(frame, mask, query, 10))) / 10)
+        assert np.mean(recalls) >= 0.95, (filters, np.mean(recalls))
+    # Fewer rows match than asked for: all of them come back.
+    rare = ["primary_keyword=Rust", "english_level>=fluent", "exp_years<=0"]
+    matches = int(
+        ((frame["Primary Keyword"] == "Rust") & (frame["English Level"] == "fluent") & (frame["Exp Years"] == 0)).sum()
+    )
+    assert 0 < matches < 10
+    assert [len(found) for found in searcher.search(queries[:3], 10, rare)] == [matches] * 3
+
+
+def test_the_hook_searches_through_an_airflow_connection(
+    conn: psycopg.Connection, pg_dsn: str, frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_EMBEDDINGS_DB", pg_dsn)
+    query = np.asarray(frame["job_post_vectors"][0], dtype=np.float32)
+    results = PgvectorSearchHook(postgres_conn_id="embeddings_db").search(query, 5, ["exp_years<=3"])
+    assert len(results) == 1 and len(results[0]) == 5
+    assert all(r["exp_years"] <= 3 for r in results[0])
+    assert set(results[0][0]) == {"id", "distance", "company_name", "exp_years", "english_level", "primary_keyword"}
+    with pytest.raises(SearchError, match="query dimension 3 does not match the table's vector\\(32\\)"):
+        PgvectorSearchHook(postgres_conn_id="embeddings_db").search([0.1, 0.2, 0.3])
