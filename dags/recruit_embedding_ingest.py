@@ -6,9 +6,12 @@
 after a first load and enforces the DLQ budget; ``invalidate_cache`` tells the API server to drop
 its ``recruit`` cache when the run changed rows.
 
-Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off) and
-resumes after the stored checkpoint. Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to
-resume after a given id, or ``{"full_refresh": true}`` to reload everything.
+Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off). Each
+run compares the source and the tables range by range (digests) and syncs the ranges that differ,
+whatever the id order: new and changed rows are stored, rows the source lost are deleted, unless
+that is more than ``max_delete_fraction`` of the stored rows (then none are, and the run fails).
+Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to re-send every row after a given id, or
+``{"full_refresh": true}`` to compare every range row by row.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from airflow.sdk import DAG, Param
 
 from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
 from airflow_embedding_provider.operators.embedding_stream import (
+    DEFAULT_MAX_DELETE_FRACTION,
     EmbeddingCheckpointOperator,
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
@@ -60,7 +64,9 @@ with DAG(
             format="uuid",
             description="Resume strictly after this id; empty = after the stored checkpoint.",
         ),
-        "full_refresh": Param(False, type="boolean", description="Reload every row (upserts; unchanged rows stay)."),
+        "full_refresh": Param(
+            False, type="boolean", description="Compare every range row by row, whatever its digest says."
+        ),
         "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
         "sub_batch_size": Param(
             DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."
@@ -72,6 +78,14 @@ with DAG(
         "max_dlq_fraction": Param(
             0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
         ),
+        "max_delete_fraction": Param(
+            DEFAULT_MAX_DELETE_FRACTION,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Delete rows the source lost only up to this share of the stored rows; above it, "
+            "delete none and fail the run.",
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -81,6 +95,7 @@ with DAG(
         full_refresh="{{ params.full_refresh }}",
         rows_per_partition="{{ params.rows_per_partition }}",
         max_partitions="{{ params.max_partitions }}",
+        max_delete_fraction="{{ params.max_delete_fraction }}",
         dimension=DIMENSION,
     )
     ingest = EmbeddingStreamToPgvectorOperator.partial(
@@ -94,6 +109,7 @@ with DAG(
     finalize = EmbeddingCheckpointOperator(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
+        max_delete_fraction="{{ params.max_delete_fraction }}",
         ann_index_method=ANN_INDEX,
         trigger_rule="none_failed",  # also after a run with nothing new (no mapped task)
     )

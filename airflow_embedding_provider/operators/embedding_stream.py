@@ -9,6 +9,7 @@ checkpoint, builds the ANN index and checks the DLQ budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
-from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.partitions import DIFFERING_ROWS, EVERY_ROW, Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
@@ -35,6 +36,14 @@ from airflow_embedding_provider.storage.progress import (
     save_plan,
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
+from airflow_embedding_provider.storage.sync import (
+    RangeSync,
+    count_missing,
+    differing_keys,
+    stored_count,
+    stored_digests,
+    stored_listing,
+)
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
 if TYPE_CHECKING:
@@ -43,6 +52,8 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_SIZE = 300
 #: Airflow's default ``[core] max_map_length``; a plan never maps wider.
 MAX_MAP_LENGTH = 1024
+#: A run that would delete more than this share of the stored rows deletes none (range sync).
+DEFAULT_MAX_DELETE_FRACTION = 0.2
 
 
 @contextlib.contextmanager
@@ -72,23 +83,37 @@ def _build_ann_index(operator: BaseOperator, conn: psycopg.Connection, method: s
 
 
 class EmbeddingStreamPlanOperator(BaseOperator):
-    """Splits the rows to load into id ranges for a mapped ingest; returns them (small JSON).
+    """Splits the source into id ranges and returns those a mapped ingest must sync (small JSON).
 
-    The rows to load are those after ``last_processed_uuid`` when given, all rows with
-    ``full_refresh``, otherwise those after the stored checkpoint. The plan is stored per DAG run,
-    so a retried planning task hands out the same ranges.
+    Without ``last_processed_uuid`` the whole source is split into ranges, and the source's digest
+    of each range (``RangeDigests``) is compared with the stored rows' (storage/sync.py): only
+    ranges that differ are handed out (every range with ``full_refresh``), whatever the id order,
+    and their tasks stream only the rows that differ. With ``last_processed_uuid`` the ranges
+    after that id are handed out and stream every row, as a resume after that id. In both cases a
+    range ends equal to the source: stored rows the source no longer lists are deleted.
+
+    Deleting is guarded: a plan that would delete more than ``max_delete_fraction`` of the stored
+    rows lets no range delete (the rows are still stored; ``finalize`` then fails the run with the
+    counts). The plan is stored per DAG run, so a retried planning task hands out the same ranges.
 
     :param grpc_conn_id: ``embedding_grpc`` connection of the AI server.
     :param postgres_conn_id: PostgreSQL connection.
     :param last_processed_uuid: resume strictly after this id (templated; empty = checkpoint).
-    :param full_refresh: reload every row (templated; ``true``/``false``).
+    :param full_refresh: compare every range row by row, whatever its digest (templated).
+    :param max_delete_fraction: the share of the stored rows a run may delete (templated).
     :param rows_per_partition: the plan aims at partitions of about this many rows.
     :param max_partitions: never more partitions than this (at most ``max_map_length``).
     :param dimension: vector dimension of the tables (the schema is applied here).
     :param stream_name: the checkpoint row of this stream.
     """
 
-    template_fields: Sequence[str] = ("last_processed_uuid", "full_refresh", "rows_per_partition", "max_partitions")
+    template_fields: Sequence[str] = (
+        "last_processed_uuid",
+        "full_refresh",
+        "rows_per_partition",
+        "max_partitions",
+        "max_delete_fraction",
+    )
 
     def __init__(
         self,
@@ -99,6 +124,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         full_refresh: bool | str = False,
         rows_per_partition: int | str = 20_000,
         max_partitions: int | str = 64,
+        max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         **kwargs: Any,
@@ -110,6 +136,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         self.full_refresh = full_refresh
         self.rows_per_partition = rows_per_partition
         self.max_partitions = max_partitions
+        self.max_delete_fraction = max_delete_fraction
         self.dimension = dimension
         self.stream_name = stream_name
 
@@ -125,23 +152,93 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                 context["ti"].xcom_push(key="start_after", value=existing[0].after_uuid)
                 return [p.as_dict() | {"label": p.label} for p in existing]
             stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
-            start = requested if requested is not None else None if flag(self.full_refresh, "full_refresh") else stored
+            full = flag(self.full_refresh, "full_refresh")
+            start = requested
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
-                partitions, total = hook.plan_partitions(
+                ranges, total = hook.plan_partitions(
                     after=start, rows_per_partition=int(self.rows_per_partition), max_partitions=max_partitions
+                )
+                partitions = self._sync_plan(
+                    conn,
+                    hook,
+                    _open_ended(ranges, start),
+                    forced=full or start is not None,
+                    every_row=start is not None,
                 )
             partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
         self.log.info(
-            "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d partition(s)",
+            "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d range(s), %d to sync: %s",
             total,
             start or "the beginning",
             requested or "-",
-            flag(self.full_refresh, "full_refresh"),
+            full,
             stored or "-",
+            len(ranges),
             len(partitions),
+            ", ".join(p.label for p in partitions) or "none",
         )
         context["ti"].xcom_push(key="start_after", value=start)
         return [p.as_dict() | {"label": p.label} for p in partitions]
+
+    def _sync_plan(
+        self,
+        conn: psycopg.Connection,
+        hook: GrpcEmbeddingHook,
+        ranges: list[Partition],
+        *,
+        forced: bool,
+        every_row: bool,
+    ) -> list[Partition]:
+        """The ranges to sync, renumbered, each with the deletions it may make (the guard)."""
+        bounds = [(p.after_uuid, p.until_uuid) for p in ranges]
+        if forced:
+            differing = list(range(len(ranges)))
+        else:
+            source = hook.range_digests(bounds)
+            stored = stored_digests(conn, DEFAULT_TABLES, bounds)
+            differing = [i for i in range(len(ranges)) if stored[i].unhashed or stored[i].digest != source[i]]
+            self.log.info(
+                "range digests: %d of %d range(s) differ from the stored rows (source %d rows, stored %d)",
+                len(differing),
+                len(ranges),
+                sum(d.rows for d in source),
+                sum(d.digest.rows for d in stored),
+            )
+        planned: dict[int, int] = {}
+        for i in differing:
+            keys, _ = hook.list_range(*bounds[i])
+            planned[i] = count_missing(conn, DEFAULT_TABLES, bounds[i], keys)
+        would_delete = sum(planned.values())
+        stored_rows = stored_count(conn, DEFAULT_TABLES)
+        limit = float(self.max_delete_fraction)
+        allowed = would_delete <= limit * stored_rows
+        if not allowed:
+            self.log.warning(
+                "the source lacks %d of the %d stored rows (%.1f%%), above max_delete_fraction %s: "
+                "this run deletes nothing and stores everything else",
+                would_delete,
+                stored_rows,
+                100 * would_delete / max(stored_rows, 1),
+                limit,
+            )
+        elif would_delete:
+            self.log.info("the source no longer has %d of the %d stored rows: they go", would_delete, stored_rows)
+        mode = EVERY_ROW if every_row else DIFFERING_ROWS
+        return [
+            dataclasses.replace(ranges[i], index=k, sync=mode, max_deletes=planned[i] if allowed else 0)
+            for k, i in enumerate(differing)
+        ]
+
+
+def _open_ended(ranges: list[Partition], after: str | None) -> list[Partition]:
+    """The plan's ranges with the last one open to the end (and the first from ``after``), so that
+    together they cover every stored id after ``after``, also those above the source's last id."""
+    if not ranges:
+        return ranges
+    out = list(ranges)
+    out[0] = dataclasses.replace(out[0], after_uuid=after)
+    out[-1] = dataclasses.replace(out[-1], until_uuid=None)
+    return out
 
 
 class EmbeddingStreamToPgvectorOperator(BaseOperator):
@@ -257,25 +354,29 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 for i, c in enumerate(conns)
             ]
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
+                reconcile, only_ids = self._range_sync(conn, hook, part) if part is not None else (None, None)
                 stats = ingest_chunks(
-                    prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size)),
+                    prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size, only_ids=only_ids)),
                     writers,
                     dimension=self.dimension,
                     sub_batch_size=sub_batch,
                     origin=origin,
                     partition=key,
+                    reconcile=reconcile,
                 )
             if part is None and self.build_ann_index:
                 _build_ann_index(self, conn, self.ann_index_method)
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
-            "stored %d rows (%d new, %d changed, %d unchanged), %d to the DLQ %s, in %d chunks, %.1f s, "
-            "%.0f rows/s; position %s",
+            "stored %d rows (%d new, %d changed, %d unchanged), deleted %d (%d held back by the guard), "
+            "%d to the DLQ %s, in %d chunks, %.1f s, %.0f rows/s; position %s",
             stats.rows_stored,
             stats.inserted,
             stats.updated,
             stats.unchanged,
+            stats.deleted,
+            stats.deletes_blocked,
             stats.rows_dlq,
             dict(stats.dlq_by_reason),
             stats.chunks,
@@ -285,6 +386,27 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         )
         ti.xcom_push(key="checkpoint", value=result["last_processed_uuid"])
         return result
+
+    def _range_sync(
+        self, conn: psycopg.Connection, hook: GrpcEmbeddingHook, part: Partition
+    ) -> tuple[RangeSync | None, bytes | None]:
+        """For a syncing partition: the source's listing of the range (the evidence its final
+        transaction deletes with) and, for ``DIFFERING_ROWS``, the ids to stream."""
+        if part.sync is None:
+            return None, None
+        bounds = (part.after_uuid, part.until_uuid)
+        keys, hashes = hook.list_range(*bounds)
+        reconcile = RangeSync(part.after_uuid, part.until_uuid, keys, hashes, part.max_deletes)
+        if part.sync == EVERY_ROW:
+            return reconcile, None
+        only_ids = differing_keys(keys, hashes, stored_listing(conn, DEFAULT_TABLES, bounds))
+        self.log.info(
+            "range %s: %d of the source's %d rows are not stored as the source has them",
+            part.label,
+            len(only_ids) // 16,
+            len(hashes),
+        )
+        return reconcile, only_ids
 
 
 class EmbeddingCheckpointOperator(BaseOperator):
@@ -298,12 +420,14 @@ class EmbeddingCheckpointOperator(BaseOperator):
     :param postgres_conn_id: PostgreSQL connection.
     :param ingest_task_id: the mapped ingest task whose results are summed.
     :param max_dlq_fraction: the share of rejected rows above which the run fails (templated).
+    :param max_delete_fraction: the plan's deletion guard (templated); named in the failure of a
+        run whose ranges held back deletions.
     :param stream_name: the checkpoint row of this stream.
     :param build_ann_index: build the ANN index when missing and the table has rows.
     :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
     """
 
-    template_fields: Sequence[str] = ("max_dlq_fraction", "ann_index_method")
+    template_fields: Sequence[str] = ("max_dlq_fraction", "max_delete_fraction", "ann_index_method")
 
     def __init__(
         self,
@@ -311,6 +435,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         postgres_conn_id: str = "postgres_default",
         ingest_task_id: str = "ingest",
         max_dlq_fraction: float | str = 0.05,
+        max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         stream_name: str = DEFAULT_STREAM,
         build_ann_index: bool = True,
         ann_index_method: str = "ivfflat",
@@ -320,6 +445,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         self.postgres_conn_id = postgres_conn_id
         self.ingest_task_id = ingest_task_id
         self.max_dlq_fraction = max_dlq_fraction
+        self.max_delete_fraction = max_delete_fraction
         self.stream_name = stream_name
         self.build_ann_index = build_ann_index
         self.ann_index_method = ann_index_method
@@ -329,7 +455,17 @@ class EmbeddingCheckpointOperator(BaseOperator):
         pulled = ti.xcom_pull(task_ids=self.ingest_task_id)
         # One mapped task instance comes back as its value, several as a sequence of values.
         results = [pulled] if isinstance(pulled, dict) else [r for r in pulled or [] if isinstance(r, dict)]
-        fields = ("rows_received", "inserted", "updated", "unchanged", "duplicates", "rows_dlq", "chunks")
+        fields = (
+            "rows_received",
+            "inserted",
+            "updated",
+            "unchanged",
+            "duplicates",
+            "rows_dlq",
+            "deleted",
+            "deletes_blocked",
+            "chunks",
+        )
         totals: dict[str, int] = {name: sum(int(r.get(name, 0)) for r in results) for name in fields}
         reasons: Counter[str] = Counter()
         for r in results:
@@ -341,6 +477,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         with _connections(self.postgres_conn_id, 1) as (conn,):
             checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
             built = _build_ann_index(self, conn, self.ann_index_method) if self.build_ann_index else None
+            stored_rows = stored_count(conn, DEFAULT_TABLES)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
         seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
@@ -358,6 +495,15 @@ class EmbeddingCheckpointOperator(BaseOperator):
         }
         ti.xcom_push(key="checkpoint", value=checkpoint)
         self.log.info("run total: %s", summary)
+        held = totals["deletes_blocked"]
+        if held:
+            before = stored_rows - totals["inserted"]  # nothing was deleted: the new rows came on top
+            raise AirflowFailException(
+                f"the source no longer has {held} of the {before} stored rows ({held / max(before, 1):.1%}), above "
+                f"max_delete_fraction {float(self.max_delete_fraction):g}: nothing was deleted, everything else is "
+                f"stored. If the source really lost these rows, trigger the DAG with a higher max_delete_fraction "
+                "Param; else fix the source file."
+            )
         received, rejected = totals["rows_received"], totals["rows_dlq"]
         limit = float(self.max_dlq_fraction)
         if received and rejected / received > limit:

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamEmbeddingRequest(_message.Message):
-    __slots__ = ("last_processed_uuid", "chunk_size", "until_uuid")
+    __slots__ = ("last_processed_uuid", "chunk_size", "until_uuid", "only_ids")
     LAST_PROCESSED_UUID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IDS_FIELD_NUMBER: _ClassVar[int]
     last_processed_uuid: str
     chunk_size: int
     until_uuid: str
-    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ..., until_uuid: _Optional[str] = ...) -> None: ...
+    only_ids: bytes
+    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ..., until_uuid: _Optional[str] = ..., only_ids: _Optional[bytes] = ...) -> None: ...
 
 class PartitionPlanRequest(_message.Message):
     __slots__ = ("last_processed_uuid", "rows_per_partition", "max_partitions")
@@ -79,6 +81,52 @@ class RecruitRow(_message.Message):
     primary_keyword: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, id: _Optional[str] = ..., company_name: _Optional[str] = ..., exp_years: _Optional[int] = ..., english_level: _Optional[str] = ..., primary_keyword: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class DigestRange(_message.Message):
+    __slots__ = ("after_uuid", "until_uuid")
+    AFTER_UUID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
+    after_uuid: str
+    until_uuid: str
+    def __init__(self, after_uuid: _Optional[str] = ..., until_uuid: _Optional[str] = ...) -> None: ...
+
+class RangeDigestRequest(_message.Message):
+    __slots__ = ("ranges",)
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[DigestRange]
+    def __init__(self, ranges: _Optional[_Iterable[_Union[DigestRange, _Mapping]]] = ...) -> None: ...
+
+class RangeDigest(_message.Message):
+    __slots__ = ("rows", "digest")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    digest: int
+    def __init__(self, rows: _Optional[int] = ..., digest: _Optional[int] = ...) -> None: ...
+
+class RangeDigestReply(_message.Message):
+    __slots__ = ("ranges", "hash_version")
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    HASH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[RangeDigest]
+    hash_version: str
+    def __init__(self, ranges: _Optional[_Iterable[_Union[RangeDigest, _Mapping]]] = ..., hash_version: _Optional[str] = ...) -> None: ...
+
+class RangeDigestListRequest(_message.Message):
+    __slots__ = ("range", "page_rows")
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    range: DigestRange
+    page_rows: int
+    def __init__(self, range: _Optional[_Union[DigestRange, _Mapping]] = ..., page_rows: _Optional[int] = ...) -> None: ...
+
+class RangeDigestPage(_message.Message):
+    __slots__ = ("ids", "row_hashes")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ids: bytes
+    row_hashes: bytes
+    def __init__(self, ids: _Optional[bytes] = ..., row_hashes: _Optional[bytes] = ...) -> None: ...
 
 class CacheInvalidateRequest(_message.Message):
     __slots__ = ("target",)
