@@ -24,7 +24,6 @@ from airflow.sdk import DAG, Param
 
 from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
 from airflow_embedding_provider.operators.embedding_stream import (
-    DEFAULT_MAX_DELETE_FRACTION,
     EmbeddingCheckpointOperator,
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
@@ -32,6 +31,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.schema import ANN_METHODS
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))

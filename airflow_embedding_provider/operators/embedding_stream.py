@@ -37,6 +37,7 @@ from airflow_embedding_provider.storage.progress import (
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
 from airflow_embedding_provider.storage.sync import (
+    DEFAULT_MAX_DELETE_FRACTION,
     RangeSync,
     count_missing,
     differing_keys,
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_SIZE = 300
 #: Airflow's default ``[core] max_map_length``; a plan never maps wider.
 MAX_MAP_LENGTH = 1024
-#: A run that would delete more than this share of the stored rows deletes none (range sync).
-DEFAULT_MAX_DELETE_FRACTION = 0.2
 
 
 @contextlib.contextmanager

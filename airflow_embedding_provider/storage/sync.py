@@ -30,6 +30,8 @@ from airflow_embedding_provider.storage.dlq import PENDING, SUPERSEDED, WITHDRAW
 from airflow_embedding_provider.storage.schema import TableNames
 
 Bounds = tuple[str | None, str | None]
+#: A sync that would delete more than this share of the stored rows deletes none (the guard).
+DEFAULT_MAX_DELETE_FRACTION = 0.2
 
 
 @dataclass(frozen=True)

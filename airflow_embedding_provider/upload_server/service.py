@@ -13,11 +13,18 @@ memory does not grow with the upload's size.
 Partial failure: every sub-batch commits on its own, so a client that aborts leaves everything
 received committed; the server logs how far the upload got, and uploading again is harmless
 (upserts; DLQ entries keyed by row hash).
+
+Sync uploads (``RowChunk.sync`` on the first message, ``push --sync``): once every row has
+arrived, stored rows whose id the upload did not have are deleted, in one transaction with the
+upload's id list as evidence (storage/sync.py), unless that is more than the upload's
+``max_delete_fraction`` of the stored rows: then none are, and the upload fails with the counts.
+An upload that ends early deletes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -28,14 +35,17 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import psycopg
 from grpc_health.v1 import health
 
+from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.storage.outbox import CacheRequest
-from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, RangeSync, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
@@ -113,11 +123,32 @@ class _Progress:
         self.rows = 0
         self.chunks = 0
         self.last_id: str | None = None
+        self.sync: bool = False
+        self.max_delete_fraction = DEFAULT_MAX_DELETE_FRACTION
+        #: With ``sync``: each valid id received -> the hash of its last row (digest.py).
+        self.hashes: dict[str, int] = {}
+
+    def first(self, message: RowChunkBytes) -> None:
+        """Read the upload's options from its first message."""
+        self.sync = message.sync
+        if message.HasField("max_delete_fraction"):
+            self.max_delete_fraction = message.max_delete_fraction
 
     def track(self, chunks: Iterable[WireChunk]) -> Iterator[WireChunk]:
         for chunk in chunks:
             self.rows += len(chunk)
             self.chunks += 1
+            if self.sync:
+                for i, raw in enumerate(chunk.ids):
+                    if _CANONICAL_UUID.match(raw):
+                        self.hashes[raw] = row_hash(
+                            raw,
+                            chunk.company_name[i],
+                            chunk.exp_years[i],
+                            chunk.english_level[i],
+                            chunk.primary_keyword[i],
+                            chunk.vectors[i],
+                        )
             # The highest valid id: the position a resumed push starts after (``push --after``).
             ids = [i for i in chunk.ids if _CANONICAL_UUID.match(i)]
             if ids:
@@ -125,9 +156,17 @@ class _Progress:
                 self.last_id = top if self.last_id is None else max(self.last_id, top)
             yield chunk
 
+    def evidence(self, max_deletes: int) -> RangeSync:
+        """The whole upload as a sync's evidence over the whole id range (storage/sync.py)."""
+        ids = sorted(self.hashes)
+        keys = b"".join(uuid.UUID(i).bytes for i in ids)
+        return RangeSync(None, None, keys, np.array([self.hashes[i] for i in ids], dtype=np.int64), max_deletes)
 
-def _decoded(requests: Iterable[RowChunkBytes]) -> Iterator[WireChunk]:
-    for message in requests:
+
+def _decoded(requests: Iterable[RowChunkBytes], progress: _Progress) -> Iterator[WireChunk]:
+    for n, message in enumerate(requests):
+        if n == 0:
+            progress.first(message)
         yield decode_chunk(message)
 
 
@@ -207,7 +246,7 @@ class UploadServicer:
                 ChunkWriter(c, dimension=settings.dimension, stream_name=settings.stream_name, cache_request=cache)
                 for c in conns
             ]
-            chunks = progress.track(prefetch(_decoded(request_iterator), settings.prefetch_depth))
+            chunks = progress.track(prefetch(_decoded(request_iterator, progress), settings.prefetch_depth))
             try:
                 stats = ingest_chunks(
                     chunks,
@@ -231,14 +270,41 @@ class UploadServicer:
                         "committed, uploading again is idempotent"
                     ),
                 )
-        if not context.is_active():
-            # gRPC may end the request iterator of a cancelled call as if the client had finished.
-            return self._aborted(upload_id, peer, progress)
-        message = describe(stats, upload_id)
+            if not context.is_active():
+                # gRPC may end the request iterator of a cancelled call as if the client had finished.
+                return self._aborted(upload_id, peer, progress)
+            guard = ""
+            if progress.sync:
+                guard = self._sync(writers[0], conns[0], progress, stats)
+        message = describe(stats, upload_id) + guard
         log.info("%s (peer %s)", message, peer)
         # success: every row is stored; rejected rows are kept in the DLQ but make the upload fail,
         # so that the sender learns that part of its data needs fixing (SEED.md 11).
-        return embedding_pb2.UploadResult(success=stats.rows_dlq == 0, total_rows=stats.rows_received, message=message)
+        return embedding_pb2.UploadResult(
+            success=stats.rows_dlq == 0 and not stats.deletes_blocked,
+            total_rows=stats.rows_received,
+            message=message,
+            deleted=stats.deleted,
+            deletes_blocked=stats.deletes_blocked,
+        )
+
+    def _sync(self, writer: ChunkWriter, conn: psycopg.Connection, progress: _Progress, stats: IngestStats) -> str:
+        """Delete the stored rows the upload did not have (the guard permitting); what to add to
+        the answer's message."""
+        stored = stored_count(conn, DEFAULT_TABLES)
+        fraction = progress.max_delete_fraction
+        result = writer.write(
+            RowBatch.empty(self.settings.dimension), reconcile=progress.evidence(math.floor(fraction * stored))
+        )
+        stats.add(result)
+        if result.deletes_blocked:
+            return (
+                f"; sync: the upload lacks {result.deletes_blocked} of the {stored} stored rows "
+                f"({result.deletes_blocked / max(stored, 1):.1%}), above max_delete_fraction {fraction:g}: "
+                "nothing was deleted, everything else is stored. If the source really lost these rows, push again "
+                "with a higher --max-delete-fraction"
+            )
+        return f"; sync: deleted {result.deleted} rows the upload did not have"
 
     @staticmethod
     def _aborted(upload_id: str, peer: str, progress: _Progress) -> embedding_pb2.UploadResult:

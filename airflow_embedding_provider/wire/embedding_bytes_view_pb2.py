@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:airflow_embedding_provider/wire/embedding_bytes_view.proto\x12\x19recruit.embedding.v1.view\"I\n\rRowChunkBytes\x12\x38\n\x04rows\x18\x01 \x03(\x0b\x32*.recruit.embedding.v1.view.RecruitRowBytes\"\xdf\x01\n\x0fRecruitRowBytes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keywordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:airflow_embedding_provider/wire/embedding_bytes_view.proto\x12\x19recruit.embedding.v1.view\"\x91\x01\n\rRowChunkBytes\x12\x38\n\x04rows\x18\x01 \x03(\x0b\x32*.recruit.embedding.v1.view.RecruitRowBytes\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_max_delete_fraction\"\xdf\x01\n\x0fRecruitRowBytes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keywordb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airflow_embedding_provider.wire.embedding_bytes_view_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROWCHUNKBYTES']._serialized_start=89
-  _globals['_ROWCHUNKBYTES']._serialized_end=162
-  _globals['_RECRUITROWBYTES']._serialized_start=165
-  _globals['_RECRUITROWBYTES']._serialized_end=388
+  _globals['_ROWCHUNKBYTES']._serialized_start=90
+  _globals['_ROWCHUNKBYTES']._serialized_end=235
+  _globals['_RECRUITROWBYTES']._serialized_start=238
+  _globals['_RECRUITROWBYTES']._serialized_end=461
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/airflow_embedding_provider/wire/embedding.proto\x12\x14recruit.embedding.v1\"o\n\x16StreamEmbeddingRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x10\n\x08only_ids\x18\x05 \x01(\x0c\"g\n\x14PartitionPlanRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x1a\n\x12rows_per_partition\x18\x02 \x01(\x05\x12\x16\n\x0emax_partitions\x18\x03 \x01(\x05\"P\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nafter_uuid\x18\x02 \x01(\t\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\"k\n\rPartitionPlan\x12\x33\n\npartitions\x18\x01 \x03(\x0b\x32\x1f.recruit.embedding.v1.Partition\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\"D\n\x0cUploadResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x12\n\ntotal_rows\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\":\n\x08RowChunk\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .recruit.embedding.v1.RecruitRow\"\xda\x01\n\nRecruitRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"5\n\x0b\x44igestRange\x12\x12\n\nafter_uuid\x18\x01 \x01(\t\x12\x12\n\nuntil_uuid\x18\x02 \x01(\t\"G\n\x12RangeDigestRequest\x12\x31\n\x06ranges\x18\x01 \x03(\x0b\x32!.recruit.embedding.v1.DigestRange\"+\n\x0bRangeDigest\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x06\"[\n\x10RangeDigestReply\x12\x31\n\x06ranges\x18\x01 \x03(\x0b\x32!.recruit.embedding.v1.RangeDigest\x12\x14\n\x0chash_version\x18\x02 \x01(\t\"]\n\x16RangeDigestListRequest\x12\x30\n\x05range\x18\x01 \x01(\x0b\x32!.recruit.embedding.v1.DigestRange\x12\x11\n\tpage_rows\x18\x02 \x01(\x05\"2\n\x0fRangeDigestPage\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x12\n\nrow_hashes\x18\x02 \x01(\x0c\"(\n\x16\x43\x61\x63heInvalidateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"*\n\x17\x43\x61\x63heInvalidateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\x83\x04\n\x16\x45mbeddingStreamService\x12_\n\rGetEmbeddings\x12,.recruit.embedding.v1.StreamEmbeddingRequest\x1a\x1e.recruit.embedding.v1.RowChunk0\x01\x12X\n\x10UploadEmbeddings\x12\x1e.recruit.embedding.v1.RowChunk\x1a\".recruit.embedding.v1.UploadResult(\x01\x12\x61\n\x0ePlanPartitions\x12*.recruit.embedding.v1.PartitionPlanRequest\x1a#.recruit.embedding.v1.PartitionPlan\x12`\n\x0cRangeDigests\x12(.recruit.embedding.v1.RangeDigestRequest\x1a&.recruit.embedding.v1.RangeDigestReply\x12i\n\x10ListRangeDigests\x12,.recruit.embedding.v1.RangeDigestListRequest\x1a%.recruit.embedding.v1.RangeDigestPage0\x01\x32~\n\x0c\x43\x61\x63heService\x12n\n\x0fInvalidateCache\x12,.recruit.embedding.v1.CacheInvalidateRequest\x1a-.recruit.embedding.v1.CacheInvalidateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/airflow_embedding_provider/wire/embedding.proto\x12\x14recruit.embedding.v1\"o\n\x16StreamEmbeddingRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x10\n\x08only_ids\x18\x05 \x01(\x0c\"g\n\x14PartitionPlanRequest\x12\x1b\n\x13last_processed_uuid\x18\x01 \x01(\t\x12\x1a\n\x12rows_per_partition\x18\x02 \x01(\x05\x12\x16\n\x0emax_partitions\x18\x03 \x01(\x05\"P\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nafter_uuid\x18\x02 \x01(\t\x12\x12\n\nuntil_uuid\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\"k\n\rPartitionPlan\x12\x33\n\npartitions\x18\x01 \x03(\x0b\x32\x1f.recruit.embedding.v1.Partition\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\"n\n\x0cUploadResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x12\n\ntotal_rows\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x03\x12\x17\n\x0f\x64\x65letes_blocked\x18\x07 \x01(\x03\"\x82\x01\n\x08RowChunk\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .recruit.embedding.v1.RecruitRow\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_max_delete_fraction\"\xda\x01\n\nRecruitRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"5\n\x0b\x44igestRange\x12\x12\n\nafter_uuid\x18\x01 \x01(\t\x12\x12\n\nuntil_uuid\x18\x02 \x01(\t\"G\n\x12RangeDigestRequest\x12\x31\n\x06ranges\x18\x01 \x03(\x0b\x32!.recruit.embedding.v1.DigestRange\"+\n\x0bRangeDigest\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x06\"[\n\x10RangeDigestReply\x12\x31\n\x06ranges\x18\x01 \x03(\x0b\x32!.recruit.embedding.v1.RangeDigest\x12\x14\n\x0chash_version\x18\x02 \x01(\t\"]\n\x16RangeDigestListRequest\x12\x30\n\x05range\x18\x01 \x01(\x0b\x32!.recruit.embedding.v1.DigestRange\x12\x11\n\tpage_rows\x18\x02 \x01(\x05\"2\n\x0fRangeDigestPage\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x12\n\nrow_hashes\x18\x02 \x01(\x0c\"(\n\x16\x43\x61\x63heInvalidateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"*\n\x17\x43\x61\x63heInvalidateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\x83\x04\n\x16\x45mbeddingStreamService\x12_\n\rGetEmbeddings\x12,.recruit.embedding.v1.StreamEmbeddingRequest\x1a\x1e.recruit.embedding.v1.RowChunk0\x01\x12X\n\x10UploadEmbeddings\x12\x1e.recruit.embedding.v1.RowChunk\x1a\".recruit.embedding.v1.UploadResult(\x01\x12\x61\n\x0ePlanPartitions\x12*.recruit.embedding.v1.PartitionPlanRequest\x1a#.recruit.embedding.v1.PartitionPlan\x12`\n\x0cRangeDigests\x12(.recruit.embedding.v1.RangeDigestRequest\x1a&.recruit.embedding.v1.RangeDigestReply\x12i\n\x10ListRangeDigests\x12,.recruit.embedding.v1.RangeDigestListRequest\x1a%.recruit.embedding.v1.RangeDigestPage0\x01\x32~\n\x0c\x43\x61\x63heService\x12n\n\x0fInvalidateCache\x12,.recruit.embedding.v1.CacheInvalidateRequest\x1a-.recruit.embedding.v1.CacheInvalidateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITIONPLAN']._serialized_start=373
   _globals['_PARTITIONPLAN']._serialized_end=480
   _globals['_UPLOADRESULT']._serialized_start=482
-  _globals['_UPLOADRESULT']._serialized_end=550
-  _globals['_ROWCHUNK']._serialized_start=552
-  _globals['_ROWCHUNK']._serialized_end=610
-  _globals['_RECRUITROW']._serialized_start=613
-  _globals['_RECRUITROW']._serialized_end=831
-  _globals['_DIGESTRANGE']._serialized_start=833
-  _globals['_DIGESTRANGE']._serialized_end=886
-  _globals['_RANGEDIGESTREQUEST']._serialized_start=888
-  _globals['_RANGEDIGESTREQUEST']._serialized_end=959
-  _globals['_RANGEDIGEST']._serialized_start=961
-  _globals['_RANGEDIGEST']._serialized_end=1004
-  _globals['_RANGEDIGESTREPLY']._serialized_start=1006
-  _globals['_RANGEDIGESTREPLY']._serialized_end=1097
-  _globals['_RANGEDIGESTLISTREQUEST']._serialized_start=1099
-  _globals['_RANGEDIGESTLISTREQUEST']._serialized_end=1192
-  _globals['_RANGEDIGESTPAGE']._serialized_start=1194
-  _globals['_RANGEDIGESTPAGE']._serialized_end=1244
-  _globals['_CACHEINVALIDATEREQUEST']._serialized_start=1246
-  _globals['_CACHEINVALIDATEREQUEST']._serialized_end=1286
-  _globals['_CACHEINVALIDATERESPONSE']._serialized_start=1288
-  _globals['_CACHEINVALIDATERESPONSE']._serialized_end=1330
-  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_start=1333
-  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_end=1848
-  _globals['_CACHESERVICE']._serialized_start=1850
-  _globals['_CACHESERVICE']._serialized_end=1976
+  _globals['_UPLOADRESULT']._serialized_end=592
+  _globals['_ROWCHUNK']._serialized_start=595
+  _globals['_ROWCHUNK']._serialized_end=725
+  _globals['_RECRUITROW']._serialized_start=728
+  _globals['_RECRUITROW']._serialized_end=946
+  _globals['_DIGESTRANGE']._serialized_start=948
+  _globals['_DIGESTRANGE']._serialized_end=1001
+  _globals['_RANGEDIGESTREQUEST']._serialized_start=1003
+  _globals['_RANGEDIGESTREQUEST']._serialized_end=1074
+  _globals['_RANGEDIGEST']._serialized_start=1076
+  _globals['_RANGEDIGEST']._serialized_end=1119
+  _globals['_RANGEDIGESTREPLY']._serialized_start=1121
+  _globals['_RANGEDIGESTREPLY']._serialized_end=1212
+  _globals['_RANGEDIGESTLISTREQUEST']._serialized_start=1214
+  _globals['_RANGEDIGESTLISTREQUEST']._serialized_end=1307
+  _globals['_RANGEDIGESTPAGE']._serialized_start=1309
+  _globals['_RANGEDIGESTPAGE']._serialized_end=1359
+  _globals['_CACHEINVALIDATEREQUEST']._serialized_start=1361
+  _globals['_CACHEINVALIDATEREQUEST']._serialized_end=1401
+  _globals['_CACHEINVALIDATERESPONSE']._serialized_start=1403
+  _globals['_CACHEINVALIDATERESPONSE']._serialized_end=1445
+  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_start=1448
+  _globals['_EMBEDDINGSTREAMSERVICE']._serialized_end=1963
+  _globals['_CACHESERVICE']._serialized_start=1965
+  _globals['_CACHESERVICE']._serialized_end=2091
 # @@protoc_insertion_point(module_scope)

@@ -51,20 +51,28 @@ class PartitionPlan(_message.Message):
     def __init__(self, partitions: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., total_rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class UploadResult(_message.Message):
-    __slots__ = ("success", "total_rows", "message")
+    __slots__ = ("success", "total_rows", "message", "deleted", "deletes_blocked")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    DELETES_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     success: bool
     total_rows: int
     message: str
-    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    deleted: int
+    deletes_blocked: int
+    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ..., deleted: _Optional[int] = ..., deletes_blocked: _Optional[int] = ...) -> None: ...
 
 class RowChunk(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "sync", "max_delete_fraction")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRow]
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ...) -> None: ...
+    sync: bool
+    max_delete_fraction: float
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
 
 class RecruitRow(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector")
