@@ -105,7 +105,7 @@ def test_reconcile_deletes_only_rows_the_source_did_not_list_and_settles_their_d
         assert (done.deleted, done.deletes_blocked) == (10, 0)
         assert {r[0] for r in conn.execute("SELECT id::text FROM recruit_metadata")} == set(kept)
         assert conn.execute("SELECT count(*) FROM recruit_embedding").fetchone() == (90,)  # by cascade
-        statuses = dict(conn.execute("SELECT row_key, status FROM recruit_embedding_dlq").fetchall())
+        statuses: dict[str, str] = dict(conn.execute("SELECT row_key, status FROM recruit_embedding_dlq").fetchall())
         # ids[0] is gone upstream: withdrawn; ids[1]'s source row is another version: superseded.
         assert statuses == {"k1": "withdrawn", "k2": "superseded"}
 

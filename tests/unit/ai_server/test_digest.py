@@ -17,7 +17,8 @@ from airflow_embedding_provider.digest import RangeDigest, row_hash
 def test_digests_count_each_valid_id_once_with_its_last_copy(tmp_path: Path) -> None:
     frame = make_sample(300, dimension=8, seed=2)
     repeat = frame.iloc[[10]].assign(**{"Primary Keyword": "Rust"})  # the later copy wins
-    odd = frame.iloc[[0]].assign(id=str(uuid.uuid4()), job_post_vectors=[np.ones(5, dtype=np.float32)])
+    odd = frame.iloc[[0]].assign(id=str(uuid.uuid4()))
+    odd["job_post_vectors"] = pd.Series([np.ones(5, dtype=np.float32)], index=odd.index)
     bad_id = frame.iloc[[1]].assign(id="row-17")
     pd.concat([frame, repeat, odd, bad_id], ignore_index=True).to_pickle(tmp_path / "f.pkl")
     data = load_dataset(tmp_path / "f.pkl")
