@@ -9,7 +9,6 @@ checkpoint, builds the ANN index and checks the DLQ budget.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,8 +22,9 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
-from airflow_embedding_provider.partitions import DIFFERING_ROWS, EVERY_ROW, Partition
+from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, ingest_chunks, prefetch
+from airflow_embedding_provider.range_sync import open_ended, plan_sync, range_inputs
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
@@ -36,15 +36,7 @@ from airflow_embedding_provider.storage.progress import (
     save_plan,
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index
-from airflow_embedding_provider.storage.sync import (
-    DEFAULT_MAX_DELETE_FRACTION,
-    RangeSync,
-    count_missing,
-    differing_keys,
-    stored_count,
-    stored_digests,
-    stored_listing,
-)
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
 if TYPE_CHECKING:
@@ -157,13 +149,15 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                 ranges, total = hook.plan_partitions(
                     after=start, rows_per_partition=int(self.rows_per_partition), max_partitions=max_partitions
                 )
-                partitions = self._sync_plan(
+                partitions = plan_sync(
                     conn,
                     hook,
-                    _open_ended(ranges, start),
+                    open_ended(ranges, start),
                     forced=full or start is not None,
                     every_row=start is not None,
-                )
+                    max_delete_fraction=float(self.max_delete_fraction),
+                    log=self.log,
+                ).partitions
             partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
         self.log.info(
             "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d range(s), %d to sync: %s",
@@ -178,66 +172,6 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         )
         context["ti"].xcom_push(key="start_after", value=start)
         return [p.as_dict() | {"label": p.label} for p in partitions]
-
-    def _sync_plan(
-        self,
-        conn: psycopg.Connection,
-        hook: GrpcEmbeddingHook,
-        ranges: list[Partition],
-        *,
-        forced: bool,
-        every_row: bool,
-    ) -> list[Partition]:
-        """The ranges to sync, renumbered, each with the deletions it may make (the guard)."""
-        bounds = [(p.after_uuid, p.until_uuid) for p in ranges]
-        if forced:
-            differing = list(range(len(ranges)))
-        else:
-            source = hook.range_digests(bounds)
-            stored = stored_digests(conn, DEFAULT_TABLES, bounds)
-            differing = [i for i in range(len(ranges)) if stored[i].unhashed or stored[i].digest != source[i]]
-            self.log.info(
-                "range digests: %d of %d range(s) differ from the stored rows (source %d rows, stored %d)",
-                len(differing),
-                len(ranges),
-                sum(d.rows for d in source),
-                sum(d.digest.rows for d in stored),
-            )
-        planned: dict[int, int] = {}
-        for i in differing:
-            keys, _ = hook.list_range(*bounds[i])
-            planned[i] = count_missing(conn, DEFAULT_TABLES, bounds[i], keys)
-        would_delete = sum(planned.values())
-        stored_rows = stored_count(conn, DEFAULT_TABLES)
-        limit = float(self.max_delete_fraction)
-        allowed = would_delete <= limit * stored_rows
-        if not allowed:
-            self.log.warning(
-                "the source lacks %d of the %d stored rows (%.1f%%), above max_delete_fraction %s: "
-                "this run deletes nothing and stores everything else",
-                would_delete,
-                stored_rows,
-                100 * would_delete / max(stored_rows, 1),
-                limit,
-            )
-        elif would_delete:
-            self.log.info("the source no longer has %d of the %d stored rows: they go", would_delete, stored_rows)
-        mode = EVERY_ROW if every_row else DIFFERING_ROWS
-        return [
-            dataclasses.replace(ranges[i], index=k, sync=mode, max_deletes=planned[i] if allowed else 0)
-            for k, i in enumerate(differing)
-        ]
-
-
-def _open_ended(ranges: list[Partition], after: str | None) -> list[Partition]:
-    """The plan's ranges with the last one open to the end (and the first from ``after``), so that
-    together they cover every stored id after ``after``, also those above the source's last id."""
-    if not ranges:
-        return ranges
-    out = list(ranges)
-    out[0] = dataclasses.replace(out[0], after_uuid=after)
-    out[-1] = dataclasses.replace(out[-1], until_uuid=None)
-    return out
 
 
 class EmbeddingStreamToPgvectorOperator(BaseOperator):
@@ -353,7 +287,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 for i, c in enumerate(conns)
             ]
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
-                reconcile, only_ids = self._range_sync(conn, hook, part) if part is not None else (None, None)
+                reconcile, only_ids = range_inputs(conn, hook, part, log=self.log) if part is not None else (None, None)
                 stats = ingest_chunks(
                     prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size, only_ids=only_ids)),
                     writers,
@@ -385,27 +319,6 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         )
         ti.xcom_push(key="checkpoint", value=result["last_processed_uuid"])
         return result
-
-    def _range_sync(
-        self, conn: psycopg.Connection, hook: GrpcEmbeddingHook, part: Partition
-    ) -> tuple[RangeSync | None, bytes | None]:
-        """For a syncing partition: the source's listing of the range (the evidence its final
-        transaction deletes with) and, for ``DIFFERING_ROWS``, the ids to stream."""
-        if part.sync is None:
-            return None, None
-        bounds = (part.after_uuid, part.until_uuid)
-        keys, hashes = hook.list_range(*bounds)
-        reconcile = RangeSync(part.after_uuid, part.until_uuid, keys, hashes, part.max_deletes)
-        if part.sync == EVERY_ROW:
-            return reconcile, None
-        only_ids = differing_keys(keys, hashes, stored_listing(conn, DEFAULT_TABLES, bounds))
-        self.log.info(
-            "range %s: %d of the source's %d rows are not stored as the source has them",
-            part.label,
-            len(only_ids) // 16,
-            len(hashes),
-        )
-        return reconcile, only_ids
 
 
 class EmbeddingCheckpointOperator(BaseOperator):
