@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                     conf=conf,
                 )
 
+        if "sync" not in args.skip:
+            sync_measurements(bench, common, fresh_db, pkl, stack)
+
         ai_memory["rss_after_streams_mib"] = rss_mib(ai_pid)
         ai_memory["peak_rss_mib"] = peak_rss_mib(ai_pid)
         ai.stop()
@@ -390,9 +393,6 @@ def main(argv: list[str] | None = None) -> int:
                 expected_changed=changed_rows,
             )
             ai2.stop()
-
-        if "sync" not in args.skip:
-            sync_measurements(bench, common, fresh_db, pkl, stack)
 
         if args.hnsw:
             # On the loaded table, as a run with the other setting would: builds HNSW, drops ivfflat.

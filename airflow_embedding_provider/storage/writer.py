@@ -279,8 +279,12 @@ class ChunkWriter:
                 "row_hash) SELECT id, company_name, exp_years, english_level, primary_keyword, row_hash FROM {s} "
                 "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = EXCLUDED.exp_years, "
                 "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, "
-                "row_hash = EXCLUDED.row_hash, updated_at = now() "
-                # row_hash covers the vector too: a changed vector rewrites the metadata row's hash.
+                # row_hash covers the vector too: a changed vector rewrites the metadata row's hash,
+                # but updated_at stays the time the metadata itself last changed.
+                "row_hash = EXCLUDED.row_hash, updated_at = CASE WHEN "
+                "(t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
+                "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
+                "THEN now() ELSE t.updated_at END "
                 "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword, t.row_hash) IS DISTINCT FROM "
                 "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword, "
                 "EXCLUDED.row_hash) "
