@@ -28,7 +28,6 @@ from airflow_embedding_provider.storage.sync import (
     differing_keys,
     stored_count,
     stored_digests,
-    stored_listing,
 )
 
 _log = logging.getLogger(__name__)
@@ -77,23 +76,23 @@ def plan_sync(
     """The ranges that differ from the stored rows (all when ``forced``), each with the deletions
     it may make; ``every_row``: their tasks stream every row, not only the differing ones."""
     bounds = [(p.after_uuid, p.until_uuid) for p in ranges]
-    if forced:
-        differing = list(range(len(ranges)))
-    else:
-        source = hook.range_digests(bounds)
-        stored = stored_digests(conn, tables, bounds)
-        differing = [i for i in range(len(ranges)) if stored[i].unhashed or stored[i].digest != source[i]]
-        log.info(
-            "range digests: %d of %d range(s) differ from the stored rows (source %d rows, stored %d)",
-            len(differing),
-            len(ranges),
-            sum(d.rows for d in source),
-            sum(d.digest.rows for d in stored),
-        )
-    planned: dict[int, int] = {}
-    for i in differing:
-        keys, _ = hook.list_range(*bounds[i])
-        planned[i] = count_missing(conn, tables, bounds[i], keys)
+    source = hook.range_digests(bounds)
+    stored = stored_digests(conn, tables, bounds)
+    changed = [i for i in range(len(ranges)) if stored[i].unhashed or stored[i].digest != source[i]]
+    log.info(
+        "range digests: %d of %d range(s) differ from the stored rows (source %d rows, stored %d)",
+        len(changed),
+        len(ranges),
+        sum(d.rows for d in source),
+        sum(d.digest.rows for d in stored),
+    )
+    differing = list(range(len(ranges))) if forced else changed
+    # The guard counts the deletions of the ranges whose digest differs; a forced range whose
+    # digest is equal may delete none (its task finds any it would, and holds them back).
+    planned = dict.fromkeys(differing, 0)
+    for i in changed:
+        keys, hashes = hook.list_range(*bounds[i])
+        planned[i] = count_missing(conn, tables, bounds[i], keys, hashes)
     would_delete = sum(planned.values())
     stored_rows = stored_count(conn, tables)
     allowed = would_delete <= max_delete_fraction * stored_rows
@@ -133,7 +132,7 @@ def range_inputs(
     reconcile = RangeSync(part.after_uuid, part.until_uuid, keys, hashes, part.max_deletes)
     if part.sync == EVERY_ROW:
         return reconcile, None
-    only_ids = differing_keys(keys, hashes, stored_listing(conn, tables, bounds))
+    only_ids = differing_keys(conn, tables, bounds, keys, hashes)
     log.info(
         "range %s: %d of the source's %d rows are not stored as the source has them",
         part.label,

@@ -122,7 +122,7 @@ def sync_measurements(
     bench: Bench, common: dict[str, Any], fresh_db: Callable[[], str], pkl: Path, stack: ExitStack
 ) -> None:
     """Range sync after a first load (engine, then the ivfflat index) of its own database: a
-    scheduled run when nothing changed, a full refresh when nothing changed, both ranges streamed
+    scheduled run when nothing changed, a full refresh when nothing changed, every range streamed
     whole (what not splitting a differing range costs), then 1% changed and 1% removed."""
     workdir = bench.workdir
     sync_pkl = workdir / f"{pkl.stem}-sync{round(SYNC_FRACTION * 100)}pct.pkl"

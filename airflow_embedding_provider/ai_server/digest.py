@@ -40,6 +40,11 @@ class DatasetDigests:
         self._index: _Index | None = None
         self._lock = threading.Lock()
 
+    def built(self) -> DatasetDigests:
+        """This, with its hashes computed now rather than on the first request."""
+        self._built()
+        return self
+
     def _built(self) -> _Index:
         with self._lock:
             if self._index is None:

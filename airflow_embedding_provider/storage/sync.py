@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
 from airflow_embedding_provider.digest import Hashes, RangeDigest
+from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER
 from airflow_embedding_provider.storage.dlq import PENDING, SUPERSEDED, WITHDRAWN
 from airflow_embedding_provider.storage.schema import TableNames
 
@@ -122,28 +124,51 @@ def stored_listing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds)
     return {row_id.bytes: h for row_id, h in rows}
 
 
-def differing_keys(source_keys: bytes, source_hashes: Hashes, stored: dict[bytes, int | None]) -> bytes:
-    """The source's keys (ascending, concatenated) whose row is not stored as the source has it."""
-    out = [
-        source_keys[16 * k : 16 * k + 16]
-        for k, h in enumerate(source_hashes.tolist())
-        if stored.get(source_keys[16 * k : 16 * k + 16], _NO_HASH) != h
-    ]
-    return b"".join(out)
+_SOURCE = sql.Identifier("_embedding_sync_source")
 
 
-_NO_HASH: Any = object()
+def load_source(cur: psycopg.Cursor[Any], keys: bytes, hashes: Hashes) -> None:
+    """The source's listing of a range into this session's temporary table ``(id, row_hash)``,
+    emptied at commit: one COPY BINARY laid out by numpy (24 bytes a row), no Python object a row."""
+    cur.execute(
+        sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (id uuid PRIMARY KEY, row_hash int8) ON COMMIT DELETE ROWS").format(
+            _SOURCE
+        )
+    )
+    cur.execute(sql.SQL("DELETE FROM {}").format(_SOURCE))
+    layout = np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", "S16"), ("hash_len", ">i4"), ("hash", ">i8")])
+    rows = np.empty(len(hashes), dtype=layout)
+    rows["fields"], rows["id_len"], rows["hash_len"] = 2, 16, 8
+    rows["id"] = np.frombuffer(keys, dtype="S16")
+    rows["hash"] = hashes
+    with cur.copy(sql.SQL("COPY {} (id, row_hash) FROM STDIN (FORMAT BINARY)").format(_SOURCE)) as copy:
+        copy.write(HEADER + rows.tobytes() + TRAILER)
+    cur.execute(sql.SQL("ANALYZE {}").format(_SOURCE))
 
 
-def count_missing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, source_keys: bytes) -> int:
-    """How many stored rows of the range the source does not list (what a sync would delete)."""
-    with conn.transaction():
-        row = conn.execute(
+def differing_keys(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> bytes:
+    """The source's keys (ascending, concatenated) whose row is not stored as the source has it,
+    compared in PostgreSQL against the hash each stored id counts with."""
+    with conn.transaction(), conn.cursor() as cur:
+        load_source(cur, keys, hashes)
+        rows = cur.execute(
             sql.SQL(
-                "SELECT count(*) FROM {metadata} AS m WHERE {where} AND NOT EXISTS "
-                "(SELECT 1 FROM unnest(%s::uuid[]) AS s(id) WHERE s.id = m.id)"
-            ).format(metadata=tables.identifiers()["metadata"], where=_in_range(bounds, "id")),
-            (keys_to_uuids(source_keys),),
+                "SELECT s.id FROM {source} AS s LEFT JOIN ({effective}) AS e USING (id) "
+                "WHERE e.h IS DISTINCT FROM s.row_hash ORDER BY s.id"
+            ).format(source=_SOURCE, effective=_effective(tables, bounds))
+        ).fetchall()
+    return b"".join(r[0].bytes for r in rows)
+
+
+def count_missing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> int:
+    """How many stored rows of the range the source does not list (what a sync would delete)."""
+    with conn.transaction(), conn.cursor() as cur:
+        load_source(cur, keys, hashes)
+        row = cur.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {metadata} AS t WHERE {where} AND NOT EXISTS "
+                "(SELECT 1 FROM {source} AS s WHERE s.id = t.id)"
+            ).format(metadata=tables.identifiers()["metadata"], where=_in_range(bounds), source=_SOURCE)
         ).fetchone()
     return int(row[0]) if row else 0
 
@@ -171,17 +196,7 @@ def reconcile_range(cur: psycopg.Cursor[Any], tables: TableNames, sync: RangeSyn
     CASCADE, SEED.md 4.3)."""
     ids = tables.identifiers()
     where = _in_range((sync.after_uuid, sync.until_uuid), "id")
-    source = sql.SQL("unnest(%(ids)s::uuid[], %(hashes)s::int8[]) AS s(id, row_hash)")
-    params = {"ids": sync.source_ids(), "hashes": sync.hashes.tolist()}
-    cur.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS _embedding_sync_source (id uuid PRIMARY KEY, row_hash int8) "
-            "ON COMMIT DELETE ROWS"
-        )
-    )
-    cur.execute(sql.SQL("DELETE FROM _embedding_sync_source"))
-    cur.execute(sql.SQL("INSERT INTO _embedding_sync_source SELECT * FROM {}").format(source), params)
-    cur.execute(sql.SQL("ANALYZE _embedding_sync_source"))
+    load_source(cur, sync.keys, sync.hashes)
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM _embedding_sync_source AS s WHERE s.id = t.id)")
     row = cur.execute(
         sql.SQL("SELECT count(*) FROM {metadata} AS t WHERE {where} AND {missing}").format(
