@@ -63,17 +63,10 @@ class RangeSync:
     hashes: Hashes
     max_deletes: int
 
-    def source_ids(self) -> list[uuid.UUID]:
-        return keys_to_uuids(self.keys)
-
     @property
     def last_source_id(self) -> str | None:
         """The source's highest id of the range: once the range is synced, everything up to it is stored."""
         return str(uuid.UUID(bytes=self.keys[-16:])) if self.keys else None
-
-
-def keys_to_uuids(keys: bytes) -> list[uuid.UUID]:
-    return [uuid.UUID(bytes=keys[i : i + 16]) for i in range(0, len(keys), 16)]
 
 
 def _in_range(bounds: Bounds, column: str = "id") -> sql.Composable:
