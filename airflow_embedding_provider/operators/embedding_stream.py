@@ -30,6 +30,7 @@ from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
     PartitionKey,
     advance_checkpoint,
+    deleted_in_run,
     load_plan,
     low_watermark,
     resume_point,
@@ -386,6 +387,11 @@ class EmbeddingCheckpointOperator(BaseOperator):
             watermark = low_watermark(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
             if watermark is not None:
                 advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
+            # A try killed after its deleting transaction committed returned no result: count
+            # the run's deletions where they were recorded.
+            deleted = deleted_in_run(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
+            if deleted is not None:
+                totals["deleted"] = deleted
         with _connections(self.postgres_conn_id, 1) as (conn,):
             checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
             built = _build_ann_index(self, conn, self.ann_index_method) if self.build_ann_index else None

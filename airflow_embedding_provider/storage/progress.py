@@ -172,3 +172,22 @@ def record_progress_and_advance(
         ).format(progress=ids["progress"], checkpoint=ids["checkpoint"]),
         {"committed": committed_uuid, "done": done, "stream": key.stream_name, "run": key.run_id, "index": key.index},
     )
+
+
+def record_deleted(cur: psycopg.Cursor, tables: TableNames, key: PartitionKey, deleted: int) -> None:
+    """Count rows a partition's sync deleted; call it in the transaction that deleted them."""
+    cur.execute(
+        sql.SQL(
+            "UPDATE {} SET deleted = deleted + %s WHERE stream_name = %s AND run_id = %s AND partition_index = %s"
+        ).format(_ids(tables)["progress"]),
+        (deleted, key.stream_name, key.run_id, key.index),
+    )
+
+
+def deleted_in_run(cur: psycopg.Cursor, tables: TableNames, stream_name: str, run_id: str) -> int | None:
+    """Rows the run's partitions deleted, whichever try did it; ``None`` when the run has no plan."""
+    row = cur.execute(
+        sql.SQL("SELECT sum(deleted) FROM {} WHERE stream_name = %s AND run_id = %s").format(_ids(tables)["progress"]),
+        (stream_name, run_id),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])

@@ -21,7 +21,12 @@ from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.dlq import PayloadError, payload_to_chunk
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
-from airflow_embedding_provider.storage.progress import PartitionKey, advance_checkpoint, record_progress_and_advance
+from airflow_embedding_provider.storage.progress import (
+    PartitionKey,
+    advance_checkpoint,
+    record_deleted,
+    record_progress_and_advance,
+)
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.storage.sync import RangeSync, Reconciled, reconcile_range
 from airflow_embedding_provider.validation import Rejected, json_vector
@@ -185,6 +190,8 @@ class ChunkWriter:
                 inserted, updated = self._store(cur, batch, direct=not self.has_stored_ids(cur, batch))
             if step.reconcile is not None:
                 reconciled = reconcile_range(cur, self._tables, step.reconcile)
+                if step.partition is not None and reconciled.deleted:
+                    record_deleted(cur, self._tables, step.partition, reconciled.deleted)
             if (inserted or updated or reconciled.deleted) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:

@@ -88,3 +88,6 @@ ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS row_hash BIGINT;
 -- How a partition syncs (storage/sync.py: SyncMode) and how many rows it may delete.
 ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS sync_mode TEXT;
 ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS max_deletes BIGINT NOT NULL DEFAULT 0;
+-- Rows the partition's sync deleted, recorded in the deleting transaction: a try whose result
+-- was lost (killed after it committed) still counts in the run's total.
+ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS deleted BIGINT NOT NULL DEFAULT 0;

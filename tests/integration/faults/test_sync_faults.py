@@ -44,10 +44,10 @@ def _store(dsn: str, dataset: EmbeddingDataset, stop: int) -> list[str]:
     with ids all over its id range; returns the foreign ids."""
     rng = np.random.default_rng(5)
     source = set(dataset.ids)
-    foreign = sorted(
-        {str(uuid.UUID(int=uuid.UUID(dataset.ids[k]).int + 1)) for k in rng.choice(len(dataset) - 1, 2 * FOREIGN_ROWS)}
-        - source
-    )[:FOREIGN_ROWS]
+    candidates = {
+        str(uuid.UUID(int=uuid.UUID(dataset.ids[k]).int + 1)) for k in rng.choice(len(dataset) - 1, 2 * FOREIGN_ROWS)
+    }
+    foreign = sorted(rng.choice(sorted(candidates - source), FOREIGN_ROWS, replace=False).tolist())
     with psycopg.connect(dsn, autocommit=True) as conn:
         apply_schema(conn, dataset.dimension)
         writer = ChunkWriter(conn, dimension=dataset.dimension)
@@ -125,7 +125,10 @@ def test_a_deleting_range_sync_sigkilled_mid_run_is_retried_to_the_exact_source(
         cluster.stop()
     print("sync kill:", at_kill, tries, foreign_at_kill, summary)
     assert any(i == 1 and c is not None and not done for i, c, done in at_kill), at_kill
-    assert foreign_at_kill is not None and foreign_at_kill[0] > 0  # partition 1 had not deleted yet
+    # Partition 1 had not deleted its share yet (ids all over the range: both partitions delete).
+    in_partition_1 = sum(1 for f in foreign if f > big_dataset.ids[half - 1])
+    assert 0 < in_partition_1 < FOREIGN_ROWS
+    assert foreign_at_kill is not None and foreign_at_kill[0] >= in_partition_1
     assert max(tries.values()) >= 2, tries  # Airflow retried the killed try
     assert summary["deleted"] == FOREIGN_ROWS and summary["deletes_blocked"] == 0, summary
     # The retry resumed inside its range: it did not send again what the killed try committed.
