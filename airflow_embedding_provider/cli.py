@@ -152,8 +152,16 @@ def _push(args: argparse.Namespace) -> int:
     try:
         # Progress on a terminal only: piped or redirected, stderr carries errors alone.
         progress = sys.stderr if sys.stderr.isatty() else None
-        result = push(args.pkl, settings, chunk_size=args.chunk_size, after=args.after or "", progress=progress)
-    except UploadError as exc:
+        result = push(
+            args.pkl,
+            settings,
+            chunk_size=args.chunk_size,
+            after=args.after or "",
+            sync=args.sync,
+            max_delete_fraction=args.max_delete_fraction,
+            progress=progress,
+        )
+    except (UploadError, ValueError) as exc:
         print(f"airflow-embedding push: error: {exc}", file=sys.stderr)
         return 1
     if not result.success:
@@ -283,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--target", required=True, metavar="HOST:PORT", help="the upload server")
     push.add_argument("--chunk-size", type=int, default=300, help="rows a message")
     push.add_argument("--after", metavar="UUID", help="send only rows after this id (resume an aborted push)")
+    push.add_argument(
+        "--sync", action="store_true", help="make the tables equal to the file: delete stored rows it does not have"
+    )
+    push.add_argument(
+        "--max-delete-fraction",
+        type=float,
+        metavar="F",
+        help="with --sync: delete nothing and fail when more than this share of the stored rows would go (0.2)",
+    )
     push.add_argument("--tls-ca", metavar="PEM", help="TLS on: verify the server with this CA")
     push.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     push.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")

@@ -8,6 +8,14 @@ from typing import Any
 #: The ingest DAG's default cap on its mapped tasks (Param ``max_partitions``), one stream each:
 #: the fan-out the AI server sizes its threads for.
 DEFAULT_MAX_PARTITIONS = 64
+#: How a partition syncs its range (range sync, storage/sync.py). ``None``: rows after the start
+#: are streamed and upserted, nothing is deleted (a stream resumed after a checkpoint).
+#: ``DIFFERING_ROWS``: the source lists its ids and row hashes; only rows not stored as the
+#: source has them are streamed, and stored rows the source did not list are deleted.
+#: ``EVERY_ROW``: every row of the range is streamed, and the same deletions follow.
+DIFFERING_ROWS = "differing_rows"
+EVERY_ROW = "every_row"
+SYNC_MODES = (DIFFERING_ROWS, EVERY_ROW)
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,8 @@ class Partition:
     after_uuid: str | None
     until_uuid: str | None
     rows: int
+    sync: str | None = None  # one of SYNC_MODES, or None
+    max_deletes: int = 0  # a sync deletes at most this many rows of the range (the run's guard)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,6 +42,8 @@ class Partition:
             after_uuid=data.get("after_uuid") or None,
             until_uuid=data.get("until_uuid") or None,
             rows=int(data.get("rows", 0)),
+            sync=data.get("sync") or None,
+            max_deletes=int(data.get("max_deletes") or 0),
         )
 
     @property

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.progress import PartitionKey
+from airflow_embedding_provider.storage.sync import RangeSync
 from airflow_embedding_provider.storage.writer import ChunkWriter, WriteResult
 from airflow_embedding_provider.validation import Rejected, validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
@@ -45,6 +46,8 @@ class IngestStats:
     unchanged: int = 0
     duplicates: int = 0
     rows_dlq: int = 0
+    deleted: int = 0
+    deletes_blocked: int = 0
     chunks: int = 0
     sub_batches: int = 0
     seconds: float = 0.0
@@ -74,6 +77,8 @@ class IngestStats:
         self.unchanged += result.unchanged
         self.duplicates += result.duplicates
         self.rows_dlq += result.rejected
+        self.deleted += result.deleted
+        self.deletes_blocked += result.deletes_blocked
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -255,6 +260,7 @@ def ingest_chunks(
     sub_batch_size: int = DEFAULT_SUB_BATCH_SIZE,
     origin: Mapping[str, Any] | None = None,
     partition: PartitionKey | None = None,
+    reconcile: RangeSync | None = None,
     log_every: int = 50,
 ) -> IngestStats:
     """Validate and store every chunk; returns the counts.
@@ -265,6 +271,8 @@ def ingest_chunks(
         position it completes, so a crash keeps whole sub-batches only.
     :param partition: record progress on this partition (and the run's low watermark); without
         it the stream's checkpoint advances directly.
+    :param reconcile: once everything is stored, delete the range's rows the source no longer
+        has, in the transaction that marks the partition done (storage/sync.py).
     """
     if not writers:
         raise ValueError("ingest needs at least one writer")
@@ -359,11 +367,20 @@ def ingest_chunks(
             raise
     stats.sub_batches = seq
     stats.last_processed_uuid = frontier.position
-    if partition is not None or frontier.position is not None:
+    if partition is not None or frontier.position is not None or reconcile is not None:
         # Everything is stored: record the final position (a claim can lag behind a neighbour
-        # committing at the same moment) and mark the partition done, in one more transaction.
-        writers[0].write(
-            RowBatch.empty(dimension), checkpoint=frontier.position, partition=partition, done=partition is not None
+        # committing at the same moment) and mark the partition done, in one more transaction;
+        # a range sync deletes in it, so that a crash keeps the deletions and the done mark, or neither.
+        stats.add(
+            writers[0].write(
+                RowBatch.empty(dimension),
+                checkpoint=frontier.position
+                if reconcile is None
+                else _max_id(frontier.position, reconcile.last_source_id),
+                partition=partition,
+                done=partition is not None,
+                reconcile=reconcile,
+            )
         )
     stats.seconds = time.monotonic() - began
     return stats

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
@@ -39,6 +40,8 @@ class Rejected:
     kind: str
     message: str
     payload: dict[str, Any] = field(repr=False)
+    #: The row's hash as received (digest.py), or ``None`` when not computed where it was rejected.
+    row_hash: int | None = field(default=None, repr=False)
 
     @property
     def row_key(self) -> str:
@@ -92,6 +95,19 @@ def _fields(chunk: WireChunk, i: int) -> dict[str, Any]:
         "primary_keyword": json_text(chunk.primary_keyword[i]),
         "vector": vector,
     }
+
+
+def _received_hash(chunk: WireChunk, i: int, canonical: str | None) -> int:
+    """The row's hash (digest.py) from the bytes received, its id in canonical form when valid:
+    the AI server hashes the same values, so a pending DLQ entry matches the source's row."""
+    return row_hash(
+        canonical or chunk.ids[i],
+        chunk.company_name[i],
+        chunk.exp_years[i],
+        chunk.english_level[i],
+        chunk.primary_keyword[i],
+        chunk.vectors[i],
+    )
 
 
 # The form our AI server sends: checked by a regular expression, far cheaper than uuid.UUID().
@@ -166,12 +182,7 @@ def validate_chunk(chunk: WireChunk, dimension: int) -> tuple[RowBatch, list[Rej
             good.append(i)
         else:
             rejected.append(
-                Rejected(
-                    ids[i],
-                    problem[0],
-                    problem[1],
-                    _payload(chunk, i),
-                )
+                Rejected(ids[i], problem[0], problem[1], _payload(chunk, i), _received_hash(chunk, i, ids[i]))
             )
     return _finite_rows(chunk, good, ids, rejected, dimension)
 
@@ -197,6 +208,7 @@ def _finite_rows(
                     f"vector has non-finite values (NaN or infinity) at positions "
                     f"{bad[:5].tolist()}{'...' if bad.size > 5 else ''}",
                     _payload(chunk, i),
+                    _received_hash(chunk, i, ids[i]),
                 )
             )
         good = [good[pos] for pos in np.flatnonzero(finite)]

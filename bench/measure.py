@@ -255,6 +255,104 @@ def engine(spec: Spec) -> dict[str, Any]:
     return result
 
 
+def sync_sample(spec: Spec) -> dict[str, Any]:
+    """The sample with ``fraction`` of its rows changed (vector and metadata) and as many removed,
+    both spread over the id range: the source of the range-sync measurement."""
+    import pandas as pd
+
+    out = Path(spec["sync_pkl"])
+    frame = pd.read_pickle(spec["pkl"])
+    rng = np.random.default_rng(int(spec["seed"]) + 2000)
+    count = max(1, round(len(frame) * float(spec["fraction"])))
+    picked = rng.choice(len(frame), size=2 * count, replace=False)
+    changed, removed = picked[:count], picked[count:]
+    if not out.exists():
+        vectors = frame["job_post_vectors"].to_numpy(copy=True)
+        for i in changed:
+            vectors[i] = np.roll(vectors[i], 1)
+        frame["job_post_vectors"] = vectors
+        years = frame["Exp Years"].to_numpy(copy=True)
+        years[changed] = (years[changed] + 1) % 16
+        frame["Exp Years"] = years
+        tmp = out.with_suffix(".tmp")
+        frame.drop(frame.index[removed]).to_pickle(tmp)
+        tmp.rename(out)
+    return {"rows": len(frame) - count, "changed_rows": count, "removed_rows": count}
+
+
+def sync(spec: Spec) -> dict[str, Any]:
+    """(e) A range sync as the DAG runs it, without Airflow: plan (digests, guard), then each
+    differing range: listing, diff, stream, delete. ``forced``: every range (full refresh);
+    ``every_row``: stream every row of the ranges instead of only those that differ."""
+    host, port = spec["target"].rsplit(":", 1)
+    os.environ["AIRFLOW_CONN_EMBEDDING_GRPC_DEFAULT"] = json.dumps(
+        {"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 60}}
+    )
+    from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+    from airflow_embedding_provider.pipeline import IngestStats, ingest_chunks, prefetch
+    from airflow_embedding_provider.range_sync import open_ended, plan_sync, range_inputs
+    from airflow_embedding_provider.storage.outbox import CacheRequest
+    from airflow_embedding_provider.storage.writer import ChunkWriter
+
+    dimension = int(spec["dimension"])
+    conns = [psycopg.connect(spec["dsn"], autocommit=True) for _ in range(int(spec["connections"]))]
+    writers = [
+        ChunkWriter(c, dimension=dimension, cache_request=CacheRequest("recruit", f"bench/{i}"))
+        for i, c in enumerate(conns)
+    ]
+    hook = GrpcEmbeddingHook()
+    hook.wait_until_ready()
+    cpu, began = own_cpu_seconds(), time.perf_counter()
+    ranges, _ = hook.plan_partitions(after=None, rows_per_partition=int(spec["rows_per_partition"]), max_partitions=64)
+    plan = plan_sync(
+        conns[0],
+        hook,
+        open_ended(ranges, None),
+        forced=bool(spec.get("forced")),
+        every_row=bool(spec.get("every_row")),
+        max_delete_fraction=float(spec.get("max_delete_fraction", 0.2)),
+    )
+    planned = time.perf_counter() - began
+    total = IngestStats()
+    for part in plan.partitions:
+        reconcile, only_ids = range_inputs(conns[0], hook, part)
+        stats = ingest_chunks(
+            prefetch(
+                hook.stream_chunks(
+                    after=part.after_uuid,
+                    until=part.until_uuid,
+                    chunk_size=int(spec["chunk_size"]),
+                    only_ids=only_ids,
+                )
+            ),
+            writers,
+            dimension=dimension,
+            sub_batch_size=int(spec["sub_batch_size"]),
+            origin={"bench": "sync"},
+            reconcile=reconcile,
+        )
+        for name in ("rows_received", "inserted", "updated", "unchanged", "rows_dlq", "deleted", "deletes_blocked"):
+            setattr(total, name, getattr(total, name) + getattr(stats, name))
+    seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
+    hook.close()
+    for conn in conns:
+        conn.close()
+    return {
+        "rows": int(spec["rows"]),
+        "seconds": seconds,
+        "plan_seconds": planned,
+        "worker_cpu_seconds": cpu,
+        "ranges": plan.ranges,
+        "ranges_synced": len(plan.partitions),
+        "rows_streamed": total.rows_received,
+        "inserted": total.inserted,
+        "updated": total.updated,
+        "unchanged": total.unchanged,
+        "deleted": total.deleted,
+        "deletes_blocked": total.deletes_blocked,
+    }
+
+
 def index(spec: Spec) -> dict[str, Any]:
     """An ANN index build on a loaded table (``ensure_ann_index``), as the DAG's finalize does it;
     ``spec["method"]``: ``ivfflat`` (default) or ``hnsw``."""
@@ -355,6 +453,8 @@ def _children_cpu() -> float:
 
 MODES: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "sample": sample,
+    "sync_sample": sync_sample,
+    "sync": sync,
     "ceiling": ceiling,
     "naive": naive,
     "engine": engine,

@@ -4,7 +4,7 @@ Everything runs on one embedded PostgreSQL, a fresh database a measurement, agai
 process over the same sample. Absolute seconds on a shared machine are noise; the ratios between
 measurements taken minutes apart in the same run are the figures to read.
 
-    python -m bench.run [--rows N] [--quick] [--pairs N] [--hnsw] [--skip naive,settings,dag,incremental]
+    python -m bench.run [--rows N] [--quick] [--pairs N] [--hnsw] [--skip naive,settings,dag,incremental,sync]
 
 The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ DEFAULT_ROWS = 141_897  # the seed's own figure
 DAG_ID = "recruit_embedding_ingest"
 SEED = 7
 CHANGED_FRACTION = 0.10
-SKIPPABLE = ("naive", "settings", "dag", "incremental")
+SKIPPABLE = ("naive", "settings", "dag", "incremental", "sync")
+#: The range-sync measurement's source: this share of rows changed and as many removed.
+SYNC_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,64 @@ class Bench:
             )
         self.measurements[key] = result
         return result
+
+
+def sync_measurements(
+    bench: Bench, common: dict[str, Any], fresh_db: Callable[[], str], pkl: Path, stack: ExitStack
+) -> None:
+    """Range sync after a first load (engine, then the ivfflat index) of its own database: a
+    scheduled run when nothing changed, a full refresh when nothing changed, every range streamed
+    whole (what not splitting a differing range costs), then 1% changed and 1% removed."""
+    workdir = bench.workdir
+    sync_pkl = workdir / f"{pkl.stem}-sync{round(SYNC_FRACTION * 100)}pct.pkl"
+    sample = bench.child(
+        "sync_sample",
+        "sync_sample",
+        {"pkl": str(pkl), "sync_pkl": str(sync_pkl), "seed": SEED, "fraction": SYNC_FRACTION},
+    )
+    dsn = fresh_db()
+    setting = {
+        "chunk_size": DEFAULT_SETTING.chunk_size,
+        "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
+        "connections": DEFAULT_SETTING.connections,
+        "rows_per_partition": 20_000,  # the DAG's default
+    }
+    bench.child("engine", "sync_first_load", {**common, **setting, "dsn": dsn}, setting=DEFAULT_SETTING.label)
+    bench.child("index", "sync_first_load_ivfflat", {"dsn": dsn, "rows": bench.rows})
+    source = {**common, **setting, "dsn": dsn}
+    bench.child("sync", "sync_unchanged", source)
+    bench.child("sync", "sync_full_refresh_unchanged", {**source, "forced": True})
+    bench.child("sync", "sync_every_row_unchanged", {**source, "forced": True, "every_row": True})
+    ai = ServerProcess(["ai-server", "--pkl", str(sync_pkl)], log_path=workdir / "ai-server.log")
+    ai.start(timeout=600)
+    stack.callback(ai.stop)
+    bench.child(
+        "sync",
+        "sync_1pct_changed_1pct_removed",
+        {**source, "target": ai.target, "rows": sample["rows"]},
+        expected_changed=sample["changed_rows"],
+        expected_removed=sample["removed_rows"],
+    )
+    ai.stop()
+    m = bench.measurements
+    load = m["sync_first_load"]["seconds"]
+    ceiling = m["ceiling"]["seconds"] + m["ivfflat_build"]["seconds"]
+    print("range sync (seconds; x first load; x load-until-queryable ceiling = COPY both tables + ivfflat):")
+    for key in (
+        "sync_unchanged",
+        "sync_full_refresh_unchanged",
+        "sync_every_row_unchanged",
+        "sync_1pct_changed_1pct_removed",
+    ):
+        r = m[key]
+        r["x_first_load"] = r["seconds"] / load
+        r["x_ceiling"] = r["seconds"] / ceiling
+        print(
+            f"  {key:<34} {r['seconds']:7.2f} s  {r['x_first_load']:5.2f}x load  {r['x_ceiling']:5.2f}x ceiling  "
+            f"ranges {r['ranges_synced']}/{r['ranges']}, streamed {r['rows_streamed']}, "
+            f"{r['inserted']} new, {r['updated']} changed, {r['deleted']} deleted",
+            flush=True,
+        )
 
 
 def _drop_databases(pg: EmbeddedPostgres, names: list[str]) -> None:
@@ -301,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                     {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows},
                     conf=conf,
                 )
+
+        if "sync" not in args.skip:
+            sync_measurements(bench, common, fresh_db, pkl, stack)
 
         ai_memory["rss_after_streams_mib"] = rss_mib(ai_pid)
         ai_memory["peak_rss_mib"] = peak_rss_mib(ai_pid)

@@ -7,9 +7,12 @@ after a first load and enforces the DLQ budget; ``invalidate_cache`` tells the A
 its ``recruit`` cache when the run changed rows; ``announce_change`` emits an event of the
 embedding table's Asset for downstream DAGs (``recruit_embedding_consumer``) when it changed rows.
 
-Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off) and
-resumes after the stored checkpoint. Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to
-resume after a given id, or ``{"full_refresh": true}`` to reload everything.
+Runs on a schedule (``RECRUIT_EMBEDDING_SCHEDULE``, default hourly; ``none`` turns it off). Each
+run compares the source and the tables range by range (digests) and syncs the ranges that differ,
+whatever the id order: new and changed rows are stored, rows the source lost are deleted, unless
+that is more than ``max_delete_fraction`` of the stored rows (then none are, and the run fails).
+Trigger it with ``{"last_processed_uuid": "<uuid>"}`` to re-send every row after a given id, or
+``{"full_refresh": true}`` to compare every range row by row.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
 from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_MAX_BUILD_MEMORY
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
@@ -70,7 +74,9 @@ with DAG(
             format="uuid",
             description="Resume strictly after this id; empty = after the stored checkpoint.",
         ),
-        "full_refresh": Param(False, type="boolean", description="Reload every row (upserts; unchanged rows stay)."),
+        "full_refresh": Param(
+            False, type="boolean", description="Compare every range row by row, whatever its digest says."
+        ),
         "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
         "sub_batch_size": Param(
             DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."
@@ -91,6 +97,14 @@ with DAG(
             maximum=1,
             description="Recall@10 the tuned ANN search must reach after a change (finalize fails below it).",
         ),
+        "max_delete_fraction": Param(
+            DEFAULT_MAX_DELETE_FRACTION,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Delete rows the source lost only up to this share of the stored rows; above it, "
+            "delete none and fail the run.",
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -100,6 +114,7 @@ with DAG(
         full_refresh="{{ params.full_refresh }}",
         rows_per_partition="{{ params.rows_per_partition }}",
         max_partitions="{{ params.max_partitions }}",
+        max_delete_fraction="{{ params.max_delete_fraction }}",
         dimension=DIMENSION,
     )
     ingest = EmbeddingStreamToPgvectorOperator.partial(
@@ -113,6 +128,7 @@ with DAG(
     finalize = EmbeddingCheckpointOperator(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
+        max_delete_fraction="{{ params.max_delete_fraction }}",
         ann_index_method=ANN_INDEX,
         max_build_memory=MAX_BUILD_MEMORY,
         min_recall="{{ params.min_recall }}",

@@ -12,6 +12,8 @@ from concurrent import futures
 import grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.ai_server.digest import DatasetDigests, selected_chunks
+from airflow_embedding_provider.digest import HASH_VERSION, pack_hashes
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS as DAG_MAX_PARTITIONS
 from airflow_embedding_provider.security import (
     CallSlots,
@@ -38,6 +40,8 @@ DEFAULT_MAX_STREAMS = DAG_MAX_PARTITIONS
 #: Threads beyond the streams' for health checks, PlanPartitions and refusals: a stream that waits
 #: on a slow reader holds its thread, and these calls must still be answered then.
 UNARY_THREADS = 8
+#: Rows a ``RangeDigestPage``: 24 bytes a row, 1.5 MiB a message.
+DEFAULT_DIGEST_PAGE_ROWS = 65_536
 
 
 def max_chunk_size(dimension: int) -> int:
@@ -94,6 +98,8 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
 
     def __init__(self, dataset: EmbeddingDataset, *, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self._dataset = dataset
+        # Row hashes at start-up (about 2 us a row), so that the first run's digests are not slower.
+        self._digests = DatasetDigests(dataset).built()
         self._max_chunk = max_chunk_size(dataset.dimension)
         self.rejects = RejectLedger()
         self.streams = CallSlots(max_streams, what="streams", option="--max-streams")
@@ -137,10 +143,19 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
             total = self._dataset.stop_at(request.until_uuid)
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"until_uuid {request.until_uuid[:64]!r} is not a UUID")
+        messages: Iterator[RowChunkBytes]
+        if request.only_ids:
+            try:
+                positions = self._digests.positions(request.last_processed_uuid, request.until_uuid, request.only_ids)
+            except ValueError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            messages, start, total = selected_chunks(self._dataset, positions, size), 0, len(positions)
+        else:
+            messages = self._dataset.chunks(start, total, size)
         began, sent = time.monotonic(), 0
         peer = context.peer()
         try:
-            for message in self._dataset.chunks(start, total, size):
+            for message in messages:
                 if not context.is_active():
                     break
                 yield message
@@ -180,6 +195,34 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
             len(plan.partitions),
         )
         return plan
+
+    def RangeDigests(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.RangeDigestRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.RangeDigestReply:
+        reply = embedding_pb2.RangeDigestReply(hash_version=HASH_VERSION)
+        for bounds in request.ranges:
+            try:
+                found = self._digests.digest(bounds.after_uuid, bounds.until_uuid)
+            except ValueError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a range bound is not a UUID: {bounds}"[:200])
+            reply.ranges.add(rows=found.rows, digest=found.digest)
+        log.info("RangeDigests ranges=%d rows=%d", len(reply.ranges), sum(r.rows for r in reply.ranges))
+        return reply
+
+    def ListRangeDigests(  # noqa: N802 - gRPC method name
+        self, request: embedding_pb2.RangeDigestListRequest, context: grpc.ServicerContext
+    ) -> Iterator[embedding_pb2.RangeDigestPage]:
+        page = request.page_rows or DEFAULT_DIGEST_PAGE_ROWS
+        if page < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_rows must be positive")
+        try:
+            keys, hashes = self._digests.listing(request.range.after_uuid, request.range.until_uuid)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a range bound is not a UUID: {request.range}"[:200])
+        for begin in range(0, len(hashes), page):
+            yield embedding_pb2.RangeDigestPage(
+                ids=keys[16 * begin : 16 * (begin + page)], row_hashes=pack_hashes(hashes[begin : begin + page])
+            )
 
     def _start(self, last_processed_uuid: str, context: grpc.ServicerContext) -> int:
         try:
@@ -235,6 +278,16 @@ def build_server(
                 servicer.GetServerStatus,
                 request_deserializer=embedding_pb2.ServerStatusRequest.FromString,
                 response_serializer=embedding_pb2.ServerStatus.SerializeToString,
+            ),
+            "RangeDigests": grpc.unary_unary_rpc_method_handler(
+                servicer.RangeDigests,
+                request_deserializer=embedding_pb2.RangeDigestRequest.FromString,
+                response_serializer=embedding_pb2.RangeDigestReply.SerializeToString,
+            ),
+            "ListRangeDigests": grpc.unary_stream_rpc_method_handler(
+                servicer.ListRangeDigests,
+                request_deserializer=embedding_pb2.RangeDigestListRequest.FromString,
+                response_serializer=embedding_pb2.RangeDigestPage.SerializeToString,
             ),
         },
     )

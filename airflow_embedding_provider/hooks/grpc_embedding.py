@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from airflow_embedding_provider.digest import HASH_VERSION, Hashes, RangeDigest, unpack_hashes
 from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.wire import embedding_pb2
@@ -21,6 +22,8 @@ RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
 #: Rejected rows a ``ReportRejects`` call: well under the message limit whatever the messages hold.
 REPORT_ROWS_PER_CALL = 2000
+#: Ids a ``GetEmbeddings`` request names at most (16 bytes each: 1.6 MB, under gRPC's 4 MiB).
+ONLY_IDS_PER_REQUEST = 100_000
 #: Codes of a stream that broke on the way (server gone, reset, overloaded), not of a bad request.
 STREAM_CUT_CODES = frozenset(
     {
@@ -79,8 +82,12 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         until: str | None = None,
         reconnects: int = 5,
         timeout: float | None = None,
+        only_ids: bytes | None = None,
     ) -> Iterator[WireChunk]:
         """``GetEmbeddings``: decoded chunks of the rows after ``after`` up to ``until`` inclusive.
+
+        With ``only_ids`` (16-byte keys, concatenated, ascending) only those rows of the range,
+        asked for in requests of at most :data:`ONLY_IDS_PER_REQUEST` ids.
 
         When the stream breaks (server gone, connection reset, deadline), reconnect with
         exponential backoff and jitter and continue right after the last row handed out, up to
@@ -90,10 +97,29 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         :param timeout: a deadline for each stream call, in seconds; none by default, since a large
             load may stream for long. A dead peer is still noticed through keepalive.
         """
+        if only_ids is not None:
+            step = 16 * ONLY_IDS_PER_REQUEST
+            for begin in range(0, len(only_ids), step):
+                page = only_ids[begin : begin + step]
+                yield from self._stream_with_reconnects(after, until, chunk_size, reconnects, timeout, page)
+            return
+        yield from self._stream_with_reconnects(after, until, chunk_size, reconnects, timeout, b"")
+
+    def _stream_with_reconnects(
+        self,
+        after: str | None,
+        until: str | None,
+        chunk_size: int,
+        reconnects: int,
+        timeout: float | None,
+        only_ids: bytes,
+    ) -> Iterator[WireChunk]:
         position, failures = after, 0
         while True:
             try:
-                for chunk in self._stream_once(after=position, until=until, chunk_size=chunk_size, timeout=timeout):
+                for chunk in self._stream_once(
+                    after=position, until=until, chunk_size=chunk_size, timeout=timeout, only_ids=only_ids
+                ):
                     failures = 0
                     position = _resume_after(position, chunk)
                     yield chunk
@@ -117,7 +143,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
                 time.sleep(delay)
 
     def _stream_once(
-        self, *, after: str | None, until: str | None, chunk_size: int, timeout: float | None
+        self, *, after: str | None, until: str | None, chunk_size: int, timeout: float | None, only_ids: bytes = b""
     ) -> Iterator[WireChunk]:
         call = self.channel.unary_stream(
             f"/{EMBEDDING_SERVICE}/GetEmbeddings",
@@ -125,7 +151,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
             response_deserializer=RowChunkBytes.FromString,
         )
         request = embedding_pb2.StreamEmbeddingRequest(
-            last_processed_uuid=after or "", chunk_size=chunk_size, until_uuid=until or ""
+            last_processed_uuid=after or "", chunk_size=chunk_size, until_uuid=until or "", only_ids=only_ids
         )
         self.wait_until_ready()
         responses = call(request, timeout=timeout, metadata=self.settings.metadata())
@@ -192,5 +218,52 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         return status
 
 
+    def range_digests(self, ranges: list[tuple[str | None, str | None]]) -> list[RangeDigest]:
+        """``RangeDigests``: the source's count and digest of each ``(after, until)`` range."""
+        self.wait_until_ready()
+        call = self.channel.unary_unary(
+            f"/{EMBEDDING_SERVICE}/RangeDigests",
+            request_serializer=embedding_pb2.RangeDigestRequest.SerializeToString,
+            response_deserializer=embedding_pb2.RangeDigestReply.FromString,
+        )
+        request = embedding_pb2.RangeDigestRequest(
+            ranges=[embedding_pb2.DigestRange(after_uuid=a or "", until_uuid=u or "") for a, u in ranges]
+        )
+        reply = call(request, timeout=self.settings.timeout, metadata=self.settings.metadata())
+        _check_hash_version(reply.hash_version, self.settings.target)
+        return [RangeDigest(int(r.rows), int(r.digest)) for r in reply.ranges]
+
+    def list_range(self, after: str | None, until: str | None) -> tuple[bytes, Hashes]:
+        """``ListRangeDigests``: the 16-byte keys (concatenated, ascending) and row hashes of
+        every row of the source in ``(after, until]``."""
+        self.wait_until_ready()
+        call = self.channel.unary_stream(
+            f"/{EMBEDDING_SERVICE}/ListRangeDigests",
+            request_serializer=embedding_pb2.RangeDigestListRequest.SerializeToString,
+            response_deserializer=embedding_pb2.RangeDigestPage.FromString,
+        )
+        request = embedding_pb2.RangeDigestListRequest(
+            range=embedding_pb2.DigestRange(after_uuid=after or "", until_uuid=until or "")
+        )
+        keys: list[bytes] = []
+        hashes: list[bytes] = []
+        for page in call(request, timeout=self.settings.timeout, metadata=self.settings.metadata()):
+            if len(page.ids) != 2 * len(page.row_hashes):
+                raise ValueError(
+                    f"{self.settings.target} sent {len(page.ids)} bytes of ids for {len(page.row_hashes)} of hashes"
+                )
+            keys.append(page.ids)
+            hashes.append(page.row_hashes)
+        return b"".join(keys), unpack_hashes(b"".join(hashes))
+
+
 def _sendable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_hash_version(version: str, target: str) -> None:
+    if version != HASH_VERSION:
+        raise ValueError(
+            f"the AI server at {target} hashes rows as {version or 'nothing'!r}, this provider as {HASH_VERSION!r}: "
+            "upgrade the older of the two"
+        )

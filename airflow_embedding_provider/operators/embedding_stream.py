@@ -28,11 +28,13 @@ from airflow_embedding_provider.metrics import record_rate, record_recall, recor
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
+from airflow_embedding_provider.range_sync import open_ended, plan_sync, range_inputs
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.progress import (
     PartitionKey,
     advance_checkpoint,
+    deleted_in_run,
     load_plan,
     low_watermark,
     resume_point,
@@ -52,6 +54,7 @@ from airflow_embedding_provider.storage.schema import (
 )
 from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
 
 if TYPE_CHECKING:
@@ -108,23 +111,37 @@ def _report_rejects(operator: BaseOperator, hook: GrpcEmbeddingHook, source: str
 
 
 class EmbeddingStreamPlanOperator(BaseOperator):
-    """Splits the rows to load into id ranges for a mapped ingest; returns them (small JSON).
+    """Splits the source into id ranges and returns those a mapped ingest must sync (small JSON).
 
-    The rows to load are those after ``last_processed_uuid`` when given, all rows with
-    ``full_refresh``, otherwise those after the stored checkpoint. The plan is stored per DAG run,
-    so a retried planning task hands out the same ranges.
+    Without ``last_processed_uuid`` the whole source is split into ranges, and the source's digest
+    of each range (``RangeDigests``) is compared with the stored rows' (storage/sync.py): only
+    ranges that differ are handed out (every range with ``full_refresh``), whatever the id order,
+    and their tasks stream only the rows that differ. With ``last_processed_uuid`` the ranges
+    after that id are handed out and stream every row, as a resume after that id. In both cases a
+    range ends equal to the source: stored rows the source no longer lists are deleted.
+
+    Deleting is guarded: a plan that would delete more than ``max_delete_fraction`` of the stored
+    rows lets no range delete (the rows are still stored; ``finalize`` then fails the run with the
+    counts). The plan is stored per DAG run, so a retried planning task hands out the same ranges.
 
     :param grpc_conn_id: ``embedding_grpc`` connection of the AI server.
     :param postgres_conn_id: PostgreSQL connection.
     :param last_processed_uuid: resume strictly after this id (templated; empty = checkpoint).
-    :param full_refresh: reload every row (templated; ``true``/``false``).
+    :param full_refresh: compare every range row by row, whatever its digest (templated).
+    :param max_delete_fraction: the share of the stored rows a run may delete (templated).
     :param rows_per_partition: the plan aims at partitions of about this many rows.
     :param max_partitions: never more partitions than this (at most ``max_map_length``).
     :param dimension: vector dimension of the tables (the schema is applied here).
     :param stream_name: the checkpoint row of this stream.
     """
 
-    template_fields: Sequence[str] = ("last_processed_uuid", "full_refresh", "rows_per_partition", "max_partitions")
+    template_fields: Sequence[str] = (
+        "last_processed_uuid",
+        "full_refresh",
+        "rows_per_partition",
+        "max_partitions",
+        "max_delete_fraction",
+    )
 
     def __init__(
         self,
@@ -135,6 +152,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         full_refresh: bool | str = False,
         rows_per_partition: int | str = 20_000,
         max_partitions: int | str = DEFAULT_MAX_PARTITIONS,
+        max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         **kwargs: Any,
@@ -146,6 +164,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         self.full_refresh = full_refresh
         self.rows_per_partition = rows_per_partition
         self.max_partitions = max_partitions
+        self.max_delete_fraction = max_delete_fraction
         self.dimension = dimension
         self.stream_name = stream_name
 
@@ -161,20 +180,32 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                 context["ti"].xcom_push(key="start_after", value=existing[0].after_uuid)
                 return [p.as_dict() | {"label": p.label} for p in existing]
             stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
-            start = requested if requested is not None else None if flag(self.full_refresh, "full_refresh") else stored
+            full = flag(self.full_refresh, "full_refresh")
+            start = requested
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
-                partitions, total = hook.plan_partitions(
+                ranges, total = hook.plan_partitions(
                     after=start, rows_per_partition=int(self.rows_per_partition), max_partitions=max_partitions
                 )
+                partitions = plan_sync(
+                    conn,
+                    hook,
+                    open_ended(ranges, start),
+                    forced=full or start is not None,
+                    every_row=start is not None,
+                    max_delete_fraction=float(self.max_delete_fraction),
+                    log=self.log,
+                ).partitions
             partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
         self.log.info(
-            "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d partition(s)",
+            "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d range(s), %d to sync: %s",
             total,
             start or "the beginning",
             requested or "-",
-            flag(self.full_refresh, "full_refresh"),
+            full,
             stored or "-",
+            len(ranges),
             len(partitions),
+            ", ".join(p.label for p in partitions) or "none",
         )
         context["ti"].xcom_push(key="start_after", value=start)
         return [p.as_dict() | {"label": p.label} for p in partitions]
@@ -303,13 +334,15 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 for i, c in enumerate(conns)
             ]
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
+                reconcile, only_ids = range_inputs(conn, hook, part, log=self.log) if part is not None else (None, None)
                 stats = ingest_chunks(
-                    prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size)),
+                    prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size, only_ids=only_ids)),
                     writers,
                     dimension=self.dimension,
                     sub_batch_size=sub_batch,
                     origin=origin,
                     partition=key,
+                    reconcile=reconcile,
                 )
                 _report_rejects(self, hook, source if part is None else f"{source} ({part.label})", stats)
             if part is None and self.build_ann_index:
@@ -317,12 +350,14 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
-            "stored %d rows (%d new, %d changed, %d unchanged), %d to the DLQ %s, in %d chunks, %.1f s, "
-            "%.0f rows/s; position %s",
+            "stored %d rows (%d new, %d changed, %d unchanged), deleted %d (%d held back by the guard), "
+            "%d to the DLQ %s, in %d chunks, %.1f s, %.0f rows/s; position %s",
             stats.rows_stored,
             stats.inserted,
             stats.updated,
             stats.unchanged,
+            stats.deleted,
+            stats.deletes_blocked,
             stats.rows_dlq,
             dict(stats.dlq_by_reason),
             stats.chunks,
@@ -370,6 +405,8 @@ class EmbeddingCheckpointOperator(BaseOperator):
     :param postgres_conn_id: PostgreSQL connection.
     :param ingest_task_id: the mapped ingest task whose results are summed.
     :param max_dlq_fraction: the share of rejected rows above which the run fails (templated).
+    :param max_delete_fraction: the plan's deletion guard (templated); named in the failure of a
+        run whose ranges held back deletions.
     :param stream_name: the checkpoint row of this stream.
     :param build_ann_index: build the ANN index when missing and the table has rows.
     :param ann_index_method: ``ivfflat`` or ``hnsw`` (templated); see :func:`ensure_ann_index`.
@@ -378,7 +415,13 @@ class EmbeddingCheckpointOperator(BaseOperator):
     :param recall_queries: sampled queries the gate measures with.
     """
 
-    template_fields: Sequence[str] = ("max_dlq_fraction", "ann_index_method", "max_build_memory", "min_recall")
+    template_fields: Sequence[str] = (
+        "max_dlq_fraction",
+        "max_delete_fraction",
+        "ann_index_method",
+        "max_build_memory",
+        "min_recall",
+    )
 
     def __init__(
         self,
@@ -386,6 +429,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         postgres_conn_id: str = "postgres_default",
         ingest_task_id: str = "ingest",
         max_dlq_fraction: float | str = 0.05,
+        max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         stream_name: str = DEFAULT_STREAM,
         build_ann_index: bool = True,
         ann_index_method: str = "ivfflat",
@@ -401,6 +445,7 @@ class EmbeddingCheckpointOperator(BaseOperator):
         self.postgres_conn_id = postgres_conn_id
         self.ingest_task_id = ingest_task_id
         self.max_dlq_fraction = max_dlq_fraction
+        self.max_delete_fraction = max_delete_fraction
         self.stream_name = stream_name
         self.build_ann_index = build_ann_index
         self.ann_index_method = ann_index_method
@@ -410,7 +455,17 @@ class EmbeddingCheckpointOperator(BaseOperator):
         pulled = ti.xcom_pull(task_ids=self.ingest_task_id)
         # One mapped task instance comes back as its value, several as a sequence of values.
         results = [pulled] if isinstance(pulled, dict) else [r for r in pulled or [] if isinstance(r, dict)]
-        fields = ("rows_received", "inserted", "updated", "unchanged", "duplicates", "rows_dlq", "chunks")
+        fields = (
+            "rows_received",
+            "inserted",
+            "updated",
+            "unchanged",
+            "duplicates",
+            "rows_dlq",
+            "deleted",
+            "deletes_blocked",
+            "chunks",
+        )
         totals: dict[str, int] = {name: sum(int(r.get(name, 0)) for r in results) for name in fields}
         reasons: Counter[str] = Counter()
         for r in results:
@@ -419,6 +474,11 @@ class EmbeddingCheckpointOperator(BaseOperator):
             watermark = low_watermark(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
             if watermark is not None:
                 advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
+            # A try killed after its deleting transaction committed returned no result: count
+            # the run's deletions where they were recorded.
+            deleted = deleted_in_run(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
+            if deleted is not None:
+                totals["deleted"] = deleted
         with _connections(self.postgres_conn_id, 1) as (conn,):
             checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
             built = (
@@ -426,8 +486,9 @@ class EmbeddingCheckpointOperator(BaseOperator):
                 if self.build_ann_index
                 else None
             )
-            changed = bool(built) or totals["inserted"] + totals["updated"] > 0
+            changed = bool(built) or totals["inserted"] + totals["updated"] + totals.get("deleted", 0) > 0
             recall = self._recall_gate(conn, changed)
+            stored_rows = stored_count(conn, DEFAULT_TABLES)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
         seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
@@ -448,6 +509,15 @@ class EmbeddingCheckpointOperator(BaseOperator):
         ti.xcom_push(key="recall", value=recall)
         record_rate(summary["rows_per_second"], dag_id=ti.dag_id, stream=self.stream_name)
         self.log.info("run total: %s", summary)
+        held = totals["deletes_blocked"]
+        if held:
+            before = stored_rows - totals["inserted"]  # nothing was deleted: the new rows came on top
+            raise AirflowFailException(
+                f"the source no longer has {held} of the {before} stored rows ({held / max(before, 1):.1%}), above "
+                f"max_delete_fraction {float(self.max_delete_fraction):g}: nothing was deleted, everything else is "
+                f"stored. If the source really lost these rows, trigger the DAG with a higher max_delete_fraction "
+                "Param; else fix the source file."
+            )
         received, rejected = totals["rows_received"], totals["rows_dlq"]
         limit = float(self.max_dlq_fraction)
         if received and rejected / received > limit:

@@ -20,7 +20,9 @@ HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 TRAILER = struct.pack("!h", -1)
 _NULL = struct.pack("!i", -1)
 _METADATA_ROW_START = struct.pack("!hi", 5, 16)  # 5 fields; the first, the uuid, is 16 bytes
+_HASHED_ROW_START = struct.pack("!hi", 6, 16)  # the same and row_hash, an int8, last
 _INT4_LENGTH = struct.pack("!i", 4)
+_INT8_LENGTH = struct.pack("!i", 8)
 
 
 def uuid_bytes(ids: Sequence[str]) -> np.ndarray:
@@ -59,21 +61,27 @@ def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
     return HEADER + rows.tobytes() + TRAILER
 
 
-def metadata_copy_buffer(batch: RowBatch) -> bytes:
+def metadata_copy_buffer(batch: RowBatch, row_hashes: np.ndarray | None = None) -> bytes:
     """A complete binary COPY stream for ``(id uuid, company_name text, exp_years int4,
-    english_level text, primary_keyword text)``; ``exp_years`` must fit int4 (validation checks)."""
+    english_level text, primary_keyword text)``, and ``row_hash int8`` when ``row_hashes`` (one a
+    row) are given; ``exp_years`` must fit int4 (validation checks)."""
     keys = uuid_bytes(batch.ids).tobytes()
+    hashes = None if row_hashes is None else np.ascontiguousarray(row_hashes, dtype=">i8").tobytes()
+    start = _METADATA_ROW_START if hashes is None else _HASHED_ROW_START
     parts: list[bytes] = [HEADER]
     add = parts.append
     for i, (name, years, level, keyword) in enumerate(
         zip(batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, strict=True)
     ):
-        add(_METADATA_ROW_START)
+        add(start)
         add(keys[16 * i : 16 * i + 16])
         _add_text(add, name)
         add(_NULL if years is None else _INT4_LENGTH + years.to_bytes(4, "big", signed=True))
         _add_text(add, level)
         _add_text(add, keyword)
+        if hashes is not None:
+            add(_INT8_LENGTH)
+            add(hashes[8 * i : 8 * i + 8])
     add(TRAILER)
     return b"".join(parts)
 

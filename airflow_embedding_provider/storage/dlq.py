@@ -11,7 +11,10 @@ An entry's ``status`` is one of:
 - ``resolved``: a replay stored the entry's row.
 - ``superseded``: a replay found the row's id stored by a write later than the entry (a newer
   version of the row arrived after this one was dead-lettered) and did not write the stale payload.
-  ``error_kind`` and ``error_message`` keep the entry's last failure.
+  ``error_kind`` and ``error_message`` keep the entry's last failure. A range sync also supersedes
+  a pending entry whose row the source now has in another version (storage/sync.py).
+- ``withdrawn``: a range sync found that the source no longer has the entry's id and deleted the
+  id's stored row, if any (storage/sync.py); the entry is kept as a record and never replayed.
 
 Settled entries are kept by default rather than deleted: the DLQ then stays an audit trail of what
 failed, why and when it was settled, and a settled entry is never selected again, which is what
@@ -41,6 +44,7 @@ from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 PENDING = "pending"
 RESOLVED = "resolved"
 SUPERSEDED = "superseded"
+WITHDRAWN = "withdrawn"
 _TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
 
 

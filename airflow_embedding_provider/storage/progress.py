@@ -54,10 +54,13 @@ def save_plan(
         with conn.cursor() as cur:
             cur.executemany(
                 sql.SQL(
-                    "INSERT INTO {} (stream_name, run_id, partition_index, after_uuid, until_uuid, rows_planned) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)"
+                    "INSERT INTO {} (stream_name, run_id, partition_index, after_uuid, until_uuid, rows_planned, "
+                    "sync_mode, max_deletes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                 ).format(t),
-                [(stream_name, run_id, p.index, p.after_uuid, p.until_uuid, p.rows) for p in partitions],
+                [
+                    (stream_name, run_id, p.index, p.after_uuid, p.until_uuid, p.rows, p.sync, p.max_deletes)
+                    for p in partitions
+                ],
             )
     return list(partitions)
 
@@ -65,12 +68,15 @@ def save_plan(
 def load_plan(conn: psycopg.Connection, tables: TableNames, stream_name: str, run_id: str) -> list[Partition]:
     rows = conn.execute(
         sql.SQL(
-            "SELECT partition_index, after_uuid::text, until_uuid::text, rows_planned FROM {} "
+            "SELECT partition_index, after_uuid::text, until_uuid::text, rows_planned, sync_mode, max_deletes FROM {} "
             "WHERE stream_name = %s AND run_id = %s ORDER BY partition_index"
         ).format(_ids(tables)["progress"]),
         (stream_name, run_id),
     ).fetchall()
-    return [Partition(index=r[0], after_uuid=r[1], until_uuid=r[2], rows=r[3]) for r in rows]
+    return [
+        Partition(index=r[0], after_uuid=r[1], until_uuid=r[2], rows=r[3], sync=r[4], max_deletes=int(r[5]))
+        for r in rows
+    ]
 
 
 def committed_position(conn: psycopg.Connection, tables: TableNames, key: PartitionKey) -> tuple[str | None, bool]:
@@ -99,11 +105,13 @@ def resume_point(
 
 
 # The low watermark over the partitions ``p(i, until_uuid, committed_uuid, done)`` of one run: all
-# done, the last bound; else the first unfinished partition's committed position, or, before it
+# done, the last bound (the last partition of a range sync is open-ended: then what it committed,
+# which its final transaction sets to the source's last id of the range); else the first unfinished partition's committed position, or, before it
 # has any, the bound of the partition before it.
 _WATERMARK = (
     "open AS (SELECT min(i) AS i FROM p WHERE NOT done), "
-    "wm AS (SELECT CASE WHEN (SELECT i FROM open) IS NULL THEN (SELECT until_uuid FROM p ORDER BY i DESC LIMIT 1) "
+    "wm AS (SELECT CASE WHEN (SELECT i FROM open) IS NULL THEN "
+    "(SELECT coalesce(until_uuid, committed_uuid) FROM p ORDER BY i DESC LIMIT 1) "
     "ELSE coalesce((SELECT committed_uuid FROM p WHERE i = (SELECT i FROM open)), "
     "(SELECT until_uuid FROM p WHERE i < (SELECT i FROM open) ORDER BY i DESC LIMIT 1)) END AS w)"
 )
@@ -164,3 +172,22 @@ def record_progress_and_advance(
         ).format(progress=ids["progress"], checkpoint=ids["checkpoint"]),
         {"committed": committed_uuid, "done": done, "stream": key.stream_name, "run": key.run_id, "index": key.index},
     )
+
+
+def record_deleted(cur: psycopg.Cursor, tables: TableNames, key: PartitionKey, deleted: int) -> None:
+    """Count rows a partition's sync deleted; call it in the transaction that deleted them."""
+    cur.execute(
+        sql.SQL(
+            "UPDATE {} SET deleted = deleted + %s WHERE stream_name = %s AND run_id = %s AND partition_index = %s"
+        ).format(_ids(tables)["progress"]),
+        (deleted, key.stream_name, key.run_id, key.index),
+    )
+
+
+def deleted_in_run(cur: psycopg.Cursor, tables: TableNames, stream_name: str, run_id: str) -> int | None:
+    """Rows the run's partitions deleted, whichever try did it; ``None`` when the run has no plan."""
+    row = cur.execute(
+        sql.SQL("SELECT sum(deleted) FROM {} WHERE stream_name = %s AND run_id = %s").format(_ids(tables)["progress"]),
+        (stream_name, run_id),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])

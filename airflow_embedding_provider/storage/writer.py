@@ -16,11 +16,19 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from airflow_embedding_provider.digest import row_hash, row_hashes
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
+from airflow_embedding_provider.storage.dlq import PayloadError, payload_to_chunk
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
-from airflow_embedding_provider.storage.progress import PartitionKey, advance_checkpoint, record_progress_and_advance
+from airflow_embedding_provider.storage.progress import (
+    PartitionKey,
+    advance_checkpoint,
+    record_deleted,
+    record_progress_and_advance,
+)
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
+from airflow_embedding_provider.storage.sync import RangeSync, Reconciled, reconcile_range
 from airflow_embedding_provider.validation import Rejected, json_vector
 
 DEFAULT_STREAM = "recruit"
@@ -41,6 +49,8 @@ class WriteResult:
     rejected: int
     refused: int = 0  # of ``rejected``: rows PostgreSQL refused although they passed validation
     refused_rows: tuple[Rejected, ...] = ()
+    deleted: int = 0  # rows a range sync deleted (storage/sync.py)
+    deletes_blocked: int = 0  # rows a range sync would have deleted but for its limit
 
     @property
     def stored(self) -> int:
@@ -72,6 +82,7 @@ class _Step:
     partition: PartitionKey | None
     done: bool
     dead_letter_refused: bool
+    reconcile: RangeSync | None = None
 
 
 class ChunkWriter:
@@ -119,7 +130,7 @@ class ChunkWriter:
             self._conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {} (id uuid, company_name text, exp_years int4, "
-                    "english_level text, primary_keyword text) ON COMMIT DELETE ROWS"
+                    "english_level text, primary_keyword text, row_hash int8) ON COMMIT DELETE ROWS"
                 ).format(_STAGE_META)
             )
             self._conn.execute(
@@ -139,6 +150,7 @@ class ChunkWriter:
         partition: PartitionKey | None = None,
         done: bool = False,
         dead_letter_refused: bool = True,
+        reconcile: RangeSync | None = None,
     ) -> WriteResult:
         """Store ``batch`` and ``rejected`` and advance the position to ``checkpoint``, atomically.
 
@@ -149,12 +161,15 @@ class ChunkWriter:
         Rows PostgreSQL refuses are isolated (see :meth:`_upsert_isolating`) and dead-lettered,
         unless ``dead_letter_refused`` is false: then they are only returned in ``refused_rows``
         (the DLQ replay updates the entries they came from instead of adding new ones).
+
+        With ``reconcile`` the range's rows the source no longer has are deleted in the same
+        transaction (storage/sync.py: :func:`reconcile_range`); pass it with ``done``.
         """
         if batch.dimension != self._dimension and len(batch):
             raise ValueError(f"batch dimension {batch.dimension} differs from the writer's {self._dimension}")
         self.ensure_stage()
         batch, duplicates = keep_last_occurrence(batch)
-        step = _Step(rejected, checkpoint, origin or {}, partition, done, dead_letter_refused)
+        step = _Step(rejected, checkpoint, origin or {}, partition, done, dead_letter_refused, reconcile)
         outermost = self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         if outermost:
             # Optimistic: no savepoint. Should PostgreSQL refuse a row, the transaction rolls
@@ -168,6 +183,7 @@ class ChunkWriter:
 
     def _write(self, batch: RowBatch, duplicates: int, step: _Step, *, isolate: bool) -> WriteResult:
         inserted = updated = 0
+        reconciled = Reconciled(0, 0, 0, 0)
         refused: list[Rejected] = []
         rejected = step.rejected
         # As the outermost transaction, the stage starts empty (ON COMMIT DELETE ROWS emptied it).
@@ -179,7 +195,11 @@ class ChunkWriter:
                     rejected = [*rejected, *refused]
             elif len(batch):
                 inserted, updated = self._store(cur, batch, direct=not self.has_stored_ids(cur, batch))
-            if (inserted or updated) and self._cache_request is not None:
+            if step.reconcile is not None:
+                reconciled = reconcile_range(cur, self._tables, step.reconcile)
+                if step.partition is not None and reconciled.deleted:
+                    record_deleted(cur, self._tables, step.partition, reconciled.deleted)
+            if (inserted or updated or reconciled.deleted) and self._cache_request is not None:
                 request_invalidation(cur, self._tables, self._cache_request)
             if rejected:
                 self._dead_letter(cur, rejected, step.origin)
@@ -195,6 +215,8 @@ class ChunkWriter:
             rejected=len(rejected),
             refused=len(refused),
             refused_rows=tuple(refused),
+            deleted=reconciled.deleted,
+            deletes_blocked=reconciled.blocked,
         )
 
     def _store(self, cur: psycopg.Cursor, batch: RowBatch, *, direct: bool) -> tuple[int, int]:
@@ -267,12 +289,19 @@ class ChunkWriter:
         Unchanged rows are skipped by the WHERE clause, so a re-run rewrites nothing."""
         row = cur.execute(
             sql.SQL(
-                "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword) "
-                "SELECT id, company_name, exp_years, english_level, primary_keyword FROM {s} "
+                "WITH up AS (INSERT INTO {m} AS t (id, company_name, exp_years, english_level, primary_keyword, "
+                "row_hash) SELECT id, company_name, exp_years, english_level, primary_keyword, row_hash FROM {s} "
                 "ON CONFLICT (id) DO UPDATE SET company_name = EXCLUDED.company_name, exp_years = EXCLUDED.exp_years, "
-                "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, updated_at = now() "
-                "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
+                "english_level = EXCLUDED.english_level, primary_keyword = EXCLUDED.primary_keyword, "
+                # row_hash covers the vector too: a changed vector rewrites the metadata row's hash,
+                # but updated_at stays the time the metadata itself last changed.
+                "row_hash = EXCLUDED.row_hash, updated_at = CASE WHEN "
+                "(t.company_name, t.exp_years, t.english_level, t.primary_keyword) IS DISTINCT FROM "
                 "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword) "
+                "THEN now() ELSE t.updated_at END "
+                "WHERE (t.company_name, t.exp_years, t.english_level, t.primary_keyword, t.row_hash) IS DISTINCT FROM "
+                "(EXCLUDED.company_name, EXCLUDED.exp_years, EXCLUDED.english_level, EXCLUDED.primary_keyword, "
+                "EXCLUDED.row_hash) "
                 "RETURNING id, xmax = 0 AS inserted) "
                 "SELECT count(*) FILTER (WHERE inserted), coalesce(array_agg(id) FILTER (WHERE NOT inserted), '{{}}') "
                 "FROM up"
@@ -317,13 +346,17 @@ class ChunkWriter:
 
 
 def _copy_metadata(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
-    """COPY BINARY the batch's metadata rows into ``table`` (the target or the stage)."""
+    """COPY BINARY the batch's metadata rows, each with its row hash (digest.py), into ``table``
+    (the target or the stage)."""
+    hashes = row_hashes(
+        batch.ids, batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, batch.vectors
+    )
     with cur.copy(
         sql.SQL(
-            "COPY {} (id, company_name, exp_years, english_level, primary_keyword) FROM STDIN (FORMAT BINARY)"
+            "COPY {} (id, company_name, exp_years, english_level, primary_keyword, row_hash) FROM STDIN (FORMAT BINARY)"
         ).format(table)
     ) as copy:
-        copy.write(metadata_copy_buffer(batch))
+        copy.write(metadata_copy_buffer(batch, hashes))
 
 
 def _copy_vectors(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
@@ -350,6 +383,16 @@ def _refused(batch: RowBatch, exc: psycopg.Error) -> Rejected:
         kind="database_rejected",
         message=f"PostgreSQL refused the row (SQLSTATE {exc.sqlstate}): {diag.message_primary}{detail}",
         payload=payload,
+        row_hash=int(
+            row_hashes(
+                batch.ids[:1],
+                batch.company_name[:1],
+                batch.exp_years[:1],
+                batch.english_level[:1],
+                batch.primary_keyword[:1],
+                batch.vectors[:1],
+            )[0]
+        ),
     )
 
 
@@ -358,15 +401,42 @@ def dead_letter(
 ) -> None:
     """Insert rejected rows once each (by ``row_key``); a pending entry seen again keeps its first
     origin and takes the newest reason, so re-running a load leaves the DLQ as it was. A resolved
-    entry whose row is rejected again is pending again: the row came back and was not stored."""
+    entry whose row is rejected again is pending again: the row came back and was not stored.
+
+    Each entry keeps the row's hash as received (``row_hash``, digest.py): a pending entry stands
+    for the source's row in range digests (storage/sync.py)."""
     cur.executemany(
         sql.SQL(
-            "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key) VALUES (%s, %s, %s, %s, %s) "
+            "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key, row_hash) "
+            "VALUES (%s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (row_key) DO UPDATE SET status = 'pending', error_kind = EXCLUDED.error_kind, "
-            "error_message = EXCLUDED.error_message WHERE t.status <> 'pending' OR "
-            "(t.error_kind, t.error_message) IS DISTINCT FROM (EXCLUDED.error_kind, EXCLUDED.error_message)"
+            "error_message = EXCLUDED.error_message, row_hash = EXCLUDED.row_hash WHERE t.status <> 'pending' OR "
+            "(t.error_kind, t.error_message, t.row_hash) IS DISTINCT FROM "
+            "(EXCLUDED.error_kind, EXCLUDED.error_message, EXCLUDED.row_hash)"
         ).format(dlq=tables.identifiers()["dlq"]),
-        [(r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key) for r in rejected],
+        [
+            (r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key, _rejected_hash(r))
+            for r in rejected
+        ],
+    )
+
+
+def _rejected_hash(rejected: Rejected) -> int | None:
+    """The row hash of a rejected row: as validation computed it from the received bytes, else
+    (a row rejected elsewhere) from its payload, which records the row as received (storage/dlq.py)."""
+    if rejected.row_hash is not None:
+        return rejected.row_hash
+    try:
+        chunk = payload_to_chunk([rejected.payload])
+    except PayloadError:
+        return None
+    return row_hash(
+        chunk.ids[0],
+        chunk.company_name[0],
+        chunk.exp_years[0],
+        chunk.english_level[0],
+        chunk.primary_keyword[0],
+        chunk.vectors[0],
     )
 
 

@@ -132,6 +132,16 @@ def upload(
     return result
 
 
+def sync_first(chunks: Iterator[RowChunkBytes], max_delete_fraction: float | None = None) -> Iterator[RowChunkBytes]:
+    """``chunks`` with the first marked ``sync``: the server makes the tables equal to the upload."""
+    for n, message in enumerate(chunks):
+        if n == 0:
+            message.sync = True
+            if max_delete_fraction is not None:
+                message.max_delete_fraction = max_delete_fraction
+        yield message
+
+
 def push(
     pkl: str | Path,
     target: str | ChannelSettings,
@@ -140,13 +150,23 @@ def push(
     after: str = "",
     connect_timeout: float = 10.0,
     progress: TextIO | None = None,
+    sync: bool = False,
+    max_delete_fraction: float | None = None,
 ) -> embedding_pb2.UploadResult:
     """Load ``pkl`` and upload its rows (after ``after``) to ``target``; returns the server's answer.
 
     :param progress: a terminal to show :class:`PushProgress` on; none by default.
+    :param sync: make the tables equal to the file: the server deletes stored rows the file does
+        not have, unless more than ``max_delete_fraction`` of them (the server's default 0.2).
     """
+    if sync and after:
+        raise ValueError("--sync needs the whole file: it cannot be combined with --after")
+    if max_delete_fraction is not None and not 0 <= max_delete_fraction <= 1:
+        raise ValueError(f"--max-delete-fraction must be between 0 and 1, got {max_delete_fraction:g}")
     dataset = load_dataset(pkl)
     chunks = dataset_chunks(dataset, chunk_size, after=after)
+    if sync:
+        chunks = sync_first(chunks, max_delete_fraction)
     upload_id = f"push-{uuid.uuid4().hex[:12]}"
     if progress is None:
         return upload(target, chunks, upload_id=upload_id, connect_timeout=connect_timeout)

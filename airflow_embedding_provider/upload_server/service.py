@@ -13,12 +13,19 @@ memory does not grow with the upload's size.
 Partial failure: every sub-batch commits on its own, so a client that aborts leaves everything
 received committed; the server logs how far the upload got, and uploading again is harmless
 (upserts; DLQ entries keyed by row hash).
+
+Sync uploads (``RowChunk.sync`` on the first message, ``push --sync``): once every row has
+arrived, stored rows whose id the upload did not have are deleted, in one transaction with the
+upload's id list as evidence (storage/sync.py), unless that is more than the upload's
+``max_delete_fraction`` of the stored rows: then none are, and the upload fails with the counts.
+An upload that ends early deletes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 import uuid
@@ -28,9 +35,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import psycopg
 from grpc_health.v1 import health
 
+from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.pipeline import (
     DEFAULT_SUB_BATCH_SIZE,
     IdleTimeoutError,
@@ -38,7 +47,7 @@ from airflow_embedding_provider.pipeline import (
     ingest_chunks,
     prefetch,
 )
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.security import (
     KEEPALIVE_SECONDS,
     CallSlots,
@@ -49,8 +58,9 @@ from airflow_embedding_provider.security import (
     wait_for_stop_signal,
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest
-from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
 from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, RangeSync, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
@@ -148,11 +158,36 @@ class _Progress:
         self.rows = 0
         self.chunks = 0
         self.last_id: str | None = None
+        self.sync: bool = False
+        self.max_delete_fraction = DEFAULT_MAX_DELETE_FRACTION
+        #: With ``sync``: each valid id received -> the hash of its last row (digest.py).
+        self.hashes: dict[str, int] = {}
+        #: With ``sync``: what the sync did, for the answer's message.
+        self.guard = ""
+
+    def first(self, chunk: WireChunk) -> None:
+        """Read the upload's options from its first message."""
+        self.sync = chunk.sync
+        if chunk.max_delete_fraction is not None:
+            self.max_delete_fraction = chunk.max_delete_fraction
 
     def track(self, chunks: Iterable[WireChunk]) -> Generator[WireChunk, None, None]:
         for chunk in chunks:
+            if self.chunks == 0:
+                self.first(chunk)
             self.rows += len(chunk)
             self.chunks += 1
+            if self.sync:
+                for i, raw in enumerate(chunk.ids):
+                    if _CANONICAL_UUID.match(raw):
+                        self.hashes[raw] = row_hash(
+                            raw,
+                            chunk.company_name[i],
+                            chunk.exp_years[i],
+                            chunk.english_level[i],
+                            chunk.primary_keyword[i],
+                            chunk.vectors[i],
+                        )
             # The highest valid id: the position a resumed push starts after (``push --after``).
             ids = [i for i in chunk.ids if _CANONICAL_UUID.match(i)]
             if ids:
@@ -160,6 +195,11 @@ class _Progress:
                 self.last_id = top if self.last_id is None else max(self.last_id, top)
             yield chunk
 
+    def evidence(self, max_deletes: int) -> RangeSync:
+        """The whole upload as a sync's evidence over the whole id range (storage/sync.py)."""
+        ids = sorted(self.hashes)
+        keys = b"".join(uuid.UUID(i).bytes for i in ids)
+        return RangeSync(None, None, keys, np.array([self.hashes[i] for i in ids], dtype=np.int64), max_deletes)
 
 def describe(stats: IngestStats, upload_id: str) -> str:
     """The ``UploadResult.message``: stored, new, changed, unchanged and DLQ counts, and the position."""
@@ -241,16 +281,18 @@ class UploadServicer:
         if not context.is_active():
             # gRPC may end the request iterator of a cancelled call as if the client had finished.
             return self._aborted(upload_id, peer, progress)
-        message = describe(stats, upload_id)
+        message = describe(stats, upload_id) + progress.guard
         log.info("%s (peer %s)", message, peer)
         # success: every row is stored; rejected rows are kept in the DLQ but make the upload fail,
         # so that the sender learns that part of its data needs fixing (SEED.md 11).
         return embedding_pb2.UploadResult(
-            success=stats.rows_dlq == 0,
+            success=stats.rows_dlq == 0 and not stats.deletes_blocked,
             total_rows=stats.rows_received,
             message=message,
             rows_rejected=stats.rows_dlq,
             rejected_by_kind=dict(stats.dlq_by_reason),
+            deleted=stats.deleted,
+            deletes_blocked=stats.deletes_blocked,
         )
 
     def _ingest(
@@ -275,7 +317,7 @@ class UploadServicer:
                 for c in conns
             ]
             try:
-                return ingest_chunks(
+                stats = ingest_chunks(
                     chunks,
                     writers,
                     dimension=settings.dimension,
@@ -298,6 +340,27 @@ class UploadServicer:
                         ),
                     )
                 ) from exc
+            if progress.sync and context.is_active():
+                progress.guard = self._sync(writers[0], conns[0], progress, stats)
+            return stats
+
+    def _sync(self, writer: ChunkWriter, conn: psycopg.Connection, progress: _Progress, stats: IngestStats) -> str:
+        """Delete the stored rows the upload did not have (the guard permitting); what to add to
+        the answer's message."""
+        stored = stored_count(conn, DEFAULT_TABLES)
+        fraction = progress.max_delete_fraction
+        result = writer.write(
+            RowBatch.empty(self.settings.dimension), reconcile=progress.evidence(math.floor(fraction * stored))
+        )
+        stats.add(result)
+        if result.deletes_blocked:
+            return (
+                f"; sync: the upload lacks {result.deletes_blocked} of the {stored} stored rows "
+                f"({result.deletes_blocked / max(stored, 1):.1%}), above max_delete_fraction {fraction:g}: "
+                "nothing was deleted, everything else is stored. If the source really lost these rows, push again "
+                "with a higher --max-delete-fraction"
+            )
+        return f"; sync: deleted {result.deleted} rows the upload did not have"
 
     @staticmethod
     def _aborted(upload_id: str, peer: str, progress: _Progress) -> embedding_pb2.UploadResult:

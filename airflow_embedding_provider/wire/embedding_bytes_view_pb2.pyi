@@ -8,10 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RowChunkBytes(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "sync", "max_delete_fraction")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRowBytes]
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowBytes, _Mapping]]] = ...) -> None: ...
+    sync: bool
+    max_delete_fraction: float
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowBytes, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
 
 class RecruitRowBytes(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")
@@ -34,10 +38,14 @@ class RecruitRowBytes(_message.Message):
     def __init__(self, id: _Optional[str] = ..., company_name: _Optional[str] = ..., exp_years: _Optional[int] = ..., english_level: _Optional[str] = ..., primary_keyword: _Optional[str] = ..., vector: _Optional[bytes] = ..., defects: _Optional[_Iterable[_Union[_embedding_pb2.RowDefect, _Mapping]]] = ..., held_vector: _Optional[bytes] = ...) -> None: ...
 
 class RowChunkRaw(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "sync", "max_delete_fraction")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRowRaw]
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowRaw, _Mapping]]] = ...) -> None: ...
+    sync: bool
+    max_delete_fraction: float
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowRaw, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
 
 class RecruitRowRaw(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")

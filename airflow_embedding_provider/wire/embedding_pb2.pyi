@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamEmbeddingRequest(_message.Message):
-    __slots__ = ("last_processed_uuid", "chunk_size", "until_uuid")
+    __slots__ = ("last_processed_uuid", "chunk_size", "until_uuid", "only_ids")
     LAST_PROCESSED_UUID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IDS_FIELD_NUMBER: _ClassVar[int]
     last_processed_uuid: str
     chunk_size: int
     until_uuid: str
-    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ..., until_uuid: _Optional[str] = ...) -> None: ...
+    only_ids: bytes
+    def __init__(self, last_processed_uuid: _Optional[str] = ..., chunk_size: _Optional[int] = ..., until_uuid: _Optional[str] = ..., only_ids: _Optional[bytes] = ...) -> None: ...
 
 class PartitionPlanRequest(_message.Message):
     __slots__ = ("last_processed_uuid", "rows_per_partition", "max_partitions")
@@ -49,7 +51,7 @@ class PartitionPlan(_message.Message):
     def __init__(self, partitions: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., total_rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class UploadResult(_message.Message):
-    __slots__ = ("success", "total_rows", "message", "rows_rejected", "rejected_by_kind")
+    __slots__ = ("success", "total_rows", "message", "rows_rejected", "rejected_by_kind", "deleted", "deletes_blocked")
     class RejectedByKindEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,18 +64,26 @@ class UploadResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ROWS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_KIND_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    DELETES_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     success: bool
     total_rows: int
     message: str
     rows_rejected: int
     rejected_by_kind: _containers.ScalarMap[str, int]
-    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ..., rows_rejected: _Optional[int] = ..., rejected_by_kind: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    deleted: int
+    deletes_blocked: int
+    def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ..., rows_rejected: _Optional[int] = ..., rejected_by_kind: _Optional[_Mapping[str, int]] = ..., deleted: _Optional[int] = ..., deletes_blocked: _Optional[int] = ...) -> None: ...
 
 class RowChunk(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "sync", "max_delete_fraction")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRow]
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ...) -> None: ...
+    sync: bool
+    max_delete_fraction: float
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
 
 class RecruitRow(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")
@@ -162,6 +172,52 @@ class ServerStatus(_message.Message):
     rejects: _containers.RepeatedCompositeFieldContainer[DefectCount]
     reports: int
     def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ..., ignored_columns: _Optional[_Iterable[str]] = ..., defects: _Optional[_Iterable[_Union[DefectCount, _Mapping]]] = ..., rejects: _Optional[_Iterable[_Union[DefectCount, _Mapping]]] = ..., reports: _Optional[int] = ...) -> None: ...
+
+class DigestRange(_message.Message):
+    __slots__ = ("after_uuid", "until_uuid")
+    AFTER_UUID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UUID_FIELD_NUMBER: _ClassVar[int]
+    after_uuid: str
+    until_uuid: str
+    def __init__(self, after_uuid: _Optional[str] = ..., until_uuid: _Optional[str] = ...) -> None: ...
+
+class RangeDigestRequest(_message.Message):
+    __slots__ = ("ranges",)
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[DigestRange]
+    def __init__(self, ranges: _Optional[_Iterable[_Union[DigestRange, _Mapping]]] = ...) -> None: ...
+
+class RangeDigest(_message.Message):
+    __slots__ = ("rows", "digest")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    digest: int
+    def __init__(self, rows: _Optional[int] = ..., digest: _Optional[int] = ...) -> None: ...
+
+class RangeDigestReply(_message.Message):
+    __slots__ = ("ranges", "hash_version")
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    HASH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[RangeDigest]
+    hash_version: str
+    def __init__(self, ranges: _Optional[_Iterable[_Union[RangeDigest, _Mapping]]] = ..., hash_version: _Optional[str] = ...) -> None: ...
+
+class RangeDigestListRequest(_message.Message):
+    __slots__ = ("range", "page_rows")
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    range: DigestRange
+    page_rows: int
+    def __init__(self, range: _Optional[_Union[DigestRange, _Mapping]] = ..., page_rows: _Optional[int] = ...) -> None: ...
+
+class RangeDigestPage(_message.Message):
+    __slots__ = ("ids", "row_hashes")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ids: bytes
+    row_hashes: bytes
+    def __init__(self, ids: _Optional[bytes] = ..., row_hashes: _Optional[bytes] = ...) -> None: ...
 
 class CacheInvalidateRequest(_message.Message):
     __slots__ = ("target",)

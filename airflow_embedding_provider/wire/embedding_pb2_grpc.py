@@ -59,6 +59,16 @@ class EmbeddingStreamServiceStub:
                 request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.SerializeToString,
                 response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.FromString,
                 _registered_method=True)
+        self.RangeDigests = channel.unary_unary(
+                '/recruit.embedding.v1.EmbeddingStreamService/RangeDigests',
+                request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestRequest.SerializeToString,
+                response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestReply.FromString,
+                _registered_method=True)
+        self.ListRangeDigests = channel.unary_stream(
+                '/recruit.embedding.v1.EmbeddingStreamService/ListRangeDigests',
+                request_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestListRequest.SerializeToString,
+                response_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestPage.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStreamServiceServicer:
@@ -101,6 +111,22 @@ class EmbeddingStreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RangeDigests(self, request, context):
+        """Added (range sync): the row count and an order-independent digest of each requested id
+        range, so that the batch side streams only the ranges whose stored rows differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRangeDigests(self, request, context):
+        """Added (range sync): the id and row hash of every row of one id range, in id order, a page
+        a message: the evidence of which ids the source has, and which of its rows differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +154,16 @@ def add_EmbeddingStreamServiceServicer_to_server(servicer, server):
                     servicer.GetServerStatus,
                     request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.FromString,
                     response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.SerializeToString,
+            ),
+            'RangeDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.RangeDigests,
+                    request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestRequest.FromString,
+                    response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestReply.SerializeToString,
+            ),
+            'ListRangeDigests': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListRangeDigests,
+                    request_deserializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestListRequest.FromString,
+                    response_serializer=airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestPage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +301,60 @@ class EmbeddingStreamService:
             '/recruit.embedding.v1.EmbeddingStreamService/GetServerStatus',
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatusRequest.SerializeToString,
             airflow__embedding__provider_dot_wire_dot_embedding__pb2.ServerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RangeDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recruit.embedding.v1.EmbeddingStreamService/RangeDigests',
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestRequest.SerializeToString,
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRangeDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/recruit.embedding.v1.EmbeddingStreamService/ListRangeDigests',
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestListRequest.SerializeToString,
+            airflow__embedding__provider_dot_wire_dot_embedding__pb2.RangeDigestPage.FromString,
             options,
             channel_credentials,
             insecure,

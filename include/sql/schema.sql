@@ -91,3 +91,16 @@ CREATE TABLE IF NOT EXISTS {search_settings} (
     rows_indexed BIGINT NOT NULL,
     measured_at TIMESTAMP NOT NULL DEFAULT NOW()
 );
+-- Range sync (airflow_embedding_provider/digest.py, storage/sync.py): each row's content hash,
+-- written with the row, so that a range's digest is one sum over stored rows. NULL = written
+-- before this column existed: such a range differs once and is re-sent, which fills it in.
+ALTER TABLE {metadata} ADD COLUMN IF NOT EXISTS row_hash BIGINT;
+-- The hash of a dead-lettered row as received: a pending entry counts as the source's row, so an
+-- unchanged bad row does not make its range differ on every run.
+ALTER TABLE {dlq} ADD COLUMN IF NOT EXISTS row_hash BIGINT;
+-- How a partition syncs (storage/sync.py: SyncMode) and how many rows it may delete.
+ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS sync_mode TEXT;
+ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS max_deletes BIGINT NOT NULL DEFAULT 0;
+-- Rows the partition's sync deleted, recorded in the deleting transaction: a try whose result
+-- was lost (killed after it committed) still counts in the run's total.
+ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS deleted BIGINT NOT NULL DEFAULT 0;

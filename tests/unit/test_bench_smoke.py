@@ -38,6 +38,12 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         assert engine["peak_rss_mib"] > 0
         assert measured["ivfflat_build"]["seconds"] > 0  # the incremental run had the ivfflat index
         assert measured["hnsw_build"]["seconds"] > 0  # then the switch to HNSW
+        # Range sync: nothing changed streams nothing; 1% changed and 1% removed streams and deletes those.
+        assert (measured["sync_unchanged"]["ranges_synced"], measured["sync_unchanged"]["rows_streamed"]) == (0, 0)
+        assert measured["sync_full_refresh_unchanged"]["rows_streamed"] == 0
+        assert measured["sync_every_row_unchanged"]["rows_streamed"] == 2000
+        changed = measured["sync_1pct_changed_1pct_removed"]
+        assert (changed["rows_streamed"], changed["updated"], changed["deleted"]) == (20, 20, 20), changed
         incremental = measured["incremental"]
         assert incremental["updated"] == incremental["expected_changed"] == 200
         assert incremental["unchanged"] == 1800

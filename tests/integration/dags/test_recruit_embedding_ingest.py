@@ -67,12 +67,13 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
     assert result["ann_index_built"] == "ivfflat"
     assert _ann_indexes(pg_dsn) == ["recruit_embedding_ivfflat"]
 
-    # A second run resumes after the checkpoint: nothing new, nothing rewritten. The deployment
-    # now asks for an HNSW index: that one is built and the ivfflat one dropped.
+    # A second run compares every range's digest with the stored rows: nothing differs, nothing is
+    # streamed or rewritten. The deployment now asks for an HNSW index: that one is built and the
+    # ivfflat one dropped.
     hnsw_env = {**dag_env, "RECRUIT_EMBEDDING_ANN_INDEX": "HNSW "}
     dags_test(DAG_ID, hnsw_env)
     again = task_result(airflow_home, DAG_ID, "finalize")
-    assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") == sample_dataset.ids[-1]
+    assert task_result(airflow_home, DAG_ID, "plan_partitions", key="start_after") is None
     assert again["rows_received"] == 0 and again["partitions"] == 0
     assert again["ann_index_built"] == "hnsw"
     assert _ann_indexes(pg_dsn) == ["recruit_embedding_hnsw"]

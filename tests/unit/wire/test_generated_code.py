@@ -42,8 +42,13 @@ def test_seed_field_numbers_and_types_are_unchanged() -> None:
     assert {f.name: (f.number, f.type) for f in row.fields} == expected | added
     assert row.fields_by_name["vector"].is_packed and row.fields_by_name["held_vector"].is_packed
     req = embedding_pb2.StreamEmbeddingRequest.DESCRIPTOR
-    # The seed's two fields, plus one added later under a new number.
-    assert {f.name: f.number for f in req.fields} == {"last_processed_uuid": 1, "chunk_size": 2, "until_uuid": 3}
+    # The seed's two fields, plus ones added later under new numbers.
+    assert {f.name: f.number for f in req.fields} == {
+        "last_processed_uuid": 1,
+        "chunk_size": 2,
+        "until_uuid": 3,
+        "only_ids": 5,
+    }
     service = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"]
     assert {m.name: (m.client_streaming, m.server_streaming) for m in service.methods} == {
         "GetEmbeddings": (False, True),
@@ -51,6 +56,8 @@ def test_seed_field_numbers_and_types_are_unchanged() -> None:
         "PlanPartitions": (False, False),
         "ReportRejects": (False, False),
         "GetServerStatus": (False, False),
+        "RangeDigests": (False, False),
+        "ListRangeDigests": (False, True),
     }
     cache = embedding_pb2.DESCRIPTOR.services_by_name["CacheService"]
     assert [m.name for m in cache.methods] == ["InvalidateCache"]
