@@ -217,7 +217,6 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         )
         return status
 
-
     def range_digests(self, ranges: list[tuple[str | None, str | None]]) -> list[RangeDigest]:
         """``RangeDigests``: the source's count and digest of each ``(after, until)`` range."""
         self.wait_until_ready()

@@ -201,6 +201,7 @@ class _Progress:
         keys = b"".join(uuid.UUID(i).bytes for i in ids)
         return RangeSync(None, None, keys, np.array([self.hashes[i] for i in ids], dtype=np.int64), max_deletes)
 
+
 def describe(stats: IngestStats, upload_id: str) -> str:
     """The ``UploadResult.message``: stored, new, changed, unchanged and DLQ counts, and the position."""
     dlq = ""

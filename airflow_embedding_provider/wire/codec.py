@@ -46,6 +46,9 @@ class WireChunk:
     primary_keyword: list[str | None]
     vectors: list[bytes]
     defects: dict[int, tuple[CellDefect, ...]] = field(default_factory=dict)
+    #: Upload options (``RowChunk.sync``, ``max_delete_fraction``), read from an upload's first message.
+    sync: bool = False
+    max_delete_fraction: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -109,7 +112,16 @@ def decode_chunk(message: RowChunkBytes) -> WireChunk:
         primary_keyword=[v if (v := r.primary_keyword) or r.HasField("primary_keyword") else None for r in rows],
         vectors=vectors,
         defects=defects,
+        **_upload_options(message),
     )
+
+
+def _upload_options(message: Any) -> dict[str, Any]:
+    """A chunk's upload options (range sync); only an upload's first chunk sets them."""
+    if not message.sync and not message.HasField("max_delete_fraction"):
+        return {}
+    fraction = message.max_delete_fraction if message.HasField("max_delete_fraction") else None
+    return {"sync": message.sync, "max_delete_fraction": fraction}
 
 
 def parse_chunk(data: bytes) -> WireChunk:
@@ -159,6 +171,7 @@ def _decode_raw(message: RowChunkRaw) -> WireChunk:
         primary_keyword=columns["primary_keyword"],
         vectors=vectors,
         defects=defects,
+        **_upload_options(message),
     )
 
 
