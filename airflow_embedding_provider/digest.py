@@ -8,7 +8,7 @@ row it dead-letters, so both sides compute the same value for the same row witho
 
 A range's digest is the number of rows and the sum of their hashes modulo 2^64: it does not depend
 on the order of the rows (UUID4 ids come in any order), and PostgreSQL computes it with ``sum`` over
-a ``bigint`` column. Equal digests mean, up to a 2^-64 chance, equal rows (SEED.md 2: idempotent
+a ``bigint`` column. Equal digests mean, up to a 2^-64 chance, equal rows (docs/design.md §2: idempotent
 writes; this is what lets a run skip what is already stored).
 """
 

@@ -1,9 +1,9 @@
 """The ingest path shared by every entry point: received chunks -> validate -> split -> upsert ->
 checkpoint. The DAG's operator and the upload server both drive :func:`ingest_chunks`.
 
-Chunks are re-split into sub-batches (SEED.md 5) written by a bounded set of writers, one
+Chunks are re-split into sub-batches (docs/design.md §5) written by a bounded set of writers, one
 database connection each, on their own threads; receiving and decoding go on meanwhile on a
-prefetch thread, so blocking database work never stalls the stream (SEED.md 9).
+prefetch thread, so blocking database work never stalls the stream (docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class IngestStats:
     last_processed_uuid: str | None = None
     dlq_by_reason: Counter[str] = field(default_factory=Counter)
     #: ``(id or "", error_kind, message)`` of every row sent to the DLQ, to report to the AI server
-    #: (SEED.md 11); not part of :meth:`as_dict`, which must stay small.
+    #: (docs/design.md §11); not part of :meth:`as_dict`, which must stay small.
     rejects: list[tuple[str, str, str]] = field(default_factory=list, repr=False)
 
     def reject(self, rows: Iterable[Rejected]) -> None:
@@ -198,7 +198,7 @@ class _Frontier:
 
 
 class _IdOrder:
-    """Writes of one id in the order the id arrived, across parallel writers (SEED.md 10.4).
+    """Writes of one id in the order the id arrived, across parallel writers (docs/design.md §10.4).
 
     Sub-batches commit out of order on parallel writers, so two copies of one id in two chunks
     could commit older-last: the newer copy's COPY wins the race, the older one's retries as an
@@ -403,7 +403,7 @@ def _collect(
 
 def _report(chunk_no: int, rejected: Sequence[Rejected]) -> None:
     for kind, count in Counter(r.kind for r in rejected).items():
-        # A dimension mismatch means the model upstream changed (SEED.md 11): say it loudly.
+        # A dimension mismatch means the model upstream changed (docs/design.md §11): say it loudly.
         level = logging.ERROR if kind == "dimension_mismatch" else logging.WARNING
         example = next(r.message for r in rejected if r.kind == kind)
         log.log(level, "chunk %d: %d row(s) to the DLQ: %s (e.g. %s)", chunk_no, count, kind, example)

@@ -1,6 +1,6 @@
 """The row batch every layer hands on: columnar, with the vectors as one float32 matrix.
 
-A batch is immutable by convention once built (seed 10.5: "immutable chunk data"): the stages
+A batch is immutable by convention once built (docs/design.md §10.5: "immutable chunk data"): the stages
 after the wire read it and build new batches rather than edit one in place.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-#: Column names of the ``.pkl`` DataFrame, as the design gives them (SEED.md 4.1).
+#: Column names of the ``.pkl`` DataFrame, as the design gives them (docs/design.md §4.1).
 PKL_COLUMNS = ("id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors")
 METADATA_FIELDS = ("company_name", "exp_years", "english_level", "primary_keyword")
 DEFAULT_DIMENSION = 384

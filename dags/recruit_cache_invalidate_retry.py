@@ -1,7 +1,7 @@
 """``recruit_cache_invalidate_retry``: deliver the cache invalidations that are still pending.
 
-An ingest run whose invalidation failed past its retries leaves its outbox entries pending (SEED.md
-11: "the batch ends, a retry scheduler runs it separately"). This DAG finds every target with
+An ingest run whose invalidation failed past its retries leaves its outbox entries pending
+(docs/design.md §11: the run ends, a retry scheduler delivers them separately). This DAG finds every target with
 pending entries and delivers each through the same single-flight path as the ingest's
 ``CacheInvalidateOperator``; a target someone else delivered meanwhile makes no call, so runs are
 idempotent. A run that still cannot deliver fails (the entries stay pending for the next run), so

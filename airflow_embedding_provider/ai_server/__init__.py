@@ -1,1 +1,1 @@
-"""The Python AI server: loads a ``.pkl`` once and streams its rows over gRPC (SEED.md 12)."""
+"""The Python AI server: loads a ``.pkl`` once and streams its rows over gRPC (docs/design.md §12)."""

@@ -50,7 +50,7 @@ def max_chunk_size(dimension: int) -> int:
 
 
 class RejectLedger:
-    """What the batch side reported rejecting (SEED.md 11: "report the error to the Python side").
+    """What the batch side reported rejecting (docs/design.md §11: "report the error to the Python side").
 
     Counted per distinct row id, the latest report winning, so a retried partition that reports
     the same rows again counts them once; rows without a valid id are counted per report.

@@ -1,7 +1,7 @@
 """``CacheService`` as an API team would implement it, plus fault injection for tests and the demo.
 
 The server keeps query results in an in-memory :class:`QueryCache`; ``InvalidateCache(target)``
-drops the target's entries so that the next queries rebuild them from PostgreSQL (SEED.md 7.4).
+drops the target's entries so that the next queries rebuild them from PostgreSQL (docs/design.md §7.4).
 Invalidation is idempotent, so the batch side may deliver the same request twice.
 
 Counters (calls, successes, ...) are written as JSON to ``stats_file`` after every call: the proto

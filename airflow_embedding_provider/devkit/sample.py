@@ -1,6 +1,6 @@
 """Generate a sample ``.pkl`` (or ``.parquet``): by default in the layout of the design's real
 dataset, the Djinni job descriptions (string ``Exp Years`` with ``no_exp``, UUID4 ids, extra columns,
-float32 numpy vectors); ``layout="seed"`` gives the six columns of SEED.md 4.1 with UUIDv7 ids."""
+float32 numpy vectors); ``layout="seed"`` gives the six columns of docs/design.md §4.1 with UUIDv7 ids."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def make_sample(
 ) -> pd.DataFrame:
     """A DataFrame of ``rows`` rows with unit-norm vectors, in shuffled (not id) order.
 
-    :param layout: ``djinni`` (the real dataset's columns) or ``seed`` (SEED.md 4.1's six, int years).
+    :param layout: ``djinni`` (the real dataset's columns) or ``seed`` (docs/design.md §4.1's six, int years).
     :param ids: ``uuid4`` (Djinni's) or ``uuid7`` (time-ordered); default by layout.
     :param odd_cell: one row's ``Exp Years`` is :data:`ODD_EXP_YEARS`: that row goes to the DLQ.
     :param clusters: draw the vectors from this many neighbourhoods (:func:`clustered_vectors`)
@@ -216,7 +216,7 @@ def write_sample(
         rows, dimension=dimension, seed=seed, layout=layout, ids=ids, odd_cell=odd_cell, clusters=clusters
     )
     if path.suffix.lower() in PARQUET_SUFFIXES:
-        # Row groups of a batch each, so that a reader can stream them (SEED.md 2: memory-efficient).
+        # Row groups of a batch each, so that a reader can stream them (docs/design.md §2: memory-efficient).
         frame.to_parquet(path, index=False, row_group_size=PARQUET_BATCH_ROWS)
     else:
         frame.to_pickle(path)

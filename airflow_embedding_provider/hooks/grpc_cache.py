@@ -1,6 +1,6 @@
-"""``GrpcCacheHook``: asks the API server's ``CacheService`` to drop a cache target (SEED.md 7.4).
+"""``GrpcCacheHook``: asks the API server's ``CacheService`` to drop a cache target (docs/design.md §7.4).
 
-Retry policy (SEED.md 10.2), shared by every caller through :class:`RetryPolicy`:
+Retry policy (docs/design.md §10.2), shared by every caller through :class:`RetryPolicy`:
 
 * retried: ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``, ``ABORTED`` and
   ``INTERNAL`` (gRPC also reports transport resets as ``INTERNAL``), and an answer of

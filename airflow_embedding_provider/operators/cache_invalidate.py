@@ -27,7 +27,7 @@ class CacheInvalidationPendingError(RuntimeError):
 
 
 class CacheInvalidateOperator(BaseOperator):
-    """Calls ``CacheService.InvalidateCache(target)`` with retries (SEED.md 7.4, 10.1-10.2).
+    """Calls ``CacheService.InvalidateCache(target)`` with retries (docs/design.md §7.4, 10.1-10.2).
 
     With ``postgres_conn_id`` it delivers through the outbox: one call covers every pending entry
     of the target, single-flight across processes, and when no entry is pending (the run changed

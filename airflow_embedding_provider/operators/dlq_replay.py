@@ -1,4 +1,4 @@
-"""``EmbeddingDlqReplayOperator``: re-validate and re-store dead-lettered rows (SEED.md 7.3 (4)).
+"""``EmbeddingDlqReplayOperator``: re-validate and re-store dead-lettered rows (docs/design.md §7.3 (4)).
 
 A replay runs after the cause of a failure was fixed: a new vector dimension configured, a
 corrected row on the AI server, a constraint relaxed. Each pending entry in scope is turned back
@@ -120,7 +120,7 @@ def refetch_row(hook: GrpcEmbeddingHook, row_id: str) -> WireChunk | None:
     """The AI server's current version of ``row_id`` through ``GetEmbeddings``, or ``None``.
 
     Streams strictly after the id just below ``row_id`` and stops at the first greater id; when the
-    server holds the id more than once its last occurrence wins, as in an ingest (SEED.md 10.4).
+    server holds the id more than once its last occurrence wins, as in an ingest (docs/design.md §10.4).
     """
     target = uuid.UUID(row_id)
     after = str(uuid.UUID(int=target.int - 1)) if target.int else None

@@ -101,7 +101,7 @@ def _build_ann_index(
 
 
 def _report_rejects(operator: BaseOperator, hook: GrpcEmbeddingHook, source: str, stats: IngestStats) -> None:
-    """Tell the AI server which rows went to the DLQ and why (SEED.md 11). The rows are stored in
+    """Tell the AI server which rows went to the DLQ and why (docs/design.md §11). The rows are stored in
     the DLQ already, so a server that cannot take the report (an older one) costs a warning only."""
     try:
         hook.report_rejects(source=source, rows_received=stats.rows_received, rejects=stats.rejects)

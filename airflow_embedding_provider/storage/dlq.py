@@ -1,4 +1,4 @@
-"""Read and settle dead letter queue entries: the storage side of the DLQ replay (SEED.md 7.3 (4)).
+"""Read and settle dead letter queue entries: the storage side of the DLQ replay (docs/design.md §7.3 (4)).
 
 An entry's ``payload`` is the row as it was received (see ``validation``): vectors as JSON numbers,
 non-finite values as the strings ``"nan"``/``"inf"``/``"-inf"``, and byte strings that are not

@@ -1,5 +1,5 @@
 """The cache invalidation outbox: record that a target's cache must be dropped, in the same
-transaction as the data change that makes it stale (SEED.md 7.4, 10.1-10.2)."""
+transaction as the data change that makes it stale (docs/design.md §7.4, 10.1-10.2)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def deliver(
     (a new entry, or a change that bumps a read entry's version) stays pending and causes exactly
     one more call later (a waiting deliverer or the retry DAG).
     Deliverers that queued behind the lock find their entries delivered and make no call: that
-    is the coalescing (SEED.md 10.1).
+    is the coalescing (docs/design.md §10.1).
 
     When ``call`` raises, the entries stay pending with ``attempts`` + 1 and ``last_error``, and the
     error is re-raised for the caller's retry policy.

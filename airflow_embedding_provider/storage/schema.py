@@ -99,7 +99,7 @@ def apply_schema(conn: psycopg.Connection, dimension: int, tables: TableNames = 
     """Create what is missing; stop with :class:`SchemaMismatchError` on a dimension change.
 
     A dimension change means the model upstream changed: the stored vectors cannot be compared with
-    new ones, so the run stops instead of mixing them (SEED.md 4.3). Re-embed or migrate first.
+    new ones, so the run stops instead of mixing them (docs/design.md §4.3). Re-embed or migrate first.
     """
     if not 1 <= dimension <= 16000:
         raise ValueError(f"dimension {dimension} is out of range 1..16000 (pgvector's limit)")

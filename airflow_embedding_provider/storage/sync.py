@@ -186,7 +186,7 @@ def reconcile_range(cur: psycopg.Cursor[Any], tables: TableNames, sync: RangeSyn
     """Delete the range's stored rows whose id the source did not list, unless there are more than
     ``sync.max_deletes`` of them (then none), and settle the range's pending DLQ entries; run it in
     the transaction that records the range as done. Embeddings go with their metadata (ON DELETE
-    CASCADE, SEED.md 4.3)."""
+    CASCADE, docs/design.md §4.3)."""
     ids = tables.identifiers()
     where = _in_range((sync.after_uuid, sync.until_uuid), "id")
     load_source(cur, sync.keys, sync.hashes)

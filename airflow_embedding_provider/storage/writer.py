@@ -3,7 +3,7 @@ transaction.
 
 One transaction a batch means a crash keeps either all of a batch (good rows, rejected rows and
 the position that covers them) or none of it; re-running then re-sends the batch and the upserts
-make that harmless (SEED.md 2, 7.3, 8).
+make that harmless (docs/design.md §2, 7.3, 8).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class WriteResult:
 
 
 def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
-    """The batch with each id once, its last occurrence winning (the latest row, SEED.md 10.4), in id order; and
+    """The batch with each id once, its last occurrence winning (the latest row, docs/design.md §10.4), in id order; and
     how many went.
 
     One ``INSERT ... ON CONFLICT`` cannot touch the same row twice, so this also keeps a chunk
@@ -270,7 +270,7 @@ class ChunkWriter:
 
     def insert_new(self, cur: psycopg.Cursor, batch: RowBatch) -> None:
         """COPY BINARY rows that are not stored straight into both tables, metadata first (the
-        embedding's foreign key needs it, SEED.md 7.3). A stored id raises ``UniqueViolation``."""
+        embedding's foreign key needs it, docs/design.md §7.3). A stored id raises ``UniqueViolation``."""
         _copy_metadata(cur, self._ids["metadata"], batch)
         _copy_vectors(cur, self._ids["embedding"], batch)
 
@@ -335,7 +335,7 @@ class ChunkWriter:
         self.stage_metadata(cur, batch)
         self.stage_vectors(cur, batch)
         self._stage_dirty = True
-        # Metadata first: the embedding's foreign key needs it (SEED.md 7.3).
+        # Metadata first: the embedding's foreign key needs it (docs/design.md §7.3).
         inserted, meta_changed = self.merge_metadata(cur)
         vector_changed = self.merge_vectors(cur)
         # New rows are new in both tables; an existing row is updated when either table changed.

@@ -1,1 +1,1 @@
-"""The batch side's ingest server for the client-streaming pattern (``UploadEmbeddings``, SEED.md 7.1)."""
+"""The batch side's ingest server for the client-streaming pattern (``UploadEmbeddings``, docs/design.md §7.1)."""

@@ -285,7 +285,7 @@ class UploadServicer:
         message = describe(stats, upload_id) + progress.guard
         log.info("%s (peer %s)", message, peer)
         # success: every row is stored; rejected rows are kept in the DLQ but make the upload fail,
-        # so that the sender learns that part of its data needs fixing (SEED.md 11).
+        # so that the sender learns that part of its data needs fixing (docs/design.md §11).
         return embedding_pb2.UploadResult(
             success=stats.rows_dlq == 0 and not stats.deletes_blocked,
             total_rows=stats.rows_received,

@@ -1,4 +1,4 @@
--- The storage schema (SEED.md 4.2-4.4, 8), applied idempotently by the provider before each run.
+-- The storage schema (docs/design.md §4.2-4.4, 8), applied idempotently by the provider before each run.
 -- Placeholders in braces are filled with psycopg.sql: identifiers quoted, the dimension a literal.
 -- Columns beyond the design's are additive and nullable or defaulted, so the design's own tables
 -- are upgraded in place.
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS {checkpoint} (
 ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS stream_name TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS {checkpoint_stream_index} ON {checkpoint} (stream_name);
 
--- Cache invalidation outbox (SEED.md 7.4, 10.1-10.2): a writer that changed rows records, in the
+-- Cache invalidation outbox (docs/design.md §7.4, 10.1-10.2): a writer that changed rows records, in the
 -- same transaction, that the API server's cache for target must be dropped. One pending entry per
 -- (target, source); a deliverer coalesces every pending entry of a target into one call.
 CREATE TABLE IF NOT EXISTS {outbox} (

@@ -1,6 +1,6 @@
 """``recruit_cache_invalidate_retry`` run for real (``airflow dags test``) against the reference API server.
 
-The story of SEED.md 11: the API server is down when the ingest's invalidation runs, so the run
+The story of docs/design.md §11: the API server is down when the ingest's invalidation runs, so the run
 succeeds with its entry pending; the server comes back; the retry DAG delivers the entry once, and
 a second run has nothing to do.
 """
