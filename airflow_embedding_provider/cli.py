@@ -337,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="a .pkl, or a .parquet/.pq file (written as Parquet)")
     sample.add_argument("--dim", type=int, default=DEFAULT_DIMENSION)
     sample.add_argument("--seed", type=int, default=7)
-    sample.add_argument("--layout", choices=("djinni", "seed"), default="djinni", help="seed: docs/design.md §4.1's six")
+    sample.add_argument(
+        "--layout", choices=("djinni", "seed"), default="djinni", help="seed: docs/design.md §4.1's six"
+    )
     sample.add_argument("--ids", choices=("uuid4", "uuid7"), help="default: uuid4 (djinni), uuid7 (seed)")
     sample.add_argument("--no-odd-cell", action="store_true", help="leave out the one row that goes to the DLQ")
     sample.add_argument(

@@ -26,7 +26,7 @@ from airflow.sdk import DAG, Param
 from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
 from airflow_embedding_provider.operators.embedding_asset import EmbeddingAssetEventOperator
 from airflow_embedding_provider.operators.embedding_stream import (
-    EmbeddingCheckpointOperator,
+    EmbeddingFinalizeOperator,
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
@@ -125,7 +125,7 @@ with DAG(
         dimension=DIMENSION,
         map_index_template="{{ partition_label }}",
     ).expand(partition=plan.output)
-    finalize = EmbeddingCheckpointOperator(
+    finalize = EmbeddingFinalizeOperator(
         task_id="finalize",
         max_dlq_fraction="{{ params.max_dlq_fraction }}",
         max_delete_fraction="{{ params.max_delete_fraction }}",

@@ -2,8 +2,8 @@
 
 ``EmbeddingStreamPlanOperator`` asks the AI server to split the rows after the checkpoint into id
 ranges; ``EmbeddingStreamToPgvectorOperator`` is mapped over them with ``expand`` (or run alone
-over everything after the checkpoint); ``EmbeddingCheckpointOperator`` settles the run's
-checkpoint, builds the ANN index and checks the DLQ budget.
+over everything after the checkpoint); ``EmbeddingFinalizeOperator`` settles the run's
+checkpoint, sums its totals, builds the ANN index and checks the DLQ budget.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -387,7 +388,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
             )
 
 
-class EmbeddingCheckpointOperator(BaseOperator):
+class EmbeddingFinalizeOperator(BaseOperator):
     """Settles a mapped run: the checkpoint (low watermark), the ANN index, totals, DLQ budget.
 
     Runs after every partition succeeded. Sums the partitions' counts into one result (XCom),
@@ -587,3 +588,19 @@ def _report_recall(operator: BaseOperator, report: RecallReport) -> None:
         "set" if report.database_default else "not set (no privilege)",
     )
     record_recall(report.recall_at_10, dag_id=operator.dag_id, stream=getattr(operator, "stream_name", DEFAULT_STREAM))
+
+
+class EmbeddingCheckpointOperator(EmbeddingFinalizeOperator):
+    """Deprecated: the former name of :class:`EmbeddingFinalizeOperator`, kept for one release.
+
+    It takes the same arguments and does the same; creating one warns with ``DeprecationWarning``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        warnings.warn(
+            "EmbeddingCheckpointOperator is deprecated and will be removed in the next release: "
+            "use EmbeddingFinalizeOperator, which takes the same arguments",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(**kwargs)
