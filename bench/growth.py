@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,8 +29,15 @@ import numpy as np
 import psycopg
 
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import COMPANIES, ENGLISH_LEVELS, KEYWORDS, uuid7_strings
-from airflow_embedding_provider.devkit.stack import REPO_ROOT
+from airflow_embedding_provider.devkit.sample import (
+    COMPANIES,
+    ENGLISH_LEVELS,
+    EPOCH_MS,
+    KEYWORDS,
+    uuid7_strings,
+    write_sample,
+)
+from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER, embedding_copy_buffer, metadata_copy_buffer
@@ -38,6 +46,8 @@ from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_sche
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
 
 BLOCK = 50_000
+EARLIER_MS = 10**10  # about 115 days
+ENGINE_ROUNDS = 2
 STEPS = ("probe", "copy metadata", "copy embedding", "checkpoint", "commit")
 RELATIONS = ("recruit_metadata", "recruit_metadata_pkey", "recruit_embedding", "recruit_embedding_pkey")
 
@@ -63,22 +73,26 @@ def _blocks(ids: list[str], size: int, seed: int) -> Iterator[RowBatch]:
 
 
 def _copy_all(conn: psycopg.Connection, ids: list[str], seed: int) -> float:
-    """One transaction, one COPY a table, blocks streamed: the ceiling's way. Seconds taken."""
+    """One transaction, one COPY a table: the ceiling's way. Seconds taken by the COPYs alone
+    (the rows are made and encoded first, a block at a time)."""
+    meta, emb = [], []
+    for block in _blocks(ids, BLOCK, seed):
+        meta.append(metadata_copy_buffer(block)[len(HEADER) : -len(TRAILER)])
+        emb.append(embedding_copy_buffer(block.ids, block.vectors)[len(HEADER) : -len(TRAILER)])
     began = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
-        for table, columns, encode in (
-            ("recruit_metadata", "(id, company_name, exp_years, english_level, primary_keyword)", "meta"),
-            ("recruit_embedding", "(id, vector)", "emb"),
+        for statement, buffers in (
+            (
+                "COPY recruit_metadata (id, company_name, exp_years, english_level, primary_keyword) "
+                "FROM STDIN (FORMAT BINARY)",
+                meta,
+            ),
+            ("COPY recruit_embedding (id, vector) FROM STDIN (FORMAT BINARY)", emb),
         ):
-            with cur.copy(f"COPY {table} {columns} FROM STDIN (FORMAT BINARY)") as copy:
+            with cur.copy(statement) as copy:
                 copy.write(HEADER)
-                for block in _blocks(ids, BLOCK, seed):
-                    buf = (
-                        metadata_copy_buffer(block)
-                        if encode == "meta"
-                        else embedding_copy_buffer(block.ids, block.vectors)
-                    )
-                    copy.write(buf[len(HEADER) : -len(TRAILER)])
+                for buf in buffers:
+                    copy.write(buf)
                 copy.write(TRAILER)
     return time.perf_counter() - began
 
@@ -161,7 +175,8 @@ def run(rows: int, prefill: int, sub_batch: int, workdir: Path) -> dict[str, Any
     try:
         rng = np.random.default_rng(11)
         # Sorted: ids made in the same millisecond are in random order (RFC 9562 random bits).
-        ids = sorted(uuid7_strings(prefill + 3 * rows, rng))
+        # Made before the bench sample's epoch, so the engine's rows (engine_rounds) come after them.
+        ids = sorted(uuid7_strings(prefill + 3 * rows, rng, start_ms=EPOCH_MS - EARLIER_MS))
         stored, new_a, new_b, new_c = (
             ids[:prefill],
             ids[prefill : prefill + rows],
@@ -195,6 +210,7 @@ def run(rows: int, prefill: int, sub_batch: int, workdir: Path) -> dict[str, Any
                 "SELECT pg_relation_size('recruit_metadata_pkey'), pg_relation_size('recruit_embedding_pkey'), "
                 "pg_total_relation_size('recruit_embedding'), current_setting('shared_buffers')"
             ).fetchone()
+            results["engine"] = engine_rounds(pg, conn, rows, workdir)
             results["sizes"] = {
                 "metadata_pkey_mib": round(size[0] / 2**20, 1) if size else None,
                 "embedding_pkey_mib": round(size[1] / 2**20, 1) if size else None,
@@ -205,6 +221,58 @@ def run(rows: int, prefill: int, sub_batch: int, workdir: Path) -> dict[str, Any
         pg.stop()
         shutil.rmtree(pgdata, ignore_errors=True)
     return results
+
+
+def engine_rounds(pg: EmbeddedPostgres, full: psycopg.Connection, rows: int, workdir: Path) -> dict[str, Any]:
+    """The whole engine (``bench.measure engine``: gRPC, 4 writers, its defaults) on ``rows`` new rows,
+    into an empty database and into ``full``, alternately, ``ENGINE_ROUNDS`` times each; the new
+    rows are deleted (and the tables vacuumed) after each run so every run is a first load."""
+    from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE as SUB_BATCH
+
+    pkl = workdir / f"sample-{rows}-seed7.pkl"
+    if not pkl.exists():
+        write_sample(pkl, rows, seed=7)
+    held = full.execute("SELECT count(*) FROM recruit_metadata").fetchone()
+    stored = int(held[0]) if held else 0
+    empty_dsn = pg.create_database("growth_engine_empty")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        apply_schema(conn, DEFAULT_DIMENSION)
+    out: dict[str, Any] = {"stored_before": stored, "rounds": []}
+    with ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "growth-ai-server.log") as ai:
+        for _ in range(ENGINE_ROUNDS):
+            for name, dsn, already in (("empty", empty_dsn, 0), (f"after {stored}", full.info.dsn, stored)):
+                spec = {
+                    "target": ai.target,
+                    "dimension": DEFAULT_DIMENSION,
+                    "rows": already + rows,  # what the tables hold afterwards (checked)
+                    "dsn": dsn,
+                    "chunk_size": 300,
+                    "sub_batch_size": SUB_BATCH,
+                    "connections": 4,
+                }
+                result_path = workdir / "growth-engine.json"
+                subprocess.run(
+                    [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result_path)],
+                    cwd=REPO_ROOT,
+                    check=True,
+                )
+                r = json.loads(result_path.read_text())
+                out["rounds"].append(
+                    {"case": name, "seconds": r["seconds"], "rows_per_second": r["rows"] / r["seconds"]}
+                )
+                print(f"  engine {name}: {r['rows']} rows in {r['seconds']:.2f} s", flush=True)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    # Back to the state before: the new rows go (the embeddings by cascade).
+                    conn.execute("DELETE FROM recruit_metadata WHERE id >= %s::uuid", (_epoch_uuid(),))
+                    conn.execute("DELETE FROM embedding_batch_checkpoint")
+                    conn.execute("VACUUM recruit_metadata, recruit_embedding")
+    return out
+
+
+def _epoch_uuid() -> str:
+    """The least UUIDv7 of the bench sample's epoch: the sample's ids are at or above it, the early ones below."""
+    h = f"{EPOCH_MS:012x}7000800000000000000000"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -238,6 +306,10 @@ def render(results: dict[str, Any]) -> str:
             + " | ".join(f"{r['us_per_row'][s]:.1f}" for s in STEPS)
             + f" | {idx} | {c.get('wal bytes', 0) / 1024:.0f} |"
         )
+    engine = results.get("engine")
+    if engine:
+        lines += ["", f"whole engine (4 writers, gRPC), {results['rows']:,} new rows, alternating:", ""]
+        lines += [f"- {r['case']}: {r['seconds']:.2f} s, {r['rows_per_second']:,.0f} rows/s" for r in engine["rounds"]]
     return "\n".join(lines) + "\n"
 
 
