@@ -116,6 +116,8 @@ class Bench:
                 flush=True,
             )
         self.measurements[key] = result
+        # Kept as they come: a long run stopped part-way still leaves its figures.
+        (self.workdir / f"partial-{self.rows}.json").write_text(json.dumps(self.measurements, indent=2))
         return result
 
 
