@@ -269,6 +269,69 @@ def engine_rounds(pg: EmbeddedPostgres, full: psycopg.Connection, rows: int, wor
     return out
 
 
+def autovacuum_rounds(pkl: Path, rounds: int, workdir: Path) -> dict[str, Any]:
+    """The whole engine loading ``pkl`` into empty tables with autovacuum on and off for those
+    tables, alternately. Many small commits make the inserts visible to autovacuum during the
+    load (PostgreSQL 13+ vacuums after inserts too), one COPY transaction only after it."""
+    pgdata = workdir / "growth-av-pgdata"
+    shutil.rmtree(pgdata, ignore_errors=True)
+    pg = EmbeddedPostgres(pgdata)
+    pg.start()
+    out: dict[str, Any] = {"pkl": pkl.name, "rounds": []}
+    try:
+        with ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "growth-ai-server.log") as ai:
+            ai_rows = None
+            for k in range(rounds):
+                for enabled in (True, False):
+                    dsn = pg.create_database(f"growth_av_{k}_{'on' if enabled else 'off'}")
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        apply_schema(conn, DEFAULT_DIMENSION)
+                        for table in ("recruit_metadata", "recruit_embedding"):
+                            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = {'on' if enabled else 'off'})")
+                    if ai_rows is None:
+                        from airflow_embedding_provider.ai_server.dataset import load_dataset
+
+                        ai_rows = len(load_dataset(pkl))
+                    spec = {
+                        "target": ai.target,
+                        "dimension": DEFAULT_DIMENSION,
+                        "rows": ai_rows,
+                        "dsn": dsn,
+                        "chunk_size": 300,
+                        "sub_batch_size": DEFAULT_SUB_BATCH_SIZE,
+                        "connections": 4,
+                    }
+                    result_path = workdir / "growth-engine.json"
+                    subprocess.run(
+                        [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result_path)],
+                        cwd=REPO_ROOT,
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
+                    r = json.loads(result_path.read_text())
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        counts = conn.execute(
+                            "SELECT coalesce(sum(autovacuum_count), 0), coalesce(sum(autoanalyze_count), 0) "
+                            "FROM pg_stat_user_tables WHERE relname IN ('recruit_metadata', 'recruit_embedding')"
+                        ).fetchone()
+                    row = {
+                        "autovacuum": enabled,
+                        "seconds": r["seconds"],
+                        "rows_per_second": r["rows"] / r["seconds"],
+                        "autovacuums_after": int(counts[0]) if counts else None,
+                        "autoanalyzes_after": int(counts[1]) if counts else None,
+                    }
+                    out["rounds"].append(row)
+                    print(
+                        f"  autovacuum {'on ' if enabled else 'off'}: {r['rows']} rows in {r['seconds']:.2f} s, {row}",
+                        flush=True,
+                    )
+    finally:
+        pg.stop()
+        shutil.rmtree(pgdata, ignore_errors=True)
+    return out
+
+
 def _epoch_uuid() -> str:
     """The least UUIDv7 of the bench sample's epoch: the sample's ids are at or above it, the early ones below."""
     h = f"{EPOCH_MS:012x}7000800000000000000000"
@@ -319,8 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, default=900_000)
     parser.add_argument("--sub-batch", type=int, default=DEFAULT_SUB_BATCH_SIZE)
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
+    parser.add_argument(
+        "--autovacuum-pkl", type=Path, help="instead: the engine loading this sample with autovacuum on and off"
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.autovacuum_pkl is not None:
+        av = autovacuum_rounds(args.autovacuum_pkl.resolve(), ENGINE_ROUNDS, args.workdir.resolve())
+        (args.workdir / f"growth-autovacuum-{args.autovacuum_pkl.stem}.json").write_text(json.dumps(av, indent=2))
+        return 0
     results = run(args.rows, args.prefill, args.sub_batch, args.workdir.resolve())
     out = args.workdir / f"growth-{args.rows}-{args.prefill}.json"
     out.write_text(json.dumps(results, indent=2))
