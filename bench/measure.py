@@ -440,7 +440,8 @@ def _run_timeline(home: Path, dag_id: str) -> dict[str, Any]:
         ).fetchall()
     per_task: dict[str, float] = {}
     for task_id, start, end in tasks:
-        per_task[task_id] = per_task.get(task_id, 0.0) + seconds(start, end)
+        if start and end:  # a skipped task (a mapped one over nothing) never started
+            per_task[task_id] = per_task.get(task_id, 0.0) + seconds(start, end)
     return {"seconds": seconds(run[1], run[2]), "tasks": {k: round(v, 2) for k, v in per_task.items()}}
 
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ENGINE_VS_CEILING = 0.5
-ENGINE_VS_NAIVE = 5.0
-DAG_VS_ENGINE = 1.3
+from bench import queryable, scheduler
+
+ENGINE_VS_CEILING = 0.9  # issue 18: at 141,897 rows
+ENGINE_VS_CEILING_AT_SCALE = 0.8  # and at 1,000,000
 RSS_SCALE = 1.25
 AI_SERVER_VS_MATRIX = 1.5
 SCALE_ROWS = 1_000_000
@@ -69,48 +70,21 @@ def targets(result: dict[str, Any], *, rss_runs: tuple[dict[str, Any], dict[str,
 
     :param rss_runs: the results at 100k and at 1M rows (this run may be one of them).
     """
-    m = result["measurements"]
-    engine = m.get(result["default_engine"])
     pairs = baseline_pairs(result, "ceiling")
     c_a = statistics.median(pairs) if pairs else None
-    naive_pairs = baseline_pairs(result, "naive")
-    c_b = statistics.median(naive_pairs) if naive_pairs else None
-    dag = m.get("dag_partitions")
-    d_c = _ratio(dag["seconds"], engine["seconds"]) if dag and engine else None
-    run = dag.get("run") if dag else None
-    d_run_c = _ratio(run["seconds"], engine["seconds"]) if run and engine else None
+    # Issue 18 replaced issue 7's c/b (5x naive) and d/c (DAG within 1.3x of the engine) targets:
+    # the first asked for more than the COPY ceiling, the second left out the index build the DAG
+    # must do. Both ratios stay in the table; the DAG is read against the load-until-queryable
+    # ceiling (bench/queryable.py) and the real scheduler (bench/scheduler.py).
+    engine_limit = ENGINE_VS_CEILING if result["rows"] < SCALE_ROWS else ENGINE_VS_CEILING_AT_SCALE
     out = [
         _target(
             "engine rows/s vs COPY ceiling (c/a)",
             c_a,
-            ENGINE_VS_CEILING,
+            engine_limit,
             at_least=True,
             shown=_fmt(c_a),
             note=_median_note(pairs, "ceiling"),
-        ),
-        _target(
-            "engine rows/s vs naive baseline (c/b)",
-            c_b,
-            ENGINE_VS_NAIVE,
-            at_least=True,
-            shown=_fmt(c_b, ".1f", "x"),
-            note=_median_note(naive_pairs, "naive"),
-        ),
-        _target(
-            "DAG wall time vs engine time (d/c, several partitions)",
-            d_c,
-            DAG_VS_ENGINE,
-            at_least=False,
-            shown=_fmt(d_c, ".2f", "x"),
-            note="whole `airflow dags test` wall (start-up, ivfflat build in finalize, cache call) over the engine's ingest seconds",
-        ),
-        _target(
-            "DAG run duration vs engine time (d/c, several partitions)",
-            d_run_c,
-            DAG_VS_ENGINE,
-            at_least=False,
-            shown=_fmt(d_run_c, ".2f", "x"),
-            note="the dag_run's start to end as Airflow records it, without the CLI's own start-up; `dags test` runs the mapped tasks one after another",
         ),
     ]
     # Worker RSS at 1M against 100k: two runs; this one and a stored one, or two stored ones.
@@ -131,6 +105,7 @@ def targets(result: dict[str, Any], *, rss_runs: tuple[dict[str, Any], dict[str,
             note=note,
         )
     )
+    out += queryable.targets(result) + scheduler.targets(result)
     ai = result["ai_server"]
     loaded, fixed = ai.get("rss_after_load_mib"), ai.get("fixed_rss_mib")
     data_rss = loaded - fixed if loaded is not None and fixed is not None else None
@@ -154,6 +129,8 @@ _LABELS = {
     "dag_partitions": ("(d) DAG", "recruit_embedding_ingest, several partitions"),
     "dag_one_partition": ("(d) DAG", "recruit_embedding_ingest, one partition"),
     "incremental": ("incremental", "10% changed, ivfflat present"),
+    "queryable_ceiling": ("(a') load until queryable", "COPY BINARY, pre-encoded, 1 conn, then the ivfflat build"),
+    "scheduler": ("(e) scheduler", "recruit_embedding_ingest triggered, LocalExecutor x4, PostgreSQL metadata DB"),
     "ivfflat_build": ("ivfflat build", "ensure_ann_index after the default engine load (as finalize does)"),
     "hnsw_build": (
         "HNSW build",
@@ -234,6 +211,7 @@ def render(result: dict[str, Any]) -> str:
                     f"| d/(c + ivfflat build) ({what}; informational, the DAG builds the index too) | "
                     f"{m[key]['seconds'] / (engine['seconds'] + index['seconds']):.2f}x |"
                 )
+    lines += queryable.lines(result) + scheduler.lines(result)
     ai = result["ai_server"]
     lines += [
         "",

@@ -33,6 +33,7 @@ from psycopg import sql
 from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from bench.chart import write_chart
 from bench.measure import TINY_ROWS
 from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
 from bench.report import render, rss_runs, targets
@@ -41,7 +42,7 @@ DEFAULT_ROWS = 141_897  # the seed's own figure
 DAG_ID = "recruit_embedding_ingest"
 SEED = 7
 CHANGED_FRACTION = 0.10
-SKIPPABLE = ("naive", "settings", "dag", "incremental", "sync")
+SKIPPABLE = ("naive", "settings", "dag", "incremental", "sync", "scheduler")
 #: The range-sync measurement's source: this share of rows changed and as many removed.
 SYNC_FRACTION = 0.01
 
@@ -81,8 +82,11 @@ class Bench:
         self.log_path = workdir / f"bench-{rows}.log"
         self.measurements: dict[str, dict[str, Any]] = {}
 
-    def child(self, mode: str, key: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """Run ``bench.measure`` in a fresh process; its result, with the load around it."""
+    def child(
+        self, mode: str, key: str, spec: dict[str, Any], *, module: str = "bench.measure", **extra: Any
+    ) -> dict[str, Any]:
+        """Run ``module`` (``bench.measure`` or another with the same command line) in a fresh
+        process; its result, with the load around it."""
         out = self.workdir / f"{key}.json"
         out.unlink(missing_ok=True)
         load = os.getloadavg()[0]
@@ -91,7 +95,7 @@ class Bench:
             log.write(f"\n== {key} ({mode}) ==\n".encode())
             log.flush()
             proc = subprocess.run(
-                [sys.executable, "-m", "bench.measure", mode, json.dumps(spec), str(out)],
+                [sys.executable, "-m", module, mode, json.dumps(spec), str(out)],
                 cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -115,6 +119,8 @@ class Bench:
                 flush=True,
             )
         self.measurements[key] = result
+        # Kept as they come: a long run stopped part-way still leaves its figures.
+        (self.workdir / f"partial-{self.rows}.json").write_text(json.dumps(self.measurements, indent=2))
         return result
 
 
@@ -278,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print("measuring:")
         bench.child("ceiling", "ceiling", {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)})
+        # Load until queryable: the same COPY, then the ivfflat build the DAG's finalize does.
+        bench.child(
+            "queryable_ceiling",
+            "queryable_ceiling",
+            {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)},
+            module="bench.queryable",
+        )
 
         # The AI server's fixed cost, to tell the data's share of its RSS from the interpreter's.
         with ServerProcess(["ai-server", "--pkl", str(tiny_pkl)], log_path=workdir / "ai-server.log") as tiny:
@@ -329,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             naive(f"naive_{k}")
             engine(DEFAULT_SETTING, fresh_db(), key=f"{DEFAULT_SETTING.key}_{k}")
 
-        if "dag" not in args.skip:
+        if not {"dag", "scheduler"} <= args.skip:
             api = ServerProcess(["api-server"], log_path=workdir / "api-server.log")
             api.start()
             stack.callback(api.stop)
+        if "dag" not in args.skip:
             home = workdir / f"airflow-home-{rows}"
             shutil.rmtree(home, ignore_errors=True)
             stack.callback(shutil.rmtree, home, ignore_errors=True)
@@ -356,12 +370,33 @@ def main(argv: list[str] | None = None) -> int:
                     "chunk_size": DEFAULT_SETTING.chunk_size,
                     "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
                 }
-                bench.child(
-                    "dag",
-                    key,
-                    {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows},
-                    conf=conf,
-                )
+                spec = {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows}
+                bench.child("dag", key, spec, conf=conf)
+                if key == "dag_partitions":
+                    # The same DAG again on the loaded database: a run that finds nothing new.
+                    bench.child("dag_noop", "dag_noop", spec, module="bench.queryable", conf=conf)
+
+        if "scheduler" not in args.skip:
+            bench.child(
+                "scheduler",
+                "scheduler",
+                {
+                    "home": str(workdir / f"airflow-cluster-{rows}"),
+                    "dags_folder": str(REPO_ROOT / "dags"),
+                    "dsn": fresh_db(),
+                    "metadata_dsn": fresh_db().replace("postgresql://", "postgresql+psycopg://"),
+                    "target": ai.target,
+                    "cache_target": api.target,
+                    "connections": DEFAULT_SETTING.connections,
+                    "rows": rows,
+                    "conf": {
+                        "rows_per_partition": max(100, math.ceil(rows / 4)),
+                        "chunk_size": DEFAULT_SETTING.chunk_size,
+                        "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
+                    },
+                },
+                module="bench.scheduler",
+            )
 
         if "sync" not in args.skip:
             sync_measurements(bench, common, fresh_db, pkl, stack)
@@ -415,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2))
     table = render(result)
     (workdir / f"result-{rows}.md").write_text(table)
+    print(f"chart: {write_chart(result, workdir / f'result-{rows}.png')}")
     print()
     print(table)
     print(f"result: {out}")

@@ -1,0 +1,157 @@
+"""Load until queryable: PostgreSQL's own ceiling for a first load that ends with the ANN index,
+and the DAG's marginal cost against it.
+
+A first load is done when the rows are searchable, so its ceiling is COPY BINARY of pre-encoded
+rows into both tables followed by the same ivfflat build the DAG's ``finalize`` does
+(``ensure_ann_index``), on the same PostgreSQL. The DAG's marginal cost is a first load minus a
+run of the same DAG that finds nothing new (its fixed cost: start-up, planning, the cache call),
+both measured in the same bench run.
+
+Measurement modes (``python -m bench.queryable MODE SPEC_JSON OUT_JSON``, run by ``bench.run``):
+
+- ``queryable_ceiling``: the COPY ceiling of ``bench.measure.ceiling``, then the ivfflat build;
+- ``dag_noop``: ``airflow dags test`` again on a database a first load has filled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.measure import Spec, ceiling, dag
+
+QUERYABLE_VS_DAG = 1.1  # issue 18, target 1: marginal DAG cost at most 1.1x the ceiling
+
+
+def queryable_ceiling(spec: Spec) -> dict[str, Any]:
+    """COPY BINARY into the empty tables, then ``ensure_ann_index`` (ivfflat), each timed."""
+    from airflow_embedding_provider.storage.schema import ensure_ann_index
+
+    copied = ceiling(spec)
+    with psycopg.connect(spec["dsn"], autocommit=True) as conn:
+        began = time.perf_counter()
+        built = ensure_ann_index(conn, method="ivfflat")
+        index_seconds = time.perf_counter() - began
+    if not built:
+        raise SystemExit("ensure_ann_index built nothing after the COPY")
+    return {
+        "rows": copied["rows"],
+        "seconds": copied["seconds"] + index_seconds,
+        "copy_seconds": copied["seconds"],
+        "index_seconds": index_seconds,
+        "worker_cpu_seconds": copied["worker_cpu_seconds"],
+        "peak_rss_mib": None,
+    }
+
+
+def dag_noop(spec: Spec) -> dict[str, Any]:
+    """The DAG once more on a loaded database: the AI server has nothing after the checkpoint."""
+    result = dag(spec)
+    if int(result["finalize"]["rows_received"]) != 0:
+        raise SystemExit(f"the no-op run received {result['finalize']['rows_received']} rows, expected 0")
+    # ``rows`` is the table's size (checked by ``dag``); this run moved none of them.
+    result["rows_received"] = 0
+    return result
+
+
+MODES: dict[str, Callable[[Spec], dict[str, Any]]] = {
+    "queryable_ceiling": queryable_ceiling,
+    "dag_noop": dag_noop,
+}
+
+
+# -- figures (plain data in, text out; bench.report calls these) ------------------------------
+
+
+def marginal(result: dict[str, Any], first: str = "dag_partitions") -> dict[str, float] | None:
+    """The DAG's first load minus its no-op run, against the load-until-queryable ceiling."""
+    m = result["measurements"]
+    load, noop, top = m.get(first), m.get("dag_noop"), m.get("queryable_ceiling")
+    if not (load and noop and top):
+        return None
+    seconds = load["seconds"] - noop["seconds"]
+    out = {
+        "first_seconds": load["seconds"],
+        "noop_seconds": noop["seconds"],
+        "marginal_seconds": seconds,
+        "ceiling_seconds": top["seconds"],
+        "ratio": seconds / top["seconds"],
+    }
+    if load.get("run") and noop.get("run"):
+        # The same on Airflow's own run durations, without the CLI's start-up.
+        out["run_marginal_seconds"] = load["run"]["seconds"] - noop["run"]["seconds"]
+        out["run_ratio"] = out["run_marginal_seconds"] / top["seconds"]
+    return out
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    """Markdown rows for the ratio table."""
+    m = result["measurements"]
+    out: list[str] = []
+    top = m.get("queryable_ceiling")
+    if top:
+        out.append(
+            f"| load-until-queryable ceiling: COPY {top['copy_seconds']:.2f} s + ivfflat {top['index_seconds']:.2f} s "
+            f"| {top['seconds']:.2f} s |"
+        )
+    engine, index = m.get(result["default_engine"]), m.get("ivfflat_build")
+    if top and engine and index:
+        out.append(
+            f"| (engine + ivfflat build) / load-until-queryable ceiling ({engine['seconds']:.2f} + "
+            f"{index['seconds']:.2f} s) | {(engine['seconds'] + index['seconds']) / top['seconds']:.2f}x |"
+        )
+    for key in ("dag_partitions", "dag_one_partition"):
+        figures = marginal(result, key)
+        if figures is None:
+            continue
+        out.append(
+            f"| DAG marginal / load-until-queryable ceiling ({key}: first load {figures['first_seconds']:.2f} s "
+            f"- no-op run {figures['noop_seconds']:.2f} s = {figures['marginal_seconds']:.2f} s) | {figures['ratio']:.2f}x |"
+        )
+        if "run_ratio" in figures:
+            out.append(
+                f"| DAG marginal on run durations / ceiling ({key}: {figures['run_marginal_seconds']:.2f} s) "
+                f"| {figures['run_ratio']:.2f}x |"
+            )
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's target 1, as ``bench.report`` lists targets."""
+    figures = marginal(result)
+    value = None if figures is None else figures["ratio"]
+    note = ""
+    if figures is not None:
+        note = f"{figures['marginal_seconds']:.2f} s over {figures['ceiling_seconds']:.2f} s; `airflow dags test`, several partitions"
+        if figures["marginal_seconds"] <= 0:
+            # The no-op run took longer than the first load: the fixed cost's noise exceeded the
+            # load itself, so the difference measures nothing.
+            value, note = None, note + "; no figure: the no-op run took longer than the first load"
+    met = value is not None and value <= QUERYABLE_VS_DAG
+    return [
+        {
+            "target": "DAG marginal (first load - no-op run) vs load-until-queryable ceiling",
+            "value": None if value is None else round(value, 3),
+            "limit": f"<= {QUERYABLE_VS_DAG:g}",
+            "status": "n/a" if value is None else "PASS" if met else "MISS",
+            "shown": "-" if value is None else f"{value:.2f}x",
+            "note": note,
+        }
+    ]
+
+
+def main(argv: list[str]) -> int:
+    mode, spec_json, out = argv
+    result = MODES[mode](json.loads(spec_json))
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

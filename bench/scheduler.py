@@ -1,0 +1,202 @@
+"""The DAG under the real scheduler: LocalExecutor (parallelism 4), a PostgreSQL metadata database,
+api-server, scheduler and dag-processor as processes (``devkit.airflow_cluster``), as the
+scheduler integration test runs them.
+
+One measurement, in its own process (``python -m bench.scheduler scheduler SPEC_JSON OUT_JSON``):
+
+1. a first load: a run of ``recruit_embedding_ingest`` triggered through the REST API into an
+   empty database; its duration as Airflow records it (``start_date`` to ``end_date``) is read
+   against the same bench run's engine seconds plus its ivfflat build;
+2. then both DAGs get a one-minute schedule: the scheduler starts a run of the ingest DAG that
+   finds nothing new, and a run of ``bench/dags/bench_empty_four_tasks.py`` (the same four-task
+   shape doing nothing) in the same minute; the first's duration is read against the second's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Spec, _check_stored
+
+INGEST_DAG = "recruit_embedding_ingest"
+EMPTY_DAG = "bench_empty_four_tasks"
+EMPTY_DAG_FILE = Path(__file__).with_name("dags") / f"{EMPTY_DAG}.py"
+PARALLELISM = 4
+EVERY_MINUTE = "* * * * *"
+FIRST_LOAD_VS_ENGINE_AND_INDEX = 1.2  # issue 18, target 3
+NOOP_VS_EMPTY = 1.3
+
+
+def _seconds(run: dict[str, Any], start: str = "start_date") -> float:
+    return (dt.datetime.fromisoformat(run["end_date"]) - dt.datetime.fromisoformat(run[start])).total_seconds()
+
+
+def _timing(cluster: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's duration and each task's (mapped tasks summed)."""
+    tasks: dict[str, float] = {}
+    spans: dict[str, tuple[str, str]] = {}
+    for ti in cluster.task_instances(run):
+        if ti.get("start_date") and ti.get("end_date"):
+            tasks[ti["task_id"]] = tasks.get(ti["task_id"], 0.0) + _seconds(ti)
+            first, last = spans.get(ti["task_id"], (ti["start_date"], ti["end_date"]))
+            spans[ti["task_id"]] = (min(first, ti["start_date"]), max(last, ti["end_date"]))
+    # What is not inside a task's span (critical path: the tasks run one after another, the mapped
+    # ones side by side) is the scheduler's: queueing, handing over to the executor, heartbeats.
+    in_tasks = sum(_seconds({"start_date": a, "end_date": b}) for a, b in spans.values())
+    return {
+        "seconds": _seconds(run),
+        "spans": {k: round(_seconds({"start_date": a, "end_date": b}), 2) for k, (a, b) in spans.items()},
+        "between_tasks_seconds": round(_seconds(run) - in_tasks, 2),
+        "queued_to_end_seconds": _seconds(run, "queued_at") if run.get("queued_at") else None,
+        "tasks": {k: round(v, 2) for k, v in tasks.items()},
+        "run_id": run["dag_run_id"],
+    }
+
+
+def _scheduled_run(cluster: Any, dag_id: str, timeout: float) -> dict[str, Any]:
+    run: dict[str, Any] = cluster.wait_for_run(dag_id, run_type="scheduled", timeout=timeout)
+    return run
+
+
+def scheduler(spec: Spec) -> dict[str, Any]:
+    from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
+    from airflow_embedding_provider.devkit.stack import airflow_env
+
+    home, rows = Path(spec["home"]), int(spec["rows"])
+    shutil.rmtree(home, ignore_errors=True)
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    # The ingest DAG as shipped, next to the empty one: one dag-processor parses both.
+    shutil.copy(Path(spec["dags_folder"]) / f"{INGEST_DAG}.py", dags)
+    shutil.copy(EMPTY_DAG_FILE, dags)
+    env = airflow_env(
+        home,
+        postgres_dsn=spec["dsn"],
+        embedding_target=spec["target"],
+        cache_target=spec["cache_target"],
+        extra={
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": spec["metadata_dsn"],
+            "RECRUIT_EMBEDDING_RETRIES": "0",  # a failure shows at once, not after back-off
+            "RECRUIT_EMBEDDING_DB_CONNECTIONS": str(spec["connections"]),
+        },
+    )
+    cluster = AirflowCluster(env, log_dir=home / "logs", parallelism=PARALLELISM)
+    timeout = float(spec.get("timeout", 3600))
+    began = time.perf_counter()
+    try:
+        cluster.migrate()
+        cluster.start()
+        for dag_id in (INGEST_DAG, EMPTY_DAG):
+            cluster.wait_for_dag(dag_id)
+            cluster.set_paused(dag_id, False)
+        ready = time.perf_counter() - began
+
+        triggered = time.perf_counter()
+        run_id = cluster.trigger(INGEST_DAG, spec["conf"])
+        first = cluster.wait_for_run(INGEST_DAG, run_id=run_id, timeout=timeout)
+        first_wall = time.perf_counter() - triggered
+        _check_stored(spec["dsn"], rows)
+
+        # Both DAGs on a schedule (read when the files are parsed): one scheduled run each.
+        cluster.restart(
+            "dag-processor", {"RECRUIT_EMBEDDING_SCHEDULE": EVERY_MINUTE, "BENCH_EMPTY_DAG_SCHEDULE": EVERY_MINUTE}
+        )
+        noop = _scheduled_run(cluster, INGEST_DAG, timeout=600)
+        empty = _scheduled_run(cluster, EMPTY_DAG, timeout=600)
+        for dag_id in (INGEST_DAG, EMPTY_DAG):
+            cluster.set_paused(dag_id, True)  # no further runs while the cluster stops
+        _check_stored(spec["dsn"], rows)
+        noop_timing = _timing(cluster, noop)
+        states = cluster.task_states(noop)
+        if states.get("finalize") != "success":
+            raise SystemExit(f"the scheduled no-op run did not finish: {states}")
+        result = {
+            "rows": rows,
+            "seconds": _timing(cluster, first)["seconds"],
+            "first": _timing(cluster, first) | {"trigger_to_seen_done_seconds": first_wall},
+            "noop": noop_timing | {"states": states},
+            "empty": _timing(cluster, empty),
+            "cluster_ready_seconds": ready,
+            "parallelism": PARALLELISM,
+            "conf": spec["conf"],
+            "peak_rss_mib": None,
+        }
+    except BaseException:
+        print(cluster.log_tails(), flush=True)
+        raise
+    finally:
+        cluster.stop()
+    return result
+
+
+# -- figures (plain data in, text out; bench.report calls these) ------------------------------
+
+
+def _ratios(result: dict[str, Any]) -> tuple[float | None, float | None]:
+    m = result["measurements"]
+    s, engine, index = m.get("scheduler"), m.get(result["default_engine"]), m.get("ivfflat_build")
+    first = s["seconds"] / (engine["seconds"] + index["seconds"]) if s and engine and index else None
+    noop = s["noop"]["seconds"] / s["empty"]["seconds"] if s else None
+    return first, noop
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    s = result["measurements"].get("scheduler")
+    if not s:
+        return []
+    first, noop = _ratios(result)
+    # Wall spans where recorded (mapped tasks side by side), else summed task seconds.
+    tasks = ", ".join(f"{t} {v:.1f} s" for t, v in s["first"].get("spans", s["first"]["tasks"]).items())
+    if "between_tasks_seconds" in s["first"]:
+        tasks += f", between tasks {s['first']['between_tasks_seconds']:.1f} s"
+    out = []
+    if first is not None:
+        out.append(
+            f"| scheduler first load / (engine + ivfflat build) (run {s['seconds']:.2f} s; {tasks}) | {first:.2f}x |"
+        )
+    noop_tasks = ", ".join(f"{t} {v:.1f} s" for t, v in s["noop"]["tasks"].items())
+    empty_tasks = ", ".join(f"{t} {v:.1f} s" for t, v in s["empty"]["tasks"].items())
+    out.append(
+        f"| scheduled no-op run / empty four-task DAG (no-op {s['noop']['seconds']:.2f} s: {noop_tasks}; "
+        f"empty {s['empty']['seconds']:.2f} s: {empty_tasks}) | {noop:.2f}x |"
+    )
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    first, noop = _ratios(result)
+    out = []
+    for name, value, limit in (
+        ("scheduler first load vs engine + ivfflat build", first, FIRST_LOAD_VS_ENGINE_AND_INDEX),
+        ("scheduled no-op run vs empty DAG of the same shape", noop, NOOP_VS_EMPTY),
+    ):
+        out.append(
+            {
+                "target": name,
+                "value": None if value is None else round(value, 3),
+                "limit": f"<= {limit:g}",
+                "status": "n/a" if value is None else "PASS" if value <= limit else "MISS",
+                "shown": "-" if value is None else f"{value:.2f}x",
+                "note": "LocalExecutor, parallelism 4, PostgreSQL metadata DB; run durations as Airflow records them",
+            }
+        )
+    return out
+
+
+def main(argv: list[str]) -> int:
+    mode, spec_json, out = argv
+    if mode != "scheduler":
+        raise SystemExit(f"unknown mode {mode!r}; this module measures 'scheduler'")
+    Path(out).write_text(json.dumps(scheduler(json.loads(spec_json))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
