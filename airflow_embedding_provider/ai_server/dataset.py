@@ -192,6 +192,24 @@ class EmbeddingDataset:
                     _mark_row(message.rows[i - start], self.defects[i])
         return message
 
+    def message_of(self, positions: list[int]) -> RowChunkBytes:
+        """:meth:`chunk` of the rows at ``positions`` (any rows, e.g. those a range sync asks for):
+        odd vectors and defect marks as there."""
+        message = encode_rows(
+            [self.ids[i] for i in positions],
+            [self.company_name[i] for i in positions],
+            [self.exp_years[i] for i in positions],
+            [self.english_level[i] for i in positions],
+            [self.primary_keyword[i] for i in positions],
+            self.vectors[np.asarray(positions, dtype=np.intp)],
+        )
+        for k, i in enumerate(positions):
+            if i in self.odd_vectors:
+                message.rows[k].vector = self.odd_vectors[i]
+            if i in self.defects:
+                _mark_row(message.rows[k], self.defects[i])
+        return message
+
 
 def _mark_row(row: Any, defects: tuple[CellDefect, ...]) -> None:
     """Attach the defects; the vector moves to ``held_vector``, which seed-text clients skip."""

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.digest import Hashes, RangeDigest, row_hash, row_hashes
-from airflow_embedding_provider.wire.codec import encode_rows
+from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 
@@ -130,24 +130,28 @@ def key_strings(keys: bytes) -> list[str]:
 
 def selected_chunks(dataset: EmbeddingDataset, positions: npt.NDArray[np.intp], size: int) -> Iterator[RowChunkBytes]:
     """Messages of about ``size`` of the rows at ``positions`` (ascending); copies of one id stay
-    in one message, as :meth:`EmbeddingDataset.chunks` keeps them."""
+    in one message, as :meth:`EmbeddingDataset.chunks` keeps them, defective rows are marked as
+    there, and a message over :data:`MAX_CHUNK_BYTES` is cut again."""
     picked = positions.tolist()
     begin = 0
     while begin < len(picked):
         end = min(begin + size, len(picked))
         while end < len(picked) and dataset.ids[picked[end]] == dataset.ids[picked[end - 1]]:
             end += 1
-        rows = picked[begin:end]
-        message = encode_rows(
-            [dataset.ids[i] for i in rows],
-            [dataset.company_name[i] for i in rows],
-            [dataset.exp_years[i] for i in rows],
-            [dataset.english_level[i] for i in rows],
-            [dataset.primary_keyword[i] for i in rows],
-            dataset.vectors[np.asarray(rows, dtype=np.intp)],
-        )
-        for k, i in enumerate(rows):
-            if i in dataset.odd_vectors:
-                message.rows[k].vector = dataset.odd_vectors[i]
-        yield message
+        yield from _fitting(dataset, picked[begin:end])
         begin = end
+
+
+def _fitting(dataset: EmbeddingDataset, rows: list[int]) -> Iterator[RowChunkBytes]:
+    message = dataset.message_of(rows)
+    if message.ByteSize() <= MAX_CHUNK_BYTES:
+        yield message
+        return
+    middle = len(rows) // 2
+    while 0 < middle < len(rows) and dataset.ids[rows[middle]] == dataset.ids[rows[middle - 1]]:
+        middle += 1
+    if middle <= 0 or middle >= len(rows):  # one row, or copies of one id: cells are bounded
+        yield message
+        return
+    yield from _fitting(dataset, rows[:middle])
+    yield from _fitting(dataset, rows[middle:])
