@@ -76,6 +76,13 @@ def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Con
             for _ in range(count):
                 conns.append(psycopg3_connection(postgres_conn_id))
             yield conns
+    except BaseException:
+        # Stopped mid-statement (the task's execution_timeout, a signal): closing the socket does
+        # not stop a backend waiting on a lock, so cancel what it runs before letting go of it.
+        for conn in conns:
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=5)
+        raise
     finally:
         for conn in conns:
             conn.close()
