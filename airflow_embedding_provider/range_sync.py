@@ -70,11 +70,17 @@ def plan_sync(
     forced: bool,
     every_row: bool,
     max_delete_fraction: float,
+    settle_end: bool = False,
     tables: TableNames = DEFAULT_TABLES,
     log: _Log = _log,
 ) -> SyncPlan:
     """The ranges that differ from the stored rows (all when ``forced``), each with the deletions
-    it may make; ``every_row``: their tasks stream every row, not only the differing ones."""
+    it may make; ``every_row``: their tasks stream every row, not only the differing ones.
+
+    ``settle_end`` (a plan over the whole source): when any range differs, the last range is
+    synced too, even if equal (a listing, no rows streamed), so that the run's low watermark, and
+    with it the checkpoint, reaches the source's last id once every range is equal (the
+    checkpoint of a killed run can lag behind ranges that were already stored whole)."""
     bounds = [(p.after_uuid, p.until_uuid) for p in ranges]
     source = hook.range_digests(bounds)
     stored = stored_digests(conn, tables, bounds)
@@ -87,6 +93,8 @@ def plan_sync(
         sum(d.digest.rows for d in stored),
     )
     differing = list(range(len(ranges))) if forced else changed
+    if settle_end and differing and differing[-1] != len(ranges) - 1:
+        differing = [*differing, len(ranges) - 1]
     # The guard counts the deletions of the ranges whose digest differs; a forced range whose
     # digest is equal may delete none (its task finds any it would, and holds them back).
     planned = dict.fromkeys(differing, 0)

@@ -201,9 +201,14 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                     forced=full or start is not None,
                     every_row=start is not None,
                     max_delete_fraction=float(self.max_delete_fraction),
+                    settle_end=start is None,
                     log=self.log,
                 ).partitions
             partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
+            if start is None and ranges and not partitions and ranges[-1].until_uuid:
+                # Every range equals the source: everything up to its last id is stored.
+                with conn.transaction(), conn.cursor() as cur:
+                    advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, ranges[-1].until_uuid)
         self.log.info(
             "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d range(s), %d to sync: %s",
             total,
