@@ -32,7 +32,9 @@ from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env
 from airflow_embedding_provider.metrics import (
     CACHE_DELIVERED,
     CACHE_PENDING,
+    RECALL,
     ROWS_DEAD_LETTERED,
+    ROWS_DELETED,
     ROWS_PER_SECOND,
     ROWS_RECEIVED,
     ROWS_STORED,
@@ -246,7 +248,9 @@ def test_statsd_metrics_of_one_run(observed: Observed) -> None:
         p + ROWS_RECEIVED,
         p + ROWS_STORED,
         p + ROWS_DEAD_LETTERED,
+        p + ROWS_DELETED,
         p + ROWS_PER_SECOND,
+        p + RECALL,
         p + CACHE_DELIVERED,
         p + CACHE_PENDING,
     }, names
@@ -260,8 +264,12 @@ def test_statsd_metrics_of_one_run(observed: Observed) -> None:
     assert len(counters) == 2 and {m.kind for m in counters} == {"c"}
     assert total(ROWS_RECEIVED) == total(ROWS_STORED) == rows
     assert total(ROWS_DEAD_LETTERED) == 0
+    assert total(ROWS_DELETED) == 0  # a first load deletes nothing
+    # The first load built the ANN index: the recall gate measured it (storage/recall.py).
+    (recall,) = [m for m in metrics if m.name == p + RECALL]
+    assert recall.kind == "g" and 0.95 <= recall.value <= 1.0, recall
     for m in metrics:
-        if m.name.startswith(p + "embedding.rows"):
+        if m.name.startswith((p + "embedding.rows", p + RECALL)):
             assert m.tags == {"dag_id": INGEST, "stream": "recruit"}, m
         else:
             assert m.tags == {"dag_id": INGEST, "target": "recruit"}, m
