@@ -20,7 +20,7 @@ DIMENSION = 16
 
 @pytest.fixture
 def loaded(pg_dsn: str, tmp_path: Path) -> tuple[str, Path, str]:
-    frame = make_sample(300, dimension=DIMENSION, seed=9, clusters=5)
+    frame = make_sample(300, dimension=DIMENSION, seed=9, clusters=5, layout="seed")
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         apply_schema(conn, DIMENSION)
         load_frame(conn, frame)

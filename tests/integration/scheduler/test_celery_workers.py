@@ -295,7 +295,9 @@ def test_a_celery_worker_killed_mid_partition(
         # Retried once, on the worker still there, after what the killed try committed.
         assert ti["try_number"] == 2 and ti["hostname"] == survivor, ti
         assert ti["result"]["start_after"] == (committed or part["after_uuid"]), (ti["result"], committed)
-        assert received == part["rows"] - done_before
+        # A range sync's retry asks only for the rows not stored (README "Range sync"): at most
+        # those after the committed position, fewer when sub-batches beyond it had committed too.
+        assert 0 < received <= part["rows"] - done_before, (received, part["rows"], done_before)
         resumable += part["rows"] - done_before
     assert at_kill[held] is not None  # the partition the kill landed in had committed part of its range
     # Partitions the other worker ran were tried once.

@@ -39,7 +39,7 @@ def load_frame(conn: psycopg.Connection, frame: pd.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    return make_sample(ROWS, dimension=DIMENSION, seed=3, clusters=60)
+    return make_sample(ROWS, dimension=DIMENSION, seed=3, clusters=60, layout="seed")
 
 
 @pytest.fixture
