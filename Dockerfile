@@ -1,5 +1,6 @@
 # Airflow 3.3.2 with this provider installed: one image for the Airflow components and for the
-# provider's own servers (airflow-embedding ai-server / api-server / upload-server).
+# provider's own servers (airflow-embedding ai-server / upload-server). Production code only: the
+# dev tools (dev/: sample data, the reference API server) stay out; docker-compose mounts them.
 FROM apache/airflow:3.3.2
 
 USER root

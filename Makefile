@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install  ## the main job end to end: embedded PostgreSQL+pgvector, AI server, real DAG runs
-	$(PY) -m airflow_embedding_provider.devkit.demo --rows $(ROWS) $(if $(DSN),--dsn "$(DSN)")
+	$(PY) -m dev.demo --rows $(ROWS) $(if $(DSN),--dsn "$(DSN)")
 
 query: install  ## make query [SQL="SELECT ..."] (default: the row counts of both tables and the DLQ)
-	$(PY) -m airflow_embedding_provider.devkit.query "$(SQL)" $(if $(DSN),--dsn "$(DSN)")
+	$(PY) -m dev.query "$(SQL)" $(if $(DSN),--dsn "$(DSN)")
 
 test: lint  ## lint, type checks and the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,8 @@
-"""``airflow-embedding``: the AI server and the local tools, as one command with sub-commands."""
+"""``airflow-embedding``: the provider's servers and clients, as one command with sub-commands.
+
+Production commands only: the dev tools (sample data, the reference API server with its fault
+injection) are ``python -m dev`` in a checkout.
+"""
 
 from __future__ import annotations
 
@@ -28,46 +32,6 @@ def _ai_server(args: argparse.Namespace) -> int:
     security.check_exposure(args.host)
     dataset = load_dataset(args.pkl, trust_pickle=args.trust_pickle)
     serve(dataset, host=args.host, port=args.port, max_streams=args.max_streams, security=security)
-    return 0
-
-
-def _api_server(args: argparse.Namespace) -> int:
-    from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, serve
-    from airflow_embedding_provider.security import ServerSecurity
-
-    security = ServerSecurity.from_args(args)
-    security.check_exposure(args.host)
-    faults = FaultPlan(
-        fail_first=args.fail_first,
-        fail_always=args.fail_always,
-        fail_code=args.fail_code,
-        delay=args.delay,
-        delay_first=args.delay_first,
-    )
-    serve(
-        CacheServicer(faults=faults, stats_file=args.stats_file),
-        host=args.host,
-        port=args.port,
-        security=security,
-    )
-    return 0
-
-
-def _sample(args: argparse.Namespace) -> int:
-    from airflow_embedding_provider.devkit.sample import write_sample
-
-    path = write_sample(
-        args.out,
-        args.rows,
-        dimension=args.dim,
-        seed=args.seed,
-        layout=args.layout,
-        ids=args.ids,
-        odd_cell=not args.no_odd_cell,
-        clusters=args.clusters,
-    )
-    odd = "" if args.no_odd_cell else ", one odd 'Exp Years' cell that goes to the DLQ"
-    print(f"wrote {args.rows} rows of dimension {args.dim} ({args.layout} layout{odd}) to {path}")
     return 0
 
 
@@ -239,18 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_options(ai)
     ai.set_defaults(func=_ai_server)
 
-    api = sub.add_parser("api-server", help="reference API server: CacheService.InvalidateCache, in-memory cache")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=50052)
-    api.add_argument("--stats-file", type=Path, help="JSON counters (calls, successes, ...) rewritten after every call")
-    api.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N calls")
-    api.add_argument("--fail-always", action="store_true", help="fail every call")
-    api.add_argument("--fail-code", default="UNAVAILABLE", help="a gRPC status code name, or SUCCESS_FALSE")
-    api.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="wait before answering")
-    api.add_argument("--delay-first", type=int, default=0, metavar="N", help="delay only the first N calls")
-    add_cli_options(api)
-    api.set_defaults(func=_api_server)
-
     up = sub.add_parser("upload-server", help="ingest server: EmbeddingStreamService.UploadEmbeddings into PostgreSQL")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50053)
@@ -330,22 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     find.set_defaults(func=_search)
 
-    sample = sub.add_parser(
-        "sample", help="write a sample .pkl in the real dataset's layout (Djinni: string Exp Years, UUID4 ids)"
-    )
-    sample.add_argument("--rows", type=int, required=True)
-    sample.add_argument("--out", required=True, help="a .pkl, or a .parquet/.pq file (written as Parquet)")
-    sample.add_argument("--dim", type=int, default=DEFAULT_DIMENSION)
-    sample.add_argument("--seed", type=int, default=7)
-    sample.add_argument(
-        "--layout", choices=("djinni", "seed"), default="djinni", help="seed: docs/design.md §4.1's six"
-    )
-    sample.add_argument("--ids", choices=("uuid4", "uuid7"), help="default: uuid4 (djinni), uuid7 (seed)")
-    sample.add_argument("--no-odd-cell", action="store_true", help="leave out the one row that goes to the DLQ")
-    sample.add_argument(
-        "--clusters", type=int, help="draw vectors from this many neighbourhoods (like text embeddings)"
-    )
-    sample.set_defaults(func=_sample)
     return parser
 
 

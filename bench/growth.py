@@ -28,8 +28,14 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import (
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
+from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
+from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER, embedding_copy_buffer, metadata_copy_buffer
+from airflow_embedding_provider.storage.progress import advance_checkpoint
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
+from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import (
     COMPANIES,
     ENGLISH_LEVELS,
     EPOCH_MS,
@@ -37,13 +43,7 @@ from airflow_embedding_provider.devkit.sample import (
     uuid7_strings,
     write_sample,
 )
-from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
-from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER, embedding_copy_buffer, metadata_copy_buffer
-from airflow_embedding_provider.storage.progress import advance_checkpoint
-from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
+from dev.stack import REPO_ROOT, ServerProcess
 
 BLOCK = 50_000
 EARLIER_MS = 10**10  # about 115 days

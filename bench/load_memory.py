@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_embedding_provider.devkit.stack import REPO_ROOT
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.procmem import MIB, peak_rss_mib, rss_mib
+from dev.stack import REPO_ROOT
 
 PATHS = {"parquet": ".parquet", "pickle": ".pkl", "pickle-trusted": ".pkl"}
 #: loading Parquet peaks at most at twice the float32 matrix
@@ -49,7 +49,7 @@ def _child_load(path: Path, trust_pickle: bool) -> dict[str, Any]:
 
 
 def _child_write(path: Path, rows: int, dimension: int) -> dict[str, Any]:
-    from airflow_embedding_provider.devkit.sample import write_sample
+    from dev.sample import write_sample
 
     write_sample(path, rows, dimension=dimension, seed=SEED)
     return {"bytes": path.stat().st_size}

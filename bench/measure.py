@@ -48,7 +48,7 @@ def sample(spec: Spec) -> dict[str, Any]:
     """The sample pkl (``write_sample``) and a copy with ``changed_fraction`` of its rows changed."""
     import pandas as pd
 
-    from airflow_embedding_provider.devkit.sample import write_sample
+    from dev.sample import write_sample
 
     rows, base, changed = int(spec["rows"]), Path(spec["pkl"]), Path(spec["changed_pkl"])
     if not base.exists():
@@ -402,7 +402,7 @@ def _start_profile() -> Callable[[], None]:
 
 def dag(spec: Spec) -> dict[str, Any]:
     """(d) ``airflow dags test recruit_embedding_ingest`` as a child: wall time and peak RSS."""
-    from airflow_embedding_provider.devkit.stack import dags_test, task_result
+    from dev.stack import dags_test, task_result
 
     env = dict(spec["env"])
     began = time.perf_counter()

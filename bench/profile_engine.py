@@ -25,9 +25,6 @@ from typing import Any
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import write_sample
-from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
@@ -36,6 +33,9 @@ from airflow_embedding_provider.storage.writer import ChunkWriter, keep_last_occ
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import write_sample
+from dev.stack import REPO_ROOT, ServerProcess
 
 CHUNK = 300
 SUB_BATCH = DEFAULT_SUB_BATCH_SIZE

@@ -30,13 +30,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.chart import write_chart
 from bench.measure import TINY_ROWS
 from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
 from bench.report import render, rss_runs, targets
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
 
 DEFAULT_ROWS = 141_897  # the seed's own figure
 DAG_ID = "recruit_embedding_ingest"

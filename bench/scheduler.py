@@ -1,5 +1,5 @@
 """The DAG under the real scheduler: LocalExecutor (parallelism 4), a PostgreSQL metadata database,
-api-server, scheduler and dag-processor as processes (``devkit.airflow_cluster``), as the
+api-server, scheduler and dag-processor as processes (``dev.airflow_cluster``), as the
 scheduler integration test runs them.
 
 One measurement, in its own process (``python -m bench.scheduler scheduler SPEC_JSON OUT_JSON``):
@@ -65,8 +65,8 @@ def _scheduled_run(cluster: Any, dag_id: str, timeout: float) -> dict[str, Any]:
 
 
 def scheduler(spec: Spec) -> dict[str, Any]:
-    from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-    from airflow_embedding_provider.devkit.stack import airflow_env
+    from dev.airflow_cluster import AirflowCluster
+    from dev.stack import airflow_env
 
     home, rows = Path(spec["home"]), int(spec["rows"])
     shutil.rmtree(home, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Search bench: recall@10 and queries/s of ivfflat and HNSW against exact search, in one run.
 
 ``python -m bench.search [--rows 141897]`` starts the embedded PostgreSQL, loads clustered rows
-(neighbourhoods like text embeddings, devkit/sample.py) with COPY BINARY, then for each index
+(neighbourhoods like text embeddings, dev/sample.py) with COPY BINARY, then for each index
 method: builds it as finalize does (timed), runs the recall gate (storage/recall.py), and answers
 held-out queries through the provider's search (storage/search.py) unfiltered and with a
 ``primary_keyword`` filter, against exact search in SQL over the same rows. Recall is measured
@@ -26,8 +26,6 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.recall import tune_search
@@ -39,6 +37,8 @@ from airflow_embedding_provider.storage.search import (
     pgvector_version,
     read_search_setting,
 )
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import make_sample
 
 SEED_ROWS = 141_897
 K = 10

@@ -26,14 +26,14 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import uuid7_strings
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.upload_server.client import upload
 from airflow_embedding_provider.wire.codec import encode_rows
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 from bench.procmem import rss_mib
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import uuid7_strings
+from dev.stack import ServerProcess
 
 CHUNK = 300
 SAMPLE_EVERY = 0.05

@@ -36,13 +36,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from airflow_embedding_provider.devkit.embedded_postgres import free_port  # noqa: E402
-from airflow_embedding_provider.devkit.sample import write_sample  # noqa: E402
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow  # noqa: E402
 from airflow_embedding_provider.get_provider_info import get_provider_info  # noqa: E402
 from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook  # noqa: E402
 from airflow_embedding_provider.hooks.grpc_cache import GrpcCacheHook  # noqa: E402
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook  # noqa: E402
+from dev.sample import write_sample  # noqa: E402
+from dev.stack import ServerProcess, airflow, free_port  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")

@@ -21,8 +21,8 @@ import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
 from airflow_embedding_provider.ai_server.service import build_server
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import make_sample
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import make_sample
 
 SAMPLE_ROWS = 3000
 

@@ -18,8 +18,8 @@ import pandas as pd
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample
-from airflow_embedding_provider.devkit.verify import compare, stored_rows
+from dev.sample import make_sample
+from dev.verify import compare, stored_rows
 
 DIM = 384
 #: Rows of the good part of the file.

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
-from airflow_embedding_provider.devkit.sample import write_sample
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, prepare_airflow_home
+from dev.sample import write_sample
+from dev.stack import ServerProcess, airflow_env, prepare_airflow_home
 
 BIG_ROWS = 100_000  # the fault and cluster tests' source: 4 partitions of 25,000 rows
 

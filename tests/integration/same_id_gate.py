@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 import psycopg
 
-from airflow_embedding_provider.devkit.sample import uuid7_strings
 from airflow_embedding_provider.wire.codec import encode_rows
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+from dev.sample import uuid7_strings
 
 DIM = 384
 GATE_KEY = 716_016

@@ -11,8 +11,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.storage.schema import apply_schema
+from dev.sample import make_sample
 from tests.integration.storage.test_search import load_frame
 
 DIMENSION = 16

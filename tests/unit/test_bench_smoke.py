@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_embedding_provider.devkit.stack import REPO_ROOT
+from dev.stack import REPO_ROOT
 
 
 @pytest.mark.timeout(180)

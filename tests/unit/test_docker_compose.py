@@ -1,7 +1,7 @@
 """``docker-compose.yaml`` and ``Dockerfile`` checked against the code, without a Docker engine.
 
 Every command must parse with the real parsers (``airflow-embedding`` with ``cli.build_parser()``,
-Airflow's with its own), the connections must name the ids the DAGs and operators use and point at
+the dev tools' ``python -m dev`` with ``dev.cli.build_parser()``, Airflow's with its own), the connections must name the ids the DAGs and operators use and point at
 the services and ``--port``s that serve them, and every ``depends_on`` must name a service.
 Compose-style ``${VAR:-default}`` values are read with their defaults, as a bare ``docker compose up``
 would see them.
@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from airflow_embedding_provider import cli
+from dev import cli as dev_cli
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
@@ -39,6 +40,10 @@ SERVERS = {
 AIRFLOW_COMPONENTS = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
 # The Celery commands come from the Celery provider, which the official image has and our venv not.
 CELERY_COMMANDS = (["celery", "worker"], ["celery", "flower"])
+# The dev tools (sample data, the reference API server) are not in the image: the services that run
+# them mount the checkout's dev/ read-only and run it as a module from there.
+DEV_ENTRYPOINT = ["python", "-m", "dev"]
+DEV_MOUNT = "./dev:/opt/dev/dev:ro"
 
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -76,25 +81,39 @@ def argv(service: dict[str, Any]) -> list[str]:
     return parts
 
 
-def parse_cli(args: list[str]) -> argparse.Namespace:
-    """``airflow-embedding <args>`` through the real parser; a refused command fails with its message."""
+def parse_cli(args: list[str], build_parser: Any = cli.build_parser) -> argparse.Namespace:
+    """``airflow-embedding <args>`` (or ``python -m dev <args>`` with that parser) through the real
+    parser; a refused command fails with its message."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return cli.build_parser().parse_args(args)
+            return build_parser().parse_args(args)
     except SystemExit:
-        pytest.fail(f"airflow-embedding refuses {args}: {err.getvalue().strip().splitlines()[-1:]}")
+        pytest.fail(f"{build_parser().prog} refuses {args}: {err.getvalue().strip().splitlines()[-1:]}")
+
+
+def runs_our_cli(service: dict[str, Any]) -> bool:
+    return argv(service)[:1] == ["airflow-embedding"] or argv(service)[: len(DEV_ENTRYPOINT)] == DEV_ENTRYPOINT
 
 
 def embedding_services(services: dict[str, dict[str, Any]]) -> dict[str, argparse.Namespace]:
-    """Service name -> parsed ``airflow-embedding`` command, for every service that runs one."""
-    return {name: parse_cli(argv(svc)[1:]) for name, svc in services.items() if argv(svc)[:1] == ["airflow-embedding"]}
+    """Service name -> parsed ``airflow-embedding`` or ``python -m dev`` command, for every service that runs one."""
+    parsed: dict[str, argparse.Namespace] = {}
+    for name, svc in services.items():
+        if argv(svc)[:1] == ["airflow-embedding"]:
+            parsed[name] = parse_cli(argv(svc)[1:])
+        elif argv(svc)[: len(DEV_ENTRYPOINT)] == DEV_ENTRYPOINT:
+            parsed[name] = parse_cli(argv(svc)[len(DEV_ENTRYPOINT) :], dev_cli.build_parser)
+    return parsed
 
 
 def subcommands() -> set[str]:
-    parser = cli.build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return set(action.choices)
+    """The sub-commands of ``airflow-embedding`` and of the dev tools' ``python -m dev``."""
+    names: set[str] = set()
+    for parser in (cli.build_parser(), dev_cli.build_parser()):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        names |= set(action.choices)
+    return names
 
 
 def code_conn_ids() -> set[str]:
@@ -226,9 +245,7 @@ def test_airflow_commands_parse(services: dict[str, dict[str, Any]]) -> None:
     from airflow.cli.cli_parser import get_parser
 
     # Services of our image that keep its entrypoint run `airflow <command>`.
-    airflow_commands = {
-        n: argv(s) for n, s in services.items() if s.get("build") and argv(s)[:1] != ["airflow-embedding"]
-    }
+    airflow_commands = {n: argv(s) for n, s in services.items() if s.get("build") and not runs_our_cli(s)}
     for name, args in airflow_commands.items():
         if args[:1] == ["celery"]:
             assert args in CELERY_COMMANDS, f"{name}: {args}"
@@ -332,7 +349,7 @@ def test_dockerfile_installs_the_package() -> None:
 
 
 def test_celery_settings_are_the_ones_the_cluster_test_proves(services: dict[str, dict[str, Any]]) -> None:
-    from airflow_embedding_provider.devkit.airflow_cluster import CELERY_SETTINGS
+    from dev.airflow_cluster import CELERY_SETTINGS
 
     metadata = airflow_env(services, "airflow-scheduler")["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     for name in ("airflow-scheduler", "airflow-worker"):
@@ -411,3 +428,21 @@ def test_no_command_carries_a_password(services: dict[str, dict[str, Any]]) -> N
     for name, svc in services.items():
         args = " ".join(argv(svc)) if svc.get("build") else " ".join(map(str, svc.get("command") or []))
         assert not credentials.search(args), f"{name} has a password in its command: {args}"
+
+
+def test_the_image_holds_no_dev_tools(services: dict[str, dict[str, Any]]) -> None:
+    """The image is what a production deployment runs: dev/ is neither copied nor in the build context;
+    the services of the dev tools mount it from the checkout, read-only, and only they do."""
+    copied = " ".join(
+        ln.strip() for ln in DOCKERFILE.read_text(encoding="utf-8").splitlines() if ln.strip().startswith("COPY")
+    )
+    assert not re.search(r"\s\.?/?(dev|tests|bench|scripts)[\s/]", copied + " "), copied
+    ignored = {ln for ln in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines() if ln and ln[0] != "#"}
+    assert {"dev", "tests", "bench", "scripts"} <= ignored
+    dev_services = {n for n, s in services.items() if argv(s)[: len(DEV_ENTRYPOINT)] == DEV_ENTRYPOINT}
+    assert dev_services == {"sample-data", "api-server"}
+    for name, svc in services.items():
+        mounted = DEV_MOUNT in (svc.get("volumes") or [])
+        assert mounted == (name in dev_services), f"{name}: dev/ mounted {mounted}"
+        if mounted:
+            assert svc.get("working_dir") == DEV_MOUNT.split(":")[1].rsplit("/", 1)[0], f"{name}: working_dir"

@@ -50,17 +50,23 @@ def test_bind_port_refuses_before_it_listens() -> None:
 
 
 @pytest.mark.parametrize(
-    "command",
+    ("module", "prog", "command"),
     [
-        ["ai-server", "--pkl", "does-not-matter.pkl"],
-        ["api-server"],
-        ["upload-server", "--postgres-dsn-file", "does-not-matter"],
+        ("airflow_embedding_provider.cli", "airflow-embedding", ["ai-server", "--pkl", "does-not-matter.pkl"]),
+        ("dev", "python -m dev", ["api-server"]),
+        (
+            "airflow_embedding_provider.cli",
+            "airflow-embedding",
+            ["upload-server", "--postgres-dsn-file", "does-not-matter"],
+        ),
     ],
 )
-def test_every_server_command_refuses_a_public_bind_without_a_token_in_one_line(command: list[str]) -> None:
+def test_every_server_command_refuses_a_public_bind_without_a_token_in_one_line(
+    module: str, prog: str, command: list[str]
+) -> None:
     env = {k: v for k, v in os.environ.items() if k != "EMBEDDING_GRPC_TOKEN"}
     proc = subprocess.run(
-        [sys.executable, "-m", "airflow_embedding_provider.cli", *command, "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", module, *command, "--host", "0.0.0.0", "--port", "1"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -69,7 +75,7 @@ def test_every_server_command_refuses_a_public_bind_without_a_token_in_one_line(
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"airflow-embedding {command[0]}: error: {REFUSAL}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"{prog} {command[0]}: error: {REFUSAL}"), lines
 
 
 def test_the_token_command_writes_a_private_token_once(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +24,7 @@ from airflow_embedding_provider.security import (
     add_cli_options,
     read_token_file,
 )
+from dev.cli import build_parser as build_dev_parser
 
 TOKEN = "tok-unit-Zx81"
 
@@ -160,9 +162,16 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [["ai-server", "--pkl", "x.pkl"], ["api-server"], ["upload-server", "--postgres-dsn", "postgresql://"]]
+    ("build_parser", "command"),
+    [
+        (build_parser, ["ai-server", "--pkl", "x.pkl"]),
+        (build_dev_parser, ["api-server"]),
+        (build_parser, ["upload-server", "--postgres-dsn", "postgresql://"]),
+    ],
 )
-def test_both_server_commands_take_the_security_options(command: list[str]) -> None:
+def test_both_server_commands_take_the_security_options(
+    build_parser: Callable[[], argparse.ArgumentParser], command: list[str]
+) -> None:
     args = build_parser().parse_args(
         [*command, "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca", "--token-file", "t"]
     )

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.service import SERVICE_NAME, max_chunk_size
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from dev.stack import ServerProcess
 
 SEED_CLIENT = Path(__file__).resolve().parents[1] / "seed_client.py"
 

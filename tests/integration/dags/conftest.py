@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env
+from dev.stack import ServerProcess, airflow_env
 
 
 @pytest.fixture

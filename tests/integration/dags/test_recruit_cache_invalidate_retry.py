@@ -13,11 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
-from airflow_embedding_provider.devkit.stack import DAGS_FOLDER, ServerProcess, airflow_env, dags_test, task_result
 from airflow_embedding_provider.storage.outbox import CacheRequest, pending_targets, request_invalidation
 from airflow_embedding_provider.storage.schema import TableNames, apply_schema
+from dev.api_server.service import read_stats
+from dev.stack import DAGS_FOLDER, ServerProcess, airflow_env, dags_test, free_port, task_result
 
 DAG_ID = "recruit_cache_invalidate_retry"
 # The last task of an ingest run, as the ingest DAG wires it; alone in its own DAG folder here.

@@ -15,12 +15,12 @@ import numpy as np
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.stack import dags_test, task_result
-from airflow_embedding_provider.devkit.verify import stored_rows, table_digest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
+from dev.stack import dags_test, task_result
+from dev.verify import stored_rows, table_digest
 
 DAG_ID = "recruit_embedding_dlq_replay"
 F32 = np.finfo(np.float32)

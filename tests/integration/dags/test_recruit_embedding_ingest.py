@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.stack import DAGS_FOLDER, ServerProcess, dags_test, task_result
-from airflow_embedding_provider.devkit.verify import compare, table_digest
+from dev.api_server.service import read_stats
+from dev.stack import DAGS_FOLDER, ServerProcess, dags_test, task_result
+from dev.verify import compare, table_digest
 
 DAG_ID = "recruit_embedding_ingest"
 
@@ -131,7 +131,7 @@ def test_a_table_of_another_dimension_stops_the_run(dag_env: dict[str, str], pg_
 
 @pytest.mark.parametrize("command", [["providers", "list"], ["providers", "hooks"]])
 def test_airflow_lists_the_provider(dag_env: dict[str, str], command: list[str]) -> None:
-    from airflow_embedding_provider.devkit.stack import airflow
+    from dev.stack import airflow
 
     out = airflow(command, dag_env).stdout
     assert "airflow-embedding-provider" in out

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample, uuid7_strings
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, dags_test, task_result
-from airflow_embedding_provider.devkit.verify import compare, table_digest
 from airflow_embedding_provider.storage.schema import apply_schema
+from dev.sample import make_sample, uuid7_strings
+from dev.stack import ServerProcess, airflow_env, dags_test, task_result
+from dev.verify import compare, table_digest
 from tests.conftest import start_ai_server
 
 DAG_ID = "recruit_embedding_ingest"

@@ -18,10 +18,10 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import DJINNI_COLUMNS, ODD_EXP_YEARS, make_sample, write_sample
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, dags_test, task_result
-from airflow_embedding_provider.devkit.verify import compare, stored_rows
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from dev.sample import DJINNI_COLUMNS, ODD_EXP_YEARS, make_sample, write_sample
+from dev.stack import ServerProcess, airflow_env, dags_test, task_result
+from dev.verify import compare, stored_rows
 from tests.conftest import start_ai_server
 from tests.integration import bad_cells
 

@@ -16,10 +16,10 @@ import pandas as pd
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.sample import make_sample
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, dags_test, task_result
-from airflow_embedding_provider.devkit.verify import compare
+from dev.api_server.service import read_stats
+from dev.sample import make_sample
+from dev.stack import ServerProcess, airflow_env, dags_test, task_result
+from dev.verify import compare
 from tests.conftest import start_ai_server
 
 DAG_ID = "recruit_embedding_ingest"

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from airflow_embedding_provider.devkit.stack import airflow
 from airflow_embedding_provider.storage.schema import apply_schema
+from dev.stack import airflow
 
 DAG_ID = "recruit_embedding_ingest"
 #: ``airflow dags test`` is killed after this: today's code would wait on the lock for ever.

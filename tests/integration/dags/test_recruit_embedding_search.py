@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env, dags_test, task_result
+from dev.sample import make_sample
+from dev.stack import ServerProcess, airflow_env, dags_test, task_result
 from tests.conftest import start_ai_server
 
 DAG_ID = "recruit_embedding_ingest"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
+from dev.embedded_postgres import EmbeddedPostgres
 
 
 @pytest.fixture

@@ -20,17 +20,17 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.stack import (
+from airflow_embedding_provider.storage.schema import apply_schema
+from dev.airflow_cluster import AirflowCluster
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import (
     ServerProcess,
     airflow_env,
     prepare_airflow_home,
     start_dags_test,
     task_result,
 )
-from airflow_embedding_provider.devkit.verify import compare
-from airflow_embedding_provider.storage.schema import apply_schema
+from dev.verify import compare
 
 DAG_ID = "recruit_embedding_ingest"
 CONF = {"rows_per_partition": 25_000, "chunk_size": 500, "sub_batch_size": 250}

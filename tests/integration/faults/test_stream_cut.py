@@ -12,14 +12,13 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
-from airflow_embedding_provider.devkit.stack import ServerProcess
-from airflow_embedding_provider.devkit.verify import compare
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
 from airflow_embedding_provider.wire.codec import WireChunk
+from dev.stack import ServerProcess, free_port
+from dev.verify import compare
 
 
 def test_ai_server_sigkill_mid_stream_then_restart(

@@ -16,12 +16,12 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
+from dev.airflow_cluster import AirflowCluster
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import ServerProcess
 from tests.integration.faults.test_dag_faults import (
     CONF,
     DAG_ID,

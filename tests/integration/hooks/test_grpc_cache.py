@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from airflow_embedding_provider.api_server.service import CacheServicer, FaultPlan, QueryCache, build_server
 from airflow_embedding_provider.hooks.grpc_cache import (
     CACHE_SERVICE,
     DEFAULT_PORT,
@@ -16,6 +15,7 @@ from airflow_embedding_provider.hooks.grpc_cache import (
     GrpcCacheHook,
     RetryPolicy,
 )
+from dev.api_server.service import CacheServicer, FaultPlan, QueryCache, build_server
 
 FAST = {"initial_backoff": 0.05, "max_backoff": 0.1}
 

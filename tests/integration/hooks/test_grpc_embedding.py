@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
+from dev.stack import free_port
 
 
 def _connect(monkeypatch: pytest.MonkeyPatch, target: str, **extra: object) -> GrpcEmbeddingHook:

@@ -13,9 +13,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError
 from airflow_embedding_provider.operators.cache_invalidate import (
     CacheInvalidateOperator,
@@ -23,6 +20,8 @@ from airflow_embedding_provider.operators.cache_invalidate import (
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest, pending_targets, request_invalidation
 from airflow_embedding_provider.storage.schema import TableNames, apply_schema
+from dev.api_server.service import read_stats
+from dev.stack import ServerProcess, free_port
 
 FAST: dict[str, Any] = {"initial_backoff": 0.1, "max_backoff": 0.5}
 

@@ -11,7 +11,6 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.verify import stored_rows, table_digest
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.operators.dlq_replay import (
     EmbeddingDlqReplayOperator,
@@ -24,6 +23,7 @@ from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
+from dev.verify import stored_rows, table_digest
 
 DIM = 8
 

@@ -25,10 +25,10 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.redis_broker import RedisBroker
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env
+from dev.airflow_cluster import AirflowCluster
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.redis_broker import RedisBroker
+from dev.stack import ServerProcess, airflow_env
 from tests.integration.faults.test_dag_faults import CONF, CheckpointWatch, _assert_exact, _progress
 
 pytestmark = [pytest.mark.dag, pytest.mark.timeout(1500)]

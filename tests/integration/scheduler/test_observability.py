@@ -3,7 +3,7 @@ the embedding table's Asset, OpenLineage events and StatsD metrics of ``recruit_
 
 ``airflow dags test`` records Asset events but creates no downstream run (that is the
 scheduler's job) and initialises no metrics backend (the task runner's ``main`` does), so this
-uses the real deployment of ``devkit.airflow_cluster`` once for all three: a first run stores the
+uses the real deployment of ``dev.airflow_cluster`` once for all three: a first run stores the
 AI server's 3000 rows, a second run finds nothing new. In between the StatsD packets (a UDP
 listener on 127.0.0.1 is the StatsD server) and the OpenLineage events (the provider's file
 transport) are those of the first run alone.
@@ -26,9 +26,6 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env
 from airflow_embedding_provider.metrics import (
     CACHE_DELIVERED,
     CACHE_PENDING,
@@ -39,6 +36,9 @@ from airflow_embedding_provider.metrics import (
     ROWS_RECEIVED,
     ROWS_STORED,
 )
+from dev.airflow_cluster import AirflowCluster
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import ServerProcess, airflow_env
 from tests.conftest import start_ai_server
 
 pytestmark = [pytest.mark.dag, pytest.mark.timeout(1500)]

@@ -22,11 +22,11 @@ import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
 from airflow_embedding_provider.ai_server.service import build_server
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.airflow_cluster import AirflowCluster
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres, free_port
-from airflow_embedding_provider.devkit.stack import ServerProcess, airflow_env
-from airflow_embedding_provider.devkit.verify import compare
+from dev.airflow_cluster import AirflowCluster
+from dev.api_server.service import read_stats
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import ServerProcess, airflow_env, free_port
+from dev.verify import compare
 
 pytestmark = [pytest.mark.dag, pytest.mark.timeout(1200)]
 

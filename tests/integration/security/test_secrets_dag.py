@@ -24,10 +24,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import make_sample
-from airflow_embedding_provider.devkit.stack import HealthTLS, ServerProcess, airflow_env, dags_test, task_result
 from airflow_embedding_provider.security import UNAUTHENTICATED_MESSAGE
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import make_sample
+from dev.stack import HealthTLS, ServerProcess, airflow_env, dags_test, task_result
 from tests.integration.security.pki import SERVER_NAME, Pki
 
 pytestmark = pytest.mark.dag

@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.service import SERVICE_NAME as EMBEDDING_SERVICE
 from airflow_embedding_provider.ai_server.service import build_server as build_ai_server
-from airflow_embedding_provider.api_server.service import CacheServicer
-from airflow_embedding_provider.api_server.service import build_server as build_api_server
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.security import UNAUTHENTICATED_MESSAGE, ServerSecurity, bind_port, new_server
+from dev.api_server.service import CacheServicer
+from dev.api_server.service import build_server as build_api_server
 from tests.integration.security.pki import SERVER_NAME, Pki
 
 
@@ -308,7 +308,7 @@ def test_push_reaches_an_upload_server_over_mutual_tls_with_a_token(
     import subprocess
     import sys
 
-    from airflow_embedding_provider.devkit.stack import HealthTLS, ServerProcess
+    from dev.stack import HealthTLS, ServerProcess
 
     command = ["upload-server", "--postgres-dsn", pg_dsn, *pki.server_options(token_file)]
     health = HealthTLS(ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)

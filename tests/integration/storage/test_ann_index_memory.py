@@ -20,7 +20,6 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
 from airflow_embedding_provider.storage.schema import (
     DEFAULT_TABLES,
     apply_schema,
@@ -28,6 +27,7 @@ from airflow_embedding_provider.storage.schema import (
     hnsw_build_bytes,
     ivfflat_build_bytes,
 )
+from dev.embedded_postgres import EmbeddedPostgres
 
 ROWS = 600_000
 DIMENSION = 64

@@ -11,8 +11,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook
 from airflow_embedding_provider.storage.outbox import (
     CacheRequest,
@@ -24,6 +22,8 @@ from airflow_embedding_provider.storage.outbox import (
     request_invalidation,
 )
 from airflow_embedding_provider.storage.schema import TableNames, apply_schema
+from dev.api_server.service import read_stats
+from dev.stack import ServerProcess
 
 TABLES = TableNames()
 

@@ -12,12 +12,12 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.hooks.postgres import PgvectorSearchHook
 from airflow_embedding_provider.operators.embedding_stream import recall_failure
 from airflow_embedding_provider.storage.recall import candidates, tune_search
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index, ivfflat_lists
 from airflow_embedding_provider.storage.search import Searcher, SearchError, SearchFilter, read_search_setting
+from dev.sample import make_sample
 
 ROWS = 6000
 DIMENSION = 32

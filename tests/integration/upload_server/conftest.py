@@ -13,10 +13,10 @@ import grpc
 import psycopg
 import pytest
 
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.upload_server.service import UPLOAD_ID_KEY, UPLOAD_METHOD
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
+from dev.stack import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 

@@ -9,8 +9,8 @@ import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.cli import POSTGRES_DSN_ENV
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.upload_server.client import dataset_chunks, upload
+from dev.stack import ServerProcess
 from tests.integration.upload_server.conftest import count_rows
 
 

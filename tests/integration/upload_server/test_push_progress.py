@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 from airflow_embedding_provider.ai_server.dataset import PROGRESS_MIN_BYTES
-from airflow_embedding_provider.devkit.sample import write_sample
-from airflow_embedding_provider.devkit.stack import ServerProcess
+from dev.sample import write_sample
+from dev.stack import ServerProcess
 from tests.integration.upload_server.conftest import StartServer
 from tests.integration.upload_server.test_upload_server import push
 

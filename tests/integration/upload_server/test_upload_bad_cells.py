@@ -12,12 +12,12 @@ import grpc
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import write_sample
-from airflow_embedding_provider.devkit.verify import compare
 from airflow_embedding_provider.upload_server.client import dataset_chunks, upload
 from airflow_embedding_provider.upload_server.service import UPLOAD_METHOD
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkRaw
+from dev.sample import write_sample
+from dev.verify import compare
 from tests.integration import bad_cells
 from tests.integration.upload_server.conftest import StartServer, count_rows
 

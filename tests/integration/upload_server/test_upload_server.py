@@ -18,12 +18,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
-from airflow_embedding_provider.devkit.sample import make_sample, write_sample
-from airflow_embedding_provider.devkit.verify import compare, stored_rows
 from airflow_embedding_provider.upload_server.client import UploadError, dataset_chunks, upload
 from airflow_embedding_provider.upload_server.service import SERVICE_NAME
 from airflow_embedding_provider.wire import embedding_pb2
+from dev.sample import make_sample, write_sample
+from dev.stack import free_port
+from dev.verify import compare, stored_rows
 from tests.integration.upload_server.conftest import (
     GatedUpload,
     StartServer,

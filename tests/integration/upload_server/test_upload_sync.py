@@ -7,8 +7,8 @@ from pathlib import Path
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample
-from airflow_embedding_provider.devkit.verify import compare
+from dev.sample import make_sample
+from dev.verify import compare
 from tests.integration.upload_server.conftest import StartServer, count_rows
 from tests.integration.upload_server.test_upload_server import push
 

@@ -23,9 +23,9 @@ from airflow_embedding_provider.ai_server.cells import (
     years_column,
 )
 from airflow_embedding_provider.ai_server.dataset import DatasetError, load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.validation import INT4_MAX, MAX_TEXT_LENGTH
 from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES, decode_chunk
+from dev.sample import make_sample
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import DatasetError, load_dataset
-from airflow_embedding_provider.devkit.sample import ENGLISH_LEVELS, make_sample
+from dev.sample import ENGLISH_LEVELS, make_sample
 
 
 def _write(tmp_path: Path, frame: object, name: str = "data.pkl") -> Path:

@@ -18,7 +18,7 @@ from airflow_embedding_provider.ai_server.dataset import (
     _reorder_rows,
     load_dataset,
 )
-from airflow_embedding_provider.devkit.sample import make_sample
+from dev.sample import make_sample
 
 
 def _same(a: EmbeddingDataset, b: EmbeddingDataset) -> None:
@@ -111,7 +111,7 @@ def test_the_sample_command_writes_real_parquet_that_the_server_loads(tmp_path: 
         [
             sys.executable,
             "-m",
-            "airflow_embedding_provider.cli",
+            "dev",
             "sample",
             "--rows",
             "300",

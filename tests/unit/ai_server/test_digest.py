@@ -10,8 +10,8 @@ import pandas as pd
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.ai_server.digest import DatasetDigests, key_strings
-from airflow_embedding_provider.devkit.sample import make_sample
 from airflow_embedding_provider.digest import RangeDigest, row_hash
+from dev.sample import make_sample
 
 
 def test_digests_count_each_valid_id_once_with_its_last_copy(tmp_path: Path) -> None:

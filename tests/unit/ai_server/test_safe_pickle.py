@@ -24,7 +24,7 @@ import pytest
 
 from airflow_embedding_provider.ai_server import safe_pickle
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.devkit.sample import make_sample
+from dev.sample import make_sample
 from tests.unit.ai_server.frames import rich_frame, variants
 
 REPO = Path(__file__).resolve().parents[3]

@@ -22,10 +22,10 @@ from typing import Any
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.api_server.service import read_stats
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.sample import ODD_EXP_YEARS, write_sample
-from airflow_embedding_provider.devkit.stack import (
+from dev.api_server.service import read_stats
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.sample import ODD_EXP_YEARS, write_sample
+from dev.stack import (
     REPO_ROOT,
     ServerProcess,
     airflow_env,
@@ -33,7 +33,7 @@ from airflow_embedding_provider.devkit.stack import (
     prepare_airflow_home,
     task_result,
 )
-from airflow_embedding_provider.devkit.verify import compare
+from dev.verify import compare
 
 DAG_ID = "recruit_embedding_ingest"
 

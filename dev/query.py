@@ -7,8 +7,8 @@ import sys
 
 import psycopg
 
-from airflow_embedding_provider.devkit.embedded_postgres import EmbeddedPostgres
-from airflow_embedding_provider.devkit.stack import REPO_ROOT
+from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

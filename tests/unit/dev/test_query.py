@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_embedding_provider.devkit.query import main
+from dev.query import main
 
 
 @pytest.mark.parametrize("statement", ["", "  "])

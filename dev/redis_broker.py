@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
+from dev.stack import free_port
 
 
 class RedisBroker:

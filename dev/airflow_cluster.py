@@ -3,7 +3,7 @@
 What ``airflow dags test`` skips is exactly what a deployment depends on: the scheduler creating
 runs from the schedule, the executor handing task instances to supervised workers, and those
 workers talking to the API server's execution API. ``AirflowCluster`` runs all of it with a given
-environment (``devkit.stack.airflow_env`` plus a PostgreSQL metadata database), each process in
+environment (``dev.stack.airflow_env`` plus a PostgreSQL metadata database), each process in
 its own process group with its output in a log file, and stops every process it started.
 
 With ``executor="CeleryExecutor"`` (a Redis broker, Celery's result backend on the metadata
@@ -35,8 +35,7 @@ from typing import Any
 
 import psutil
 
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
-from airflow_embedding_provider.devkit.stack import airflow
+from dev.stack import airflow, free_port
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 TERMINAL_STATES = frozenset({"success", "failed"})

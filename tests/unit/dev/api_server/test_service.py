@@ -8,7 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from airflow_embedding_provider.api_server.service import (
+from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from dev.api_server.service import (
     SUCCESS_FALSE,
     CacheServicer,
     FaultPlan,
@@ -16,7 +17,6 @@ from airflow_embedding_provider.api_server.service import (
     build_server,
     read_stats,
 )
-from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 
 
 def _serve(servicer: CacheServicer) -> Iterator[embedding_pb2_grpc.CacheServiceStub]:

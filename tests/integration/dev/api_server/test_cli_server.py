@@ -1,4 +1,4 @@
-"""``airflow-embedding api-server`` as a real process: health, counters, injected faults, shutdown."""
+"""``python -m dev api-server`` as a real process: health, counters, injected faults, shutdown."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from airflow_embedding_provider.api_server.service import SERVICE_NAME, read_stats
-from airflow_embedding_provider.devkit.stack import ServerProcess
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook
+from dev.api_server.service import SERVICE_NAME, read_stats
+from dev.stack import ServerProcess
 
 
 def _hook(monkeypatch: pytest.MonkeyPatch, target: str) -> GrpcCacheHook:
@@ -61,6 +61,6 @@ def test_non_retryable_and_success_false_are_failures(monkeypatch: pytest.Monkey
 
 
 def test_a_bad_fault_option_is_refused() -> None:
-    from airflow_embedding_provider.cli import main
+    from dev.cli import main
 
     assert main(["api-server", "--fail-code", "SOMETIMES", "--port", "0"]) == 1

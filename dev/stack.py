@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,10 +21,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from airflow_embedding_provider.devkit.embedded_postgres import free_port
+from dev.cli import COMMANDS as DEV_COMMANDS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO_ROOT / "dags"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,17 @@ def wait_healthy(
             time.sleep(0.1)
 
 
+def _subcommand(command: Sequence[str]) -> str | None:
+    """The sub-command of a command line: its first word after the global ``--log-level LEVEL``."""
+    words = list(command)
+    while words[:1] == ["--log-level"]:
+        words = words[2:]
+    return words[0] if words else None
+
+
 class ServerProcess:
-    """A CLI server (``airflow-embedding <command> ...``) as a child process on 127.0.0.1."""
+    """A CLI server as a child process on 127.0.0.1: ``airflow-embedding <command> ...``, or
+    ``python -m dev <command> ...`` for the dev tools' commands (the reference API server)."""
 
     def __init__(
         self,
@@ -90,10 +107,11 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.health_tls = health_tls
+        module = "dev" if _subcommand(command) in DEV_COMMANDS else "airflow_embedding_provider.cli"
         self.command = [
             sys.executable,
             "-m",
-            "airflow_embedding_provider.cli",
+            module,
             *command,
             "--host",
             "127.0.0.1",
@@ -109,7 +127,12 @@ class ServerProcess:
 
     def start(self, timeout: float = 120) -> ServerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        # dev/ is no installed package: the child finds it through the checkout, from any folder.
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
         wait_healthy(self.target, timeout=timeout, proc=self.proc, tls=self.health_tls)
         return self
 

@@ -30,6 +30,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from dev.stack import free_port
+
 RUN_AS = "pgserver"
 #: Settings of every start; ``settings`` of :class:`EmbeddedPostgres` overrides them (``None`` drops one).
 #: Durability settings favour speed: this server holds demo and test data only.
@@ -41,12 +43,6 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "shared_buffers": "256MB",
     "maintenance_work_mem": "512MB",
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _pgserver() -> Any:
