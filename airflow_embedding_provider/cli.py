@@ -18,6 +18,7 @@ from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
 from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
+from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, DEFAULT_CHUNK_SIZE, UPLOAD_SERVER_PORT
 
 #: Environment variable the upload server reads its DSN from when no option names one.
 POSTGRES_DSN_ENV = "EMBEDDING_POSTGRES_DSN"
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unpickle anything (a pickle can run code); by default only plain pandas/numpy data loads",
     )
     ai.add_argument("--host", default="127.0.0.1")
-    ai.add_argument("--port", type=int, default=50051)
+    ai.add_argument("--port", type=int, default=AI_SERVER_PORT)
     ai.add_argument(
         "--max-streams",
         type=int,
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("upload-server", help="ingest server: EmbeddingStreamService.UploadEmbeddings into PostgreSQL")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50053)
+    up.add_argument("--port", type=int, default=UPLOAD_SERVER_PORT)
     db = up.add_mutually_exclusive_group()
     db.add_argument("--postgres-dsn-file", type=Path, metavar="FILE", help="a file holding the libpq connection string")
     db.add_argument(
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     push = sub.add_parser("push", help="stream a .pkl to an upload server (UploadEmbeddings) and print the result")
     push.add_argument("--pkl", required=True, help="pickled pandas DataFrame in the design's layout")
     push.add_argument("--target", required=True, metavar="HOST:PORT", help="the upload server")
-    push.add_argument("--chunk-size", type=int, default=300, help="rows a message")
+    push.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows a message")
     push.add_argument("--after", metavar="UUID", help="send only rows after this id (resume an aborted push)")
     push.add_argument(
         "--sync", action="store_true", help="make the tables equal to the file: delete stored rows it does not have"

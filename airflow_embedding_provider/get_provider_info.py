@@ -5,16 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_embedding_provider import __version__
+from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, API_SERVER_PORT
 
-# Literals, not imports of the hooks: Airflow's providers manager calls this while the hooks'
-# own imports (airflow.sdk) are still loading it. A unit test keeps them equal to the hooks'.
+# Names, not imports of the hooks: Airflow's providers manager calls this while the hooks' own
+# imports (airflow.sdk) are still loading it. A unit test keeps them equal to the hooks'.
 #: connection type -> (hook class, hook name, default port)
 _CONNECTION_TYPES: dict[str, tuple[str, str, int]] = {
-    "embedding_grpc": ("airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook", "Embedding gRPC", 50051),
+    "embedding_grpc": (
+        "airflow_embedding_provider.hooks.grpc_embedding.GrpcEmbeddingHook",
+        "Embedding gRPC",
+        AI_SERVER_PORT,
+    ),
     "embedding_cache_grpc": (
         "airflow_embedding_provider.hooks.grpc_cache.GrpcCacheHook",
         "Embedding cache invalidation gRPC",
-        50052,
+        API_SERVER_PORT,
     ),
 }
 

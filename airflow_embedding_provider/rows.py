@@ -6,6 +6,7 @@ after the wire read it and build new batches rather than edit one in place.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,13 @@ import numpy.typing as npt
 PKL_COLUMNS = ("id", "Company Name", "Exp Years", "English Level", "Primary Keyword", "job_post_vectors")
 METADATA_FIELDS = ("company_name", "exp_years", "english_level", "primary_keyword")
 DEFAULT_DIMENSION = 384
+#: The six columns of a row, as :class:`RowBatch` (and the wire's ``WireChunk``) name them.
+ROW_COLUMNS = ("ids", "company_name", "exp_years", "english_level", "primary_keyword", "vectors")
+#: ``exp_years`` is ``int32`` on the wire and ``INT`` (int4) in PostgreSQL: this bound holds for both.
+INT4_MAX = 2**31 - 1
+#: The canonical text of a UUID (lowercase, hyphenated): the form the AI server sends and ids are
+#: stored in. Checked by this expression, far cheaper than ``uuid.UUID()``.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: The values of ``english_level``, lowest first: a search filter ``english_level>=upper`` means
 #: this level or any after it (storage/search.py).
 ENGLISH_LEVELS = ("no_english", "basic", "pre", "intermediate", "upper", "fluent")
@@ -76,14 +84,15 @@ class RowBatch:
 
     @classmethod
     def empty(cls, dimension: int) -> RowBatch:
-        return cls(
-            ids=[],
-            company_name=[],
-            exp_years=[],
-            english_level=[],
-            primary_keyword=[],
-            vectors=np.empty((0, dimension), dtype=np.float32),
-        )
+        return cls(**{name: [] for name in ROW_COLUMNS[:-1]}, vectors=np.empty((0, dimension), dtype=np.float32))
+
+    @classmethod
+    def concat(cls, batches: Sequence[RowBatch], dimension: int) -> RowBatch:
+        """One batch with the rows of ``batches``, in order; empty of ``dimension`` when there are none."""
+        if not batches:
+            return cls.empty(dimension)
+        columns = {name: [v for b in batches for v in getattr(b, name)] for name in ROW_COLUMNS[:-1]}
+        return cls(**columns, vectors=np.vstack([b.vectors for b in batches]))
 
     @property
     def dimension(self) -> int:
@@ -96,24 +105,12 @@ class RowBatch:
     def take(self, index: Sequence[int] | npt.NDArray[np.intp]) -> RowBatch:
         """A new batch with the rows at ``index``, in that order."""
         idx = [int(i) for i in index]
-        return RowBatch(
-            ids=[self.ids[i] for i in idx],
-            company_name=[self.company_name[i] for i in idx],
-            exp_years=[self.exp_years[i] for i in idx],
-            english_level=[self.english_level[i] for i in idx],
-            primary_keyword=[self.primary_keyword[i] for i in idx],
-            vectors=self.vectors[np.asarray(idx, dtype=np.intp)],
-        )
+        columns = {name: [getattr(self, name)[i] for i in idx] for name in ROW_COLUMNS[:-1]}
+        return RowBatch(**columns, vectors=self.vectors[np.asarray(idx, dtype=np.intp)])
 
     def slice(self, start: int, stop: int) -> RowBatch:
-        return RowBatch(
-            ids=self.ids[start:stop],
-            company_name=self.company_name[start:stop],
-            exp_years=self.exp_years[start:stop],
-            english_level=self.english_level[start:stop],
-            primary_keyword=self.primary_keyword[start:stop],
-            vectors=self.vectors[start:stop],
-        )
+        """A new batch with the rows ``start:stop``."""
+        return RowBatch(**{name: getattr(self, name)[start:stop] for name in ROW_COLUMNS})
 
     def row(self, i: int) -> dict[str, Any]:
         """One row as plain JSON-able values (for the DLQ payload and for tests)."""
@@ -127,9 +124,19 @@ class RowBatch:
         }
 
 
+def canonical_uuid_or_none(raw_id: str) -> str | None:
+    """The canonical form of a UUID id, or ``None`` when it is not one."""
+    if CANONICAL_UUID.fullmatch(raw_id):
+        return raw_id
+    try:
+        return str(uuid.UUID(raw_id))
+    except ValueError:
+        return None
+
+
 def canonical_uuid(value: str) -> str:
     """The canonical lowercase form of a UUID string; ``ValueError`` with the value otherwise."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        raise ValueError(f"not a UUID: {value!r}") from None
+    canonical = canonical_uuid_or_none(value) if isinstance(value, str) else None
+    if canonical is None:
+        raise ValueError(f"not a UUID: {value!r}")
+    return canonical

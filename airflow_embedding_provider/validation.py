@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from airflow_embedding_provider.digest import row_hash
+from airflow_embedding_provider.rows import CANONICAL_UUID as _CANONICAL_UUID
+from airflow_embedding_provider.rows import INT4_MAX as INT4_MAX
 from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.rows import canonical_uuid_or_none as _canonical
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
-#: ``exp_years`` is an ``INT`` column (and ``int32`` on the wire; other paths may carry more).
-INT4_MAX = 2**31 - 1
 #: PostgreSQL ``text`` cannot hold NUL; longer values than this are treated as garbage input.
 MAX_TEXT_LENGTH = 10_000
 TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
@@ -108,20 +107,6 @@ def _received_hash(chunk: WireChunk, i: int, canonical: str | None) -> int:
         chunk.primary_keyword[i],
         chunk.vectors[i],
     )
-
-
-# The form our AI server sends: checked by a regular expression, far cheaper than uuid.UUID().
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _canonical(raw_id: str) -> str | None:
-    """The canonical form of a UUID id, or ``None`` when it is not one."""
-    if _CANONICAL_UUID.fullmatch(raw_id):
-        return raw_id
-    try:
-        return str(uuid.UUID(raw_id))
-    except ValueError:
-        return None
 
 
 def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) -> tuple[str, str] | None:

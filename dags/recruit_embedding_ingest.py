@@ -36,6 +36,7 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
 from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_MAX_BUILD_MEMORY
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
+from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
@@ -77,7 +78,9 @@ with DAG(
         "full_refresh": Param(
             False, type="boolean", description="Compare every range row by row, whatever its digest says."
         ),
-        "chunk_size": Param(300, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."),
+        "chunk_size": Param(
+            DEFAULT_CHUNK_SIZE, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."
+        ),
         "sub_batch_size": Param(
             DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."
         ),

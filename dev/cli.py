@@ -15,6 +15,7 @@ from pathlib import Path
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import ServerSecurity, add_cli_options
+from airflow_embedding_provider.wire.contract import API_SERVER_PORT
 
 #: The sub-commands served here (every other one is ``airflow-embedding``'s).
 COMMANDS = ("api-server", "sample")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = sub.add_parser("api-server", help="reference API server: CacheService.InvalidateCache, in-memory cache")
     api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=50052)
+    api.add_argument("--port", type=int, default=API_SERVER_PORT)
     api.add_argument("--stats-file", type=Path, help="JSON counters (calls, successes, ...) rewritten after every call")
     api.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N calls")
     api.add_argument("--fail-always", action="store_true", help="fail every call")

@@ -24,16 +24,19 @@ from airflow_embedding_provider.security import (
     wait_for_stop_signal,
 )
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
-from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES
+from airflow_embedding_provider.wire.contract import (
+    DEFAULT_CHUNK_SIZE,
+    EMBEDDING_SERVICE,
+    GRPC_DEFAULT_MESSAGE_BYTES,
+    MAX_CHUNK_BYTES,
+)
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
-DEFAULT_CHUNK_SIZE = 300
+SERVICE_NAME = EMBEDDING_SERVICE
 DEFAULT_ROWS_PER_PARTITION = 50_000
 DEFAULT_MAX_PARTITIONS = 256
-MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES
 #: Streams served at once: the fan-out of the ingest DAG (its ``max_partitions``), each mapped task
 #: one stream. More are refused with RESOURCE_EXHAUSTED (the task's hook retries with backoff).
 DEFAULT_MAX_STREAMS = DAG_MAX_PARTITIONS
@@ -45,8 +48,8 @@ DEFAULT_DIGEST_PAGE_ROWS = 65_536
 
 
 def max_chunk_size(dimension: int) -> int:
-    """The largest chunk whose message stays under :data:`MAX_MESSAGE_BYTES` (1 KiB of text a row)."""
-    return max(1, MAX_MESSAGE_BYTES // (4 * dimension + 1024))
+    """The largest chunk whose message stays under :data:`MAX_CHUNK_BYTES` (1 KiB of text a row)."""
+    return max(1, MAX_CHUNK_BYTES // (4 * dimension + 1024))
 
 
 class RejectLedger:
@@ -136,7 +139,7 @@ class EmbeddingStreamServicer(embedding_pb2_grpc.EmbeddingStreamServiceServicer)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"chunk_size {size} is out of range: 1..{self._max_chunk} rows keep a message "
-                f"under {MAX_MESSAGE_BYTES // 2**20} MiB at dimension {self._dataset.dimension}",
+                f"under {MAX_CHUNK_BYTES // 2**20} MiB at dimension {self._dataset.dimension}",
             )
         start = self._start(request.last_processed_uuid, context)
         try:
@@ -253,7 +256,7 @@ def build_server(
     server = new_server(
         futures.ThreadPoolExecutor(max_workers=max_streams + UNARY_THREADS, thread_name_prefix="ai-server"),
         security=security,
-        options=[("grpc.max_send_message_length", 4 * 1024 * 1024)],
+        options=[("grpc.max_send_message_length", GRPC_DEFAULT_MESSAGE_BYTES)],
     )
     # Send through the bytes view: identical wire format, no float-by-float encoding.
     handler = grpc.method_handlers_generic_handler(

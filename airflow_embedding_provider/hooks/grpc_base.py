@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.wire.contract import AI_SERVER_PORT
 
 
 class GrpcServiceHook(BaseHook):
@@ -27,7 +28,7 @@ class GrpcServiceHook(BaseHook):
     conn_type = "embedding_grpc"
     hook_name = "Embedding gRPC"
     #: the port when the connection names none, and the service health checks ask about
-    default_port: ClassVar[int] = 50051
+    default_port: ClassVar[int] = AI_SERVER_PORT
     service_name: ClassVar[str] = ""
 
     def __init__(self, grpc_conn_id: str | None = None, **kwargs: Any) -> None:

@@ -22,9 +22,9 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from airflow_embedding_provider.wire.contract import API_SERVER_PORT as DEFAULT_PORT
+from airflow_embedding_provider.wire.contract import CACHE_SERVICE
 
-CACHE_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
-DEFAULT_PORT = 50052
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,

@@ -9,10 +9,9 @@ from typing import Any
 
 import grpc
 
-log = logging.getLogger(__name__)
+from airflow_embedding_provider.wire.contract import MAX_RECEIVE_MESSAGE_BYTES
 
-#: Room for the largest chunk the servers send (they stay under 4 MiB) plus headroom.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def _flag(value: Any) -> bool:
@@ -78,8 +77,8 @@ class ChannelSettings:
                 self.target,
             )
         options: list[tuple[str, int | str]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             # Notice a dead peer on a long stream within about 40 s instead of hanging.
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),

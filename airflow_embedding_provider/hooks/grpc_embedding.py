@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -12,12 +11,13 @@ import grpc
 from airflow_embedding_provider.digest import HASH_VERSION, Hashes, RangeDigest, unpack_hashes
 from airflow_embedding_provider.hooks.grpc_base import GrpcServiceHook
 from airflow_embedding_provider.partitions import Partition
+from airflow_embedding_provider.rows import canonical_uuid_or_none
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, decode_chunk
+from airflow_embedding_provider.wire.contract import AI_SERVER_PORT as DEFAULT_PORT
+from airflow_embedding_provider.wire.contract import EMBEDDING_SERVICE
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
-EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
-DEFAULT_PORT = 50051
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
 #: Rejected rows a ``ReportRejects`` call: well under the message limit whatever the messages hold.
@@ -55,9 +55,8 @@ def _resume_after(position: str | None, chunk: WireChunk) -> str | None:
     """The resume point after ``chunk``: its highest UUID id (ids arrive in order)."""
     best = position
     for raw in reversed(chunk.ids):
-        try:
-            candidate = str(uuid.UUID(raw))
-        except ValueError:
+        candidate = canonical_uuid_or_none(raw)
+        if candidate is None:
             continue  # rows with invalid ids come first and have no place in the order
         return candidate if best is None or candidate > best else best
     return best

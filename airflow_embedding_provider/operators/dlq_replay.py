@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import psycopg
 from airflow.sdk import BaseOperator
 
@@ -104,18 +103,6 @@ class ReplayStats:
         }
 
 
-def one_row(chunk: WireChunk, i: int) -> WireChunk:
-    return WireChunk(
-        ids=[chunk.ids[i]],
-        company_name=[chunk.company_name[i]],
-        exp_years=[chunk.exp_years[i]],
-        english_level=[chunk.english_level[i]],
-        primary_keyword=[chunk.primary_keyword[i]],
-        vectors=[chunk.vectors[i]],
-        defects={0: chunk.defects[i]} if i in chunk.defects else {},
-    )
-
-
 def refetch_row(hook: GrpcEmbeddingHook, row_id: str) -> WireChunk | None:
     """The AI server's current version of ``row_id`` through ``GetEmbeddings``, or ``None``.
 
@@ -135,21 +122,10 @@ def refetch_row(hook: GrpcEmbeddingHook, row_id: str) -> WireChunk | None:
                 except ValueError:
                     continue  # rows without a UUID come first in a stream from the beginning
                 if current == target:
-                    found = one_row(chunk, i)
+                    found = chunk.slice(i, i + 1)
                 elif current > target:
                     return found
     return found
-
-
-def _concat(batches: Sequence[RowBatch], dimension: int) -> RowBatch:
-    return RowBatch(
-        ids=[v for b in batches for v in b.ids],
-        company_name=[v for b in batches for v in b.company_name],
-        exp_years=[v for b in batches for v in b.exp_years],
-        english_level=[v for b in batches for v in b.english_level],
-        primary_keyword=[v for b in batches for v in b.primary_keyword],
-        vectors=np.vstack([b.vectors for b in batches]) if batches else np.empty((0, dimension), np.float32),
-    )
 
 
 class _Batch:
@@ -308,7 +284,7 @@ def _write(writer: ChunkWriter, page: _Batch, dimension: int, stats: ReplayStats
     if not page.good:
         return []
     # The writer isolates rows PostgreSQL refuses; they stay in their own entries, not new ones.
-    result = writer.write(_concat([b for _, b in page.good], dimension), dead_letter_refused=False)
+    result = writer.write(RowBatch.concat([b for _, b in page.good], dimension), dead_letter_refused=False)
     refused = {r.id: r for r in result.refused_rows}
     stored = []
     for entry, batch in page.good:

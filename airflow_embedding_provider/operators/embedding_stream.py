@@ -57,12 +57,12 @@ from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
+from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import RuntimeTaskInstanceProtocol
 
-DEFAULT_CHUNK_SIZE = 300
 #: Airflow's default ``[core] max_map_length``; a plan never maps wider.
 MAX_MAP_LENGTH = 1024
 

@@ -47,7 +47,7 @@ from airflow_embedding_provider.pipeline import (
     ingest_chunks,
     prefetch,
 )
-from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
+from airflow_embedding_provider.rows import CANONICAL_UUID, DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.security import (
     KEEPALIVE_SECONDS,
     CallSlots,
@@ -64,12 +64,12 @@ from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION,
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
+from airflow_embedding_provider.wire.contract import EMBEDDING_SERVICE, MAX_RECEIVE_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingStreamService"].full_name
+SERVICE_NAME = EMBEDDING_SERVICE
 UPLOAD_METHOD = f"/{SERVICE_NAME}/UploadEmbeddings"
-DEFAULT_PORT = 50053
 #: The checkpoint row uploads advance. Not the scheduled pull's (``recruit``): a push of newer ids
 #: must not move the pull's resume point past rows the pull never received.
 DEFAULT_UPLOAD_STREAM = "recruit_upload"
@@ -78,10 +78,7 @@ DEFAULT_CACHE_TARGET = "recruit"
 DEFAULT_IDLE_TIMEOUT = 60.0
 #: Request metadata key naming an upload (the push command sends one); else the server picks one.
 UPLOAD_ID_KEY = "x-upload-id"
-#: Room for the largest chunk a sender may use (the AI server keeps messages under 4 MiB).
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 ConnectionFactory = Callable[[], psycopg.Connection]
 
@@ -179,7 +176,7 @@ class _Progress:
             self.chunks += 1
             if self.sync:
                 for i, raw in enumerate(chunk.ids):
-                    if _CANONICAL_UUID.match(raw):
+                    if CANONICAL_UUID.fullmatch(raw):
                         self.hashes[raw] = row_hash(
                             raw,
                             chunk.company_name[i],
@@ -189,7 +186,7 @@ class _Progress:
                             chunk.vectors[i],
                         )
             # The highest valid id: the position a resumed push starts after (``push --after``).
-            ids = [i for i in chunk.ids if _CANONICAL_UUID.match(i)]
+            ids = [i for i in chunk.ids if CANONICAL_UUID.fullmatch(i)]
             if ids:
                 top = max(ids)
                 self.last_id = top if self.last_id is None else max(self.last_id, top)
@@ -413,7 +410,7 @@ def build_server(
     server = new_server(
         # Spare threads beyond the upload limit answer health checks and refuse extra uploads.
         futures.ThreadPoolExecutor(max_workers=limit + 4, thread_name_prefix="upload-server"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
         maximum_concurrent_rpcs=limit + 64,
         security=security,
         keepalive=servicer.settings.keepalive,

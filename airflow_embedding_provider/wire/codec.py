@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from airflow_embedding_provider.rows import CellDefect, FloatMatrix, RowBatch
 from airflow_embedding_provider.wire import embedding_pb2
+from airflow_embedding_provider.wire.contract import MAX_CHUNK_BYTES as MAX_CHUNK_BYTES
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import (
     RecruitRowBytes,
     RowChunkBytes,
@@ -25,9 +26,6 @@ from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import (
 )
 
 FLOAT32_LE = np.dtype("<f4")
-#: The largest ``RowChunk`` a sender builds: gRPC refuses messages over 4 MiB by default; stay well
-#: under it whatever the dimension and whatever a row's cells hold.
-MAX_CHUNK_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ import grpc
 
 from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from airflow_embedding_provider.wire.contract import CACHE_SERVICE
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
-DEFAULT_PORT = 50052
+SERVICE_NAME = CACHE_SERVICE
 #: ``--fail-code`` value that answers ``success=false`` (status OK) instead of a gRPC error.
 SUCCESS_FALSE = "SUCCESS_FALSE"
 

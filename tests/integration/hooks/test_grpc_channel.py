@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from airflow_embedding_provider.hooks.grpc_channel import MAX_MESSAGE_BYTES, ChannelSettings
+from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
+from airflow_embedding_provider.wire.contract import MAX_RECEIVE_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 
 ECHO = "/test.Echo/Echo"
 #: Above gRPC's default 4 MiB and below the channel's limit.
