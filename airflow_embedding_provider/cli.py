@@ -13,10 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from airflow_embedding_provider.grpc_server import KEEPALIVE_SECONDS
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.security import KEEPALIVE_SECONDS, TOKEN_ENV, add_cli_options
+from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
 from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
 from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, DEFAULT_CHUNK_SIZE, UPLOAD_SERVER_PORT
 

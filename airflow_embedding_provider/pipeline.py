@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from airflow_embedding_provider.rows import RowBatch
-from airflow_embedding_provider.storage.progress import PartitionKey
+from airflow_embedding_provider.storage.checkpoint import PartitionKey
 from airflow_embedding_provider.storage.sync import RangeSync
 from airflow_embedding_provider.storage.writer import ChunkWriter, WriteResult
 from airflow_embedding_provider.validation import Rejected, validate_chunk

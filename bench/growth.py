@@ -30,10 +30,10 @@ import psycopg
 
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
+from airflow_embedding_provider.storage.checkpoint import DEFAULT_STREAM, advance_checkpoint
 from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER, embedding_copy_buffer, metadata_copy_buffer
-from airflow_embedding_provider.storage.progress import advance_checkpoint
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.sample import (
     COMPANIES,

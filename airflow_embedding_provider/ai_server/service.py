@@ -14,15 +14,9 @@ import grpc
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.digest import DatasetDigests, selected_chunks
 from airflow_embedding_provider.digest import HASH_VERSION, pack_hashes
+from airflow_embedding_provider.grpc_server import CallSlots, add_health, bind_port, new_server, wait_for_stop_signal
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS as DAG_MAX_PARTITIONS
-from airflow_embedding_provider.security import (
-    CallSlots,
-    ServerSecurity,
-    add_health,
-    bind_port,
-    new_server,
-    wait_for_stop_signal,
-)
+from airflow_embedding_provider.security import ServerSecurity
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.contract import (
     DEFAULT_CHUNK_SIZE,

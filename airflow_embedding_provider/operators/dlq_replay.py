@@ -34,6 +34,7 @@ from airflow_embedding_provider.hooks.postgres import psycopg3_connection
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.operators._rendered import flag
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch, canonical_uuid
+from airflow_embedding_provider.storage.checkpoint import DEFAULT_STREAM
 from airflow_embedding_provider.storage.dlq import (
     ALL_PENDING,
     DlqEntry,
@@ -50,7 +51,7 @@ from airflow_embedding_provider.storage.dlq import (
 )
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames, apply_schema
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
 

@@ -31,16 +31,18 @@ from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partit
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
 from airflow_embedding_provider.range_sync import open_ended, plan_sync, range_inputs
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from airflow_embedding_provider.storage.outbox import CacheRequest
-from airflow_embedding_provider.storage.progress import (
+from airflow_embedding_provider.storage.checkpoint import (
+    DEFAULT_STREAM,
     PartitionKey,
     advance_checkpoint,
     deleted_in_run,
     load_plan,
     low_watermark,
+    read_checkpoint,
     resume_point,
     save_plan,
 )
+from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.recall import (
     DEFAULT_MIN_RECALL,
     DEFAULT_RECALL_QUERIES,
@@ -56,7 +58,7 @@ from airflow_embedding_provider.storage.schema import (
 from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
-from airflow_embedding_provider.storage.writer import DEFAULT_STREAM, ChunkWriter, read_checkpoint
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:

@@ -1,4 +1,6 @@
-"""Read and settle dead letter queue entries: the storage side of the DLQ replay (docs/design.md §7.3 (4)).
+"""Every read and write of the dead letter queue: an ingest's rejected rows go in here
+(:func:`dead_letter`, in the chunk's own transaction), a replay reads and settles them, a range sync
+counts and settles them (docs/design.md §7.3 (4)).
 
 An entry's ``payload`` is the row as it was received (see ``validation``): vectors as JSON numbers,
 non-finite values as the strings ``"nan"``/``"inf"``/``"-inf"``, and byte strings that are not
@@ -20,7 +22,7 @@ Settled entries are kept by default rather than deleted: the DLQ then stays an a
 failed, why and when it was settled, and a settled entry is never selected again, which is what
 makes a replay idempotent. ``mark_resolved(..., delete=True)`` (and ``mark_superseded``) delete
 instead, for deployments that prefer an empty queue. An ingest that rejects a settled entry's row
-again makes it ``pending`` again (``writer.dead_letter``).
+again makes it ``pending`` again (:func:`dead_letter`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
+from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.rows import CellDefect
 from airflow_embedding_provider.storage.schema import TableNames
+from airflow_embedding_provider.validation import Rejected
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
 
 PENDING = "pending"
@@ -324,3 +329,96 @@ def mark_failed(cur: psycopg.Cursor[Any], tables: TableNames, failures: Sequence
         ).format(tables.identifiers()["dlq"]),
         [(kind, message, dlq_id, PENDING) for dlq_id, kind, message in failures],
     )
+
+
+def dead_letter(
+    cur: psycopg.Cursor, tables: TableNames, rejected: Sequence[Rejected], origin: Mapping[str, Any]
+) -> None:
+    """Insert rejected rows once each (by ``row_key``); a pending entry seen again keeps its first
+    origin and takes the newest reason, so re-running a load leaves the DLQ as it was. A resolved
+    entry whose row is rejected again is pending again: the row came back and was not stored.
+
+    Each entry keeps the row's hash as received (``row_hash``, digest.py): a pending entry stands
+    for the source's row in range digests (storage/sync.py)."""
+    cur.executemany(
+        sql.SQL(
+            "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key, row_hash) "
+            "VALUES (%s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (row_key) DO UPDATE SET status = 'pending', error_kind = EXCLUDED.error_kind, "
+            "error_message = EXCLUDED.error_message, row_hash = EXCLUDED.row_hash WHERE t.status <> 'pending' OR "
+            "(t.error_kind, t.error_message, t.row_hash) IS DISTINCT FROM "
+            "(EXCLUDED.error_kind, EXCLUDED.error_message, EXCLUDED.row_hash)"
+        ).format(dlq=tables.identifiers()["dlq"]),
+        [
+            (r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key, _rejected_hash(r))
+            for r in rejected
+        ],
+    )
+
+
+def _rejected_hash(rejected: Rejected) -> int | None:
+    """The row hash of a rejected row: as validation computed it from the received bytes, else
+    (a row rejected elsewhere) from its payload, which records the row as received (storage/dlq.py)."""
+    if rejected.row_hash is not None:
+        return rejected.row_hash
+    try:
+        chunk = payload_to_chunk([rejected.payload])
+    except PayloadError:
+        return None
+    return row_hash(
+        chunk.ids[0],
+        chunk.company_name[0],
+        chunk.exp_years[0],
+        chunk.english_level[0],
+        chunk.primary_keyword[0],
+        chunk.vectors[0],
+    )
+
+
+# -- what a range sync reads and settles (storage/sync.py) --------------------------------------
+
+
+def pending_hashes(tables: TableNames, where: sql.Composable) -> sql.Composed:
+    """``(id, row_hash)`` of the ids with a pending entry in ``where``, the newest entry of an id
+    winning: the hash a dead-lettered row counts with in a range's digest (storage/sync.py)."""
+    return sql.SQL(
+        "SELECT DISTINCT ON (id) id, row_hash FROM {dlq} WHERE status = {pending} "
+        "AND id IS NOT NULL AND row_hash IS NOT NULL AND {where} ORDER BY id, dlq_id DESC"
+    ).format(dlq=tables.identifiers()["dlq"], where=where, pending=sql.Literal(PENDING))
+
+
+def withdraw_pending(
+    cur: psycopg.Cursor[Any], tables: TableNames, where: sql.Composable, missing: sql.Composable
+) -> int:
+    """Mark ``withdrawn`` the pending entries in ``where`` whose id the source no longer has
+    (``missing``, a condition on the entry ``t``); how many."""
+    cur.execute(
+        sql.SQL(
+            "UPDATE {dlq} AS t SET status = {withdrawn}, last_attempt_at = now() "
+            "WHERE status = {pending} AND id IS NOT NULL AND {where} AND {missing}"
+        ).format(
+            dlq=tables.identifiers()["dlq"],
+            where=where,
+            missing=missing,
+            withdrawn=sql.Literal(WITHDRAWN),
+            pending=sql.Literal(PENDING),
+        )
+    )
+    return cur.rowcount
+
+
+def supersede_pending(cur: psycopg.Cursor[Any], tables: TableNames, source: sql.Composable) -> int:
+    """Mark ``superseded`` the pending entries whose hash is not the one ``source`` (a table of
+    ``(id, row_hash)``: the source's current rows) has for their id; how many."""
+    cur.execute(
+        sql.SQL(
+            "UPDATE {dlq} AS t SET status = {superseded}, last_attempt_at = now() FROM {source} AS s "
+            "WHERE t.id = s.id AND t.status = {pending} AND t.row_hash IS DISTINCT FROM s.row_hash"
+        ).format(
+            dlq=tables.identifiers()["dlq"],
+            source=source,
+            superseded=sql.Literal(SUPERSEDED),
+            pending=sql.Literal(PENDING),
+        )
+    )
+    return cur.rowcount

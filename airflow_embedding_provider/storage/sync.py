@@ -28,7 +28,7 @@ from psycopg import sql
 
 from airflow_embedding_provider.digest import Hashes, RangeDigest
 from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER
-from airflow_embedding_provider.storage.dlq import PENDING, SUPERSEDED, WITHDRAWN
+from airflow_embedding_provider.storage.dlq import pending_hashes, supersede_pending, withdraw_pending
 from airflow_embedding_provider.storage.schema import TableNames
 
 Bounds = tuple[str | None, str | None]
@@ -84,11 +84,9 @@ def _effective(tables: TableNames, bounds: Bounds) -> sql.Composed:
     ids = tables.identifiers()
     where = _in_range(bounds)
     return sql.SQL(
-        "WITH d AS (SELECT DISTINCT ON (id) id, row_hash FROM {dlq} WHERE status = {pending} "
-        "AND id IS NOT NULL AND row_hash IS NOT NULL AND {where} ORDER BY id, dlq_id DESC), "
-        "m AS (SELECT id, row_hash FROM {metadata} WHERE {where}) "
+        "WITH d AS ({pending}), m AS (SELECT id, row_hash FROM {metadata} WHERE {where}) "
         "SELECT id, coalesce(d.row_hash, m.row_hash) AS h FROM m FULL JOIN d USING (id)"
-    ).format(dlq=ids["dlq"], metadata=ids["metadata"], where=where, pending=sql.Literal(PENDING))
+    ).format(pending=pending_hashes(tables, where), metadata=ids["metadata"], where=where)
 
 
 def stored_digests(conn: psycopg.Connection, tables: TableNames, ranges: Sequence[Bounds]) -> list[StoredDigest]:
@@ -118,6 +116,8 @@ def stored_listing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds)
 
 
 _SOURCE = sql.Identifier("_embedding_sync_source")
+#: The stored row ``t`` has no id in the source's listing.
+_MISSING = sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS s WHERE s.id = t.id)").format(_SOURCE)
 
 
 def load_source(cur: psycopg.Cursor[Any], keys: bytes, hashes: Hashes) -> None:
@@ -142,28 +142,36 @@ def load_source(cur: psycopg.Cursor[Any], keys: bytes, hashes: Hashes) -> None:
 def differing_keys(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> bytes:
     """The source's keys (ascending, concatenated) whose row is not stored as the source has it,
     compared in PostgreSQL against the hash each stored id counts with."""
-    with conn.transaction(), conn.cursor() as cur:
-        load_source(cur, keys, hashes)
-        rows = cur.execute(
-            sql.SQL(
-                "SELECT s.id FROM {source} AS s LEFT JOIN ({effective}) AS e USING (id) "
-                "WHERE e.h IS DISTINCT FROM s.row_hash ORDER BY s.id"
-            ).format(source=_SOURCE, effective=_effective(tables, bounds))
-        ).fetchall()
+    rows = _against_source(
+        conn,
+        keys,
+        hashes,
+        sql.SQL(
+            "SELECT s.id FROM {source} AS s LEFT JOIN ({effective}) AS e USING (id) "
+            "WHERE e.h IS DISTINCT FROM s.row_hash ORDER BY s.id"
+        ).format(source=_SOURCE, effective=_effective(tables, bounds)),
+    )
     return b"".join(r[0].bytes for r in rows)
 
 
 def count_missing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> int:
     """How many stored rows of the range the source does not list (what a sync would delete)."""
+    rows = _against_source(
+        conn,
+        keys,
+        hashes,
+        sql.SQL("SELECT count(*) FROM {metadata} AS t WHERE {where} AND {missing}").format(
+            metadata=tables.identifiers()["metadata"], where=_in_range(bounds), missing=_MISSING
+        ),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def _against_source(conn: psycopg.Connection, keys: bytes, hashes: Hashes, query: sql.Composed) -> list[Any]:
+    """The rows of ``query``, run with the source's listing loaded (:func:`load_source`), in one transaction."""
     with conn.transaction(), conn.cursor() as cur:
         load_source(cur, keys, hashes)
-        row = cur.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {metadata} AS t WHERE {where} AND NOT EXISTS "
-                "(SELECT 1 FROM {source} AS s WHERE s.id = t.id)"
-            ).format(metadata=tables.identifiers()["metadata"], where=_in_range(bounds), source=_SOURCE)
-        ).fetchone()
-    return int(row[0]) if row else 0
+        return cur.execute(query).fetchall()
 
 
 def stored_count(conn: psycopg.Connection, tables: TableNames) -> int:
@@ -190,7 +198,7 @@ def reconcile_range(cur: psycopg.Cursor[Any], tables: TableNames, sync: RangeSyn
     ids = tables.identifiers()
     where = _in_range((sync.after_uuid, sync.until_uuid), "id")
     load_source(cur, sync.keys, sync.hashes)
-    missing = sql.SQL("NOT EXISTS (SELECT 1 FROM _embedding_sync_source AS s WHERE s.id = t.id)")
+    missing = _MISSING
     row = cur.execute(
         sql.SQL("SELECT count(*) FROM {metadata} AS t WHERE {where} AND {missing}").format(
             metadata=ids["metadata"], where=where, missing=missing
@@ -209,23 +217,6 @@ def reconcile_range(cur: psycopg.Cursor[Any], tables: TableNames, sync: RangeSyn
                 )
             )
             deleted = cur.rowcount
-        cur.execute(
-            sql.SQL(
-                "UPDATE {dlq} AS t SET status = {withdrawn}, last_attempt_at = now() "
-                "WHERE status = {pending} AND id IS NOT NULL AND {where} AND {missing}"
-            ).format(
-                dlq=ids["dlq"],
-                where=where,
-                missing=missing,
-                withdrawn=sql.Literal(WITHDRAWN),
-                pending=sql.Literal(PENDING),
-            )
-        )
-        withdrawn = cur.rowcount
-    cur.execute(
-        sql.SQL(
-            "UPDATE {dlq} AS t SET status = {superseded}, last_attempt_at = now() FROM _embedding_sync_source AS s "
-            "WHERE t.id = s.id AND t.status = {pending} AND t.row_hash IS DISTINCT FROM s.row_hash"
-        ).format(dlq=ids["dlq"], superseded=sql.Literal(SUPERSEDED), pending=sql.Literal(PENDING))
-    )
-    return Reconciled(deleted=deleted, blocked=blocked, withdrawn=withdrawn, superseded=cur.rowcount)
+        withdrawn = withdraw_pending(cur, tables, where, missing)
+    superseded = supersede_pending(cur, tables, _SOURCE)
+    return Reconciled(deleted=deleted, blocked=blocked, withdrawn=withdrawn, superseded=superseded)

@@ -14,24 +14,22 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from airflow_embedding_provider.digest import row_hash, row_hashes
+from airflow_embedding_provider.digest import row_hashes
 from airflow_embedding_provider.rows import RowBatch
-from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
-from airflow_embedding_provider.storage.dlq import PayloadError, payload_to_chunk
-from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
-from airflow_embedding_provider.storage.progress import (
+from airflow_embedding_provider.storage.checkpoint import (
+    DEFAULT_STREAM,
     PartitionKey,
     advance_checkpoint,
     record_deleted,
     record_progress_and_advance,
 )
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
+from airflow_embedding_provider.storage.dlq import dead_letter
+from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.storage.sync import RangeSync, Reconciled, reconcile_range
 from airflow_embedding_provider.validation import Rejected, json_vector
-
-DEFAULT_STREAM = "recruit"
 
 _STAGE_META = sql.Identifier("_embedding_stage_metadata")
 _STAGE_VEC = sql.Identifier("_embedding_stage_vector")
@@ -394,60 +392,3 @@ def _refused(batch: RowBatch, exc: psycopg.Error) -> Rejected:
             )[0]
         ),
     )
-
-
-def dead_letter(
-    cur: psycopg.Cursor, tables: TableNames, rejected: Sequence[Rejected], origin: Mapping[str, Any]
-) -> None:
-    """Insert rejected rows once each (by ``row_key``); a pending entry seen again keeps its first
-    origin and takes the newest reason, so re-running a load leaves the DLQ as it was. A resolved
-    entry whose row is rejected again is pending again: the row came back and was not stored.
-
-    Each entry keeps the row's hash as received (``row_hash``, digest.py): a pending entry stands
-    for the source's row in range digests (storage/sync.py)."""
-    cur.executemany(
-        sql.SQL(
-            "INSERT INTO {dlq} AS t (id, error_kind, error_message, payload, row_key, row_hash) "
-            "VALUES (%s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (row_key) DO UPDATE SET status = 'pending', error_kind = EXCLUDED.error_kind, "
-            "error_message = EXCLUDED.error_message, row_hash = EXCLUDED.row_hash WHERE t.status <> 'pending' OR "
-            "(t.error_kind, t.error_message, t.row_hash) IS DISTINCT FROM "
-            "(EXCLUDED.error_kind, EXCLUDED.error_message, EXCLUDED.row_hash)"
-        ).format(dlq=tables.identifiers()["dlq"]),
-        [
-            (r.id, r.kind, r.message, Jsonb({**r.payload, "_origin": dict(origin)}), r.row_key, _rejected_hash(r))
-            for r in rejected
-        ],
-    )
-
-
-def _rejected_hash(rejected: Rejected) -> int | None:
-    """The row hash of a rejected row: as validation computed it from the received bytes, else
-    (a row rejected elsewhere) from its payload, which records the row as received (storage/dlq.py)."""
-    if rejected.row_hash is not None:
-        return rejected.row_hash
-    try:
-        chunk = payload_to_chunk([rejected.payload])
-    except PayloadError:
-        return None
-    return row_hash(
-        chunk.ids[0],
-        chunk.company_name[0],
-        chunk.exp_years[0],
-        chunk.english_level[0],
-        chunk.primary_keyword[0],
-        chunk.vectors[0],
-    )
-
-
-def read_checkpoint(
-    conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES, stream_name: str = DEFAULT_STREAM
-) -> str | None:
-    with conn.transaction():
-        row = conn.execute(
-            sql.SQL("SELECT last_processed_uuid FROM {} WHERE stream_name = %s").format(
-                tables.identifiers()["checkpoint"]
-            ),
-            (stream_name,),
-        ).fetchone()
-    return None if row is None or row[0] is None else str(row[0])

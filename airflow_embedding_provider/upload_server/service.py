@@ -40,6 +40,14 @@ import psycopg
 from grpc_health.v1 import health
 
 from airflow_embedding_provider.digest import row_hash
+from airflow_embedding_provider.grpc_server import (
+    KEEPALIVE_SECONDS,
+    CallSlots,
+    add_health,
+    bind_port,
+    new_server,
+    wait_for_stop_signal,
+)
 from airflow_embedding_provider.pipeline import (
     DEFAULT_SUB_BATCH_SIZE,
     IdleTimeoutError,
@@ -48,15 +56,7 @@ from airflow_embedding_provider.pipeline import (
     prefetch,
 )
 from airflow_embedding_provider.rows import CANONICAL_UUID, DEFAULT_DIMENSION, RowBatch
-from airflow_embedding_provider.security import (
-    KEEPALIVE_SECONDS,
-    CallSlots,
-    ServerSecurity,
-    add_health,
-    bind_port,
-    new_server,
-    wait_for_stop_signal,
-)
+from airflow_embedding_provider.security import ServerSecurity
 from airflow_embedding_provider.storage.outbox import CacheRequest
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
 from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout

@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from airflow_embedding_provider.security import ServerSecurity, add_health, bind_port, new_server, wait_for_stop_signal
+from airflow_embedding_provider.grpc_server import add_health, bind_port, new_server, wait_for_stop_signal
+from airflow_embedding_provider.security import ServerSecurity
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.contract import CACHE_SERVICE
 

@@ -64,7 +64,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS {outbox_pending_index} ON {outbox} (target, so
 ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 0;
 
 -- Progress of each partition of a mapped ingest run: a retried task resumes after committed_uuid;
--- the stream's checkpoint is the low watermark over a run's partitions (storage/progress.py).
+-- the stream's checkpoint is the low watermark over a run's partitions (storage/checkpoint.py).
 CREATE TABLE IF NOT EXISTS {progress} (
     stream_name TEXT NOT NULL,
     run_id TEXT NOT NULL,

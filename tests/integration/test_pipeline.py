@@ -13,9 +13,15 @@ import pytest
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import ingest_chunks
-from airflow_embedding_provider.storage.progress import PartitionKey, low_watermark, resume_point, save_plan
+from airflow_embedding_provider.storage.checkpoint import (
+    PartitionKey,
+    low_watermark,
+    read_checkpoint,
+    resume_point,
+    save_plan,
+)
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
-from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
 from dev.verify import compare
 

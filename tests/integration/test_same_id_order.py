@@ -17,9 +17,9 @@ import grpc
 import psycopg
 import pytest
 
+from airflow_embedding_provider.grpc_server import add_health
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
-from airflow_embedding_provider.security import add_health
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire import embedding_pb2

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from airflow_embedding_provider.cli import POSTGRES_DSN_ENV, _postgres_dsn, build_parser
+from airflow_embedding_provider.grpc_server import bind_port, new_server
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
-from airflow_embedding_provider.security import ServerSecurity, bind_port, is_loopback, new_server, write_token_file
+from airflow_embedding_provider.security import ServerSecurity, is_loopback, write_token_file
 
 REFUSAL = "refusing to listen on 0.0.0.0 without a bearer token"
 

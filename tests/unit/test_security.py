@@ -216,7 +216,7 @@ def test_the_connection_form_has_the_tls_server_name_field() -> None:
 # do in a server whose gRPC and writer threads leave signals unblocked.
 _SIGNAL_ON_ANOTHER_THREAD = """
 import os, signal, threading, time
-from airflow_embedding_provider.security import wait_for_stop_signal
+from airflow_embedding_provider.grpc_server import wait_for_stop_signal
 
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -14,8 +14,9 @@ import pytest
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.pipeline import ingest_chunks, prefetch
+from airflow_embedding_provider.storage.checkpoint import read_checkpoint
 from airflow_embedding_provider.storage.schema import apply_schema
-from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire.codec import WireChunk
 from dev.stack import ServerProcess, free_port
 from dev.verify import compare

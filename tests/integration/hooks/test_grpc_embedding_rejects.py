@@ -13,10 +13,10 @@ from airflow.sdk import BaseOperator
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.ai_server.service import SERVICE_NAME
+from airflow_embedding_provider.grpc_server import add_health, bind_port, new_server
 from airflow_embedding_provider.hooks.grpc_embedding import REPORT_ROWS_PER_CALL, GrpcEmbeddingHook
 from airflow_embedding_provider.operators.embedding_stream import _report_rejects
 from airflow_embedding_provider.pipeline import IngestStats
-from airflow_embedding_provider.security import add_health, bind_port, new_server
 from dev.sample import write_sample
 from tests.conftest import start_ai_server
 

@@ -14,9 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.service import SERVICE_NAME as EMBEDDING_SERVICE
 from airflow_embedding_provider.ai_server.service import build_server as build_ai_server
+from airflow_embedding_provider.grpc_server import bind_port, new_server
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
-from airflow_embedding_provider.security import UNAUTHENTICATED_MESSAGE, ServerSecurity, bind_port, new_server
+from airflow_embedding_provider.security import UNAUTHENTICATED_MESSAGE, ServerSecurity
 from dev.api_server.service import CacheServicer
 from dev.api_server.service import build_server as build_api_server
 from tests.integration.security.pki import SERVER_NAME, Pki

@@ -10,13 +10,14 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.rows import RowBatch
+from airflow_embedding_provider.storage.checkpoint import read_checkpoint
 from airflow_embedding_provider.storage.schema import (
     SchemaMismatchError,
     apply_schema,
     ensure_ann_index,
     vector_dimension,
 )
-from airflow_embedding_provider.storage.writer import ChunkWriter, read_checkpoint
+from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import Rejected
 
 DIM = 8

@@ -1,4 +1,5 @@
-"""Partitions of a mapped ingest run, their progress, and the run's low watermark.
+"""The checkpoint: where a stream resumes, the partitions of a mapped ingest run, their progress,
+and the run's low watermark (docs/design.md §8).
 
 A plan is stored once per run, so a retried planning task hands out the same ranges. Each chunk
 transaction advances its partition's ``committed_uuid`` and, from all partitions of the run, the
@@ -15,8 +16,10 @@ import psycopg
 from psycopg import sql
 
 from airflow_embedding_provider.partitions import Partition
-from airflow_embedding_provider.storage.schema import TableNames
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 
+#: The checkpoint row the scheduled pull advances (``stream_name``).
+DEFAULT_STREAM = "recruit"
 #: Plans of runs (finished or failed) untouched for this long are deleted when a new run is planned.
 KEEP_DAYS = 14
 
@@ -191,3 +194,17 @@ def deleted_in_run(cur: psycopg.Cursor, tables: TableNames, stream_name: str, ru
         (stream_name, run_id),
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def read_checkpoint(
+    conn: psycopg.Connection, tables: TableNames = DEFAULT_TABLES, stream_name: str = DEFAULT_STREAM
+) -> str | None:
+    """The stream's checkpoint: the id after which it resumes (``None``: from the start)."""
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL("SELECT last_processed_uuid FROM {} WHERE stream_name = %s").format(
+                tables.identifiers()["checkpoint"]
+            ),
+            (stream_name,),
+        ).fetchone()
+    return None if row is None or row[0] is None else str(row[0])

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.partitions import Partition
-from airflow_embedding_provider.storage.progress import KEEP_DAYS, load_plan, save_plan
+from airflow_embedding_provider.storage.checkpoint import KEEP_DAYS, load_plan, save_plan
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
 
 STREAM = "recruit"
