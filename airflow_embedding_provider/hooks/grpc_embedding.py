@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Generator, Iterator, Sequence
+from typing import cast
 
 import grpc
 
@@ -20,6 +23,9 @@ from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkByt
 
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
+#: Rows :meth:`GrpcEmbeddingHook.fetch_row` asks for: the row itself plus a few, in case the server
+#: holds the id twice.
+FETCH_CHUNK_SIZE = 8
 #: Rejected rows a ``ReportRejects`` call: well under the message limit whatever the messages hold.
 REPORT_ROWS_PER_CALL = 2000
 #: Ids a ``GetEmbeddings`` request names at most (16 bytes each: 1.6 MB, under gRPC's 4 MiB).
@@ -103,6 +109,31 @@ class GrpcEmbeddingHook(GrpcServiceHook):
                 yield from self._stream_with_reconnects(after, until, chunk_size, reconnects, timeout, page)
             return
         yield from self._stream_with_reconnects(after, until, chunk_size, reconnects, timeout, b"")
+
+    def fetch_row(self, row_id: str) -> WireChunk | None:
+        """The AI server's current version of ``row_id`` through ``GetEmbeddings``, as a one-row
+        chunk, or ``None`` when the server does not hold it (the DLQ replay's ``refetch``).
+
+        Streams strictly after the id just below ``row_id`` and stops at the first greater id; when the
+        server holds the id more than once its last occurrence wins, as in an ingest (docs/design.md §10.4).
+        """
+        target = uuid.UUID(row_id)
+        after = str(uuid.UUID(int=target.int - 1)) if target.int else None
+        found: WireChunk | None = None
+        # Closed on the early return: that cancels the rest of the stream on the server.
+        stream = cast("Generator[WireChunk, None, None]", self.stream_chunks(after=after, chunk_size=FETCH_CHUNK_SIZE))
+        with contextlib.closing(stream) as chunks:
+            for chunk in chunks:
+                for i, raw in enumerate(chunk.ids):
+                    try:
+                        current = uuid.UUID(raw)
+                    except ValueError:
+                        continue  # rows without a UUID come first in a stream from the beginning
+                    if current == target:
+                        found = chunk.slice(i, i + 1)
+                    elif current > target:
+                        return found
+        return found
 
     def _stream_with_reconnects(
         self,

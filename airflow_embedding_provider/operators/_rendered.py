@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from airflow_embedding_provider.rows import canonical_uuid
@@ -23,3 +26,33 @@ def uuid_or_none(value: Any) -> str | None:
     """A rendered UUID, canonical; '', 'None' and 'null' (a rendered missing value) mean none."""
     text = "" if value is None else str(value).strip()
     return None if text.lower() in ("", "none", "null") else canonical_uuid(text)
+
+
+def strings(value: Sequence[str] | str | None) -> list[str]:
+    """A list from a list, a JSON array (a rendered ``{{ params.x | tojson }}``) or ``a,b,c``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "null"):
+            return []
+        if text.startswith("["):
+            parsed = json.loads(text)
+            return [str(v) for v in parsed if v is not None and str(v).strip()]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return [str(v) for v in value]
+
+
+def instant(value: datetime | str | None, name: str) -> datetime | None:
+    """An aware datetime; a value without a zone is taken as UTC, as Airflow does."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an ISO 8601 date-time, got {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)

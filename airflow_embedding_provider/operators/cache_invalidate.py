@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from tenacity import RetryCallState
 
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook, RetryPolicy
-from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.metrics import record_cache_delivery
 from airflow_embedding_provider.storage.outbox import deliver, pending_entries
 
@@ -95,20 +95,23 @@ class CacheInvalidateOperator(BaseOperator):
                 self.policy.run(lambda: call(target), before_sleep=self._log_retry)
                 self.log.info("invalidated the API server's cache %r with %d call(s)", target, calls)
                 return self._result(target, "invalidated", calls, 0)
-            conn = psycopg3_connection(self.postgres_conn_id)
+            postgres = EmbeddingPostgresHook(postgres_conn_id=self.postgres_conn_id)
+            conn = postgres.get_psycopg3_conn()
             with contextlib.closing(conn):
                 try:
                     delivery = self.policy.run(
-                        lambda: deliver(conn, target, call, lock_wait=timeout + LOCK_WAIT_MARGIN),
+                        lambda: deliver(
+                            conn, target, call, lock_wait=timeout + LOCK_WAIT_MARGIN, tables=postgres.tables
+                        ),
                         before_sleep=self._log_retry,
                     )
                 except CacheInvalidationError as exc:
                     if not exc.retryable:
                         raise
-                    pending = len(pending_entries(conn, target))
+                    pending = len(pending_entries(conn, target, postgres.tables))
                     record_cache_delivery(0, pending, dag_id=self.dag_id, target=target)
                     return self._pending(target, calls, pending, str(exc))
-                pending = len(pending_entries(conn, target))
+                pending = len(pending_entries(conn, target, postgres.tables))
                 record_cache_delivery(len(delivery.entry_ids), pending, dag_id=self.dag_id, target=target)
                 if delivery.outcome == "busy":
                     # The holder delivers what it read; what it did not read waits for the next deliverer.

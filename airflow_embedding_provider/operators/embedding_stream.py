@@ -13,8 +13,9 @@ import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -23,7 +24,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
-from airflow_embedding_provider.hooks.postgres import psycopg3_connection
+from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
@@ -52,11 +53,12 @@ from airflow_embedding_provider.storage.recall import (
 from airflow_embedding_provider.storage.schema import (
     DEFAULT_MAX_BUILD_MEMORY,
     DEFAULT_TABLES,
+    TableNames,
     apply_schema,
     ensure_ann_index,
 )
 from airflow_embedding_provider.storage.search import read_search_setting
-from airflow_embedding_provider.storage.session import timeouts_explained, without_statement_timeout
+from airflow_embedding_provider.storage.session import without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
@@ -69,32 +71,13 @@ if TYPE_CHECKING:
 MAX_MAP_LENGTH = 1024
 
 
-@contextlib.contextmanager
-def _connections(postgres_conn_id: str, count: int) -> Iterator[list[psycopg.Connection]]:
-    """``count`` connections; a lock or statement timeout in the body fails with what to do."""
-    conns: list[psycopg.Connection] = []
-    try:
-        with timeouts_explained():
-            for _ in range(count):
-                conns.append(psycopg3_connection(postgres_conn_id))
-            yield conns
-    except BaseException:
-        # Stopped mid-statement (the task's execution_timeout, a signal): closing the socket does
-        # not stop a backend waiting on a lock, so cancel what it runs before letting go of it.
-        for conn in conns:
-            with contextlib.suppress(psycopg.Error):
-                conn.cancel_safe(timeout=5)
-        raise
-    finally:
-        for conn in conns:
-            conn.close()
-
-
 def _build_ann_index(
     operator: BaseOperator,
     conn: psycopg.Connection,
     method: str,
     max_build_memory: str | int = DEFAULT_MAX_BUILD_MEMORY,
+    *,
+    tables: TableNames = DEFAULT_TABLES,
 ) -> str | None:
     """Build the ANN index when missing (see :func:`ensure_ann_index`); the method built, if any.
     An unknown method fails the task without retries: it is configuration, not a passing fault."""
@@ -102,11 +85,11 @@ def _build_ann_index(
     began = time.monotonic()
     try:
         with without_statement_timeout(conn):
-            if not ensure_ann_index(conn, DEFAULT_TABLES, method, max_build_memory=max_build_memory):
+            if not ensure_ann_index(conn, tables, method, max_build_memory=max_build_memory):
                 return None
     except ValueError as exc:  # an unknown method
         raise AirflowFailException(str(exc)) from exc
-    operator.log.info("built the %s index on %s in %.1f s", method, DEFAULT_TABLES.embedding, time.monotonic() - began)
+    operator.log.info("built the %s index on %s in %.1f s", method, tables.embedding, time.monotonic() - began)
     return method
 
 
@@ -178,18 +161,23 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         self.dimension = dimension
         self.stream_name = stream_name
 
+    @cached_property
+    def postgres_hook(self) -> EmbeddingPostgresHook:
+        """The tables and connections of ``postgres_conn_id``."""
+        return EmbeddingPostgresHook(postgres_conn_id=self.postgres_conn_id)
+
     def execute(self, context: Context) -> list[dict[str, Any]]:
         max_partitions = min(int(self.max_partitions), MAX_MAP_LENGTH)
         requested = uuid_or_none(self.last_processed_uuid)
         run_id = context["ti"].run_id
-        with _connections(self.postgres_conn_id, 1) as (conn,):
-            apply_schema(conn, self.dimension)
-            existing = load_plan(conn, DEFAULT_TABLES, self.stream_name, run_id)
+        with self.postgres_hook.connections(1) as (conn,):
+            apply_schema(conn, self.dimension, self.postgres_hook.tables)
+            existing = load_plan(conn, self.postgres_hook.tables, self.stream_name, run_id)
             if existing:
                 self.log.info("this run was planned before (a retry): reusing its %d partitions", len(existing))
                 context["ti"].xcom_push(key="start_after", value=existing[0].after_uuid)
                 return [p.as_dict() | {"label": p.label} for p in existing]
-            stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+            stored = read_checkpoint(conn, self.postgres_hook.tables, self.stream_name)
             full = flag(self.full_refresh, "full_refresh")
             start = requested
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
@@ -206,11 +194,11 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                     settle_end=start is None,
                     log=self.log,
                 ).partitions
-            partitions = save_plan(conn, DEFAULT_TABLES, self.stream_name, run_id, partitions)
+            partitions = save_plan(conn, self.postgres_hook.tables, self.stream_name, run_id, partitions)
             if start is None and ranges and not partitions and ranges[-1].until_uuid:
                 # Every range equals the source: everything up to its last id is stored.
                 with conn.transaction(), conn.cursor() as cur:
-                    advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, ranges[-1].until_uuid)
+                    advance_checkpoint(cur, self.postgres_hook.tables, self.stream_name, ranges[-1].until_uuid)
         self.log.info(
             "%d rows after %s (requested %s, full refresh %s, stored checkpoint %s) in %d range(s), %d to sync: %s",
             total,
@@ -299,6 +287,11 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         #: rows this task wrote per output (metadata, embedding, dlq), for OpenLineage
         self._lineage_counts: dict[str, int] = {}
 
+    @cached_property
+    def postgres_hook(self) -> EmbeddingPostgresHook:
+        """The tables and connections of ``postgres_conn_id``."""
+        return EmbeddingPostgresHook(postgres_conn_id=self.postgres_conn_id)
+
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
         part = Partition.from_dict(self.partition) if self.partition else None
@@ -311,17 +304,17 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 raise AirflowFailException(f"{name} must be at least 1 row, got {value}")
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
-        with _connections(self.postgres_conn_id, max(1, int(self.db_connections))) as conns:
+        with self.postgres_hook.connections(max(1, int(self.db_connections))) as conns:
             conn = conns[0]
             key: PartitionKey | None = None
             if part is None:
-                apply_schema(conn, self.dimension)
+                apply_schema(conn, self.dimension, self.postgres_hook.tables)
                 requested = uuid_or_none(self.last_processed_uuid)
-                stored = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+                stored = read_checkpoint(conn, self.postgres_hook.tables, self.stream_name)
                 start, until = (requested if requested is not None else stored), None
             else:
                 key = PartitionKey(self.stream_name, ti.run_id, part.index)
-                start, committed, done = resume_point(conn, DEFAULT_TABLES, key, part)
+                start, committed, done = resume_point(conn, self.postgres_hook.tables, key, part)
                 if done:
                     self.log.info("partition %s was finished by an earlier try", part.label)
                     return {"partition": part.index, "rows_received": 0, "already_done": True}
@@ -343,6 +336,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 ChunkWriter(
                     c,
                     dimension=self.dimension,
+                    tables=self.postgres_hook.tables,
                     stream_name=self.stream_name,
                     cache_request=CacheRequest(self.cache_target, f"{source}/{i}") if self.cache_target else None,
                 )
@@ -361,7 +355,9 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 )
                 _report_rejects(self, hook, source if part is None else f"{source} ({part.label})", stats)
             if part is None and self.build_ann_index:
-                _build_ann_index(self, conn, self.ann_index_method, self.max_build_memory)
+                _build_ann_index(
+                    self, conn, self.ann_index_method, self.max_build_memory, tables=self.postgres_hook.tables
+                )
         result = stats.as_dict() | {"start_after": start, "partition": None if part is None else part.index}
         result["last_processed_uuid"] = stats.last_processed_uuid or start
         self.log.info(
@@ -391,13 +387,13 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         if not openlineage_available():
             return None
         target = GrpcEmbeddingHook(self.grpc_conn_id).settings.target
-        conn = psycopg3_connection(self.postgres_conn_id)
+        conn = self.postgres_hook.get_psycopg3_conn()
         with contextlib.closing(conn):
             return ingest_lineage(
                 grpc_target=target,
                 stream_name=self.stream_name,
                 conn=conn,
-                tables=DEFAULT_TABLES,
+                tables=self.postgres_hook.tables,
                 row_counts=self._lineage_counts,
             )
 
@@ -465,6 +461,11 @@ class EmbeddingFinalizeOperator(BaseOperator):
         self.build_ann_index = build_ann_index
         self.ann_index_method = ann_index_method
 
+    @cached_property
+    def postgres_hook(self) -> EmbeddingPostgresHook:
+        """The tables and connections of ``postgres_conn_id``."""
+        return EmbeddingPostgresHook(postgres_conn_id=self.postgres_conn_id)
+
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
         pulled = ti.xcom_pull(task_ids=self.ingest_task_id)
@@ -485,25 +486,27 @@ class EmbeddingFinalizeOperator(BaseOperator):
         reasons: Counter[str] = Counter()
         for r in results:
             reasons.update(r.get("dlq_by_reason", {}))
-        with _connections(self.postgres_conn_id, 1) as (conn,), conn.transaction(), conn.cursor() as cur:
-            watermark = low_watermark(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
+        with self.postgres_hook.connections(1) as (conn,), conn.transaction(), conn.cursor() as cur:
+            watermark = low_watermark(cur, self.postgres_hook.tables, self.stream_name, ti.run_id)
             if watermark is not None:
-                advance_checkpoint(cur, DEFAULT_TABLES, self.stream_name, watermark)
+                advance_checkpoint(cur, self.postgres_hook.tables, self.stream_name, watermark)
             # A try killed after its deleting transaction committed returned no result: count
             # the run's deletions where they were recorded.
-            deleted = deleted_in_run(cur, DEFAULT_TABLES, self.stream_name, ti.run_id)
+            deleted = deleted_in_run(cur, self.postgres_hook.tables, self.stream_name, ti.run_id)
             if deleted is not None:
                 totals["deleted"] = deleted
-        with _connections(self.postgres_conn_id, 1) as (conn,):
-            checkpoint = read_checkpoint(conn, DEFAULT_TABLES, self.stream_name)
+        with self.postgres_hook.connections(1) as (conn,):
+            checkpoint = read_checkpoint(conn, self.postgres_hook.tables, self.stream_name)
             built = (
-                _build_ann_index(self, conn, self.ann_index_method, self.max_build_memory)
+                _build_ann_index(
+                    self, conn, self.ann_index_method, self.max_build_memory, tables=self.postgres_hook.tables
+                )
                 if self.build_ann_index
                 else None
             )
             changed = bool(built) or totals["inserted"] + totals["updated"] + totals.get("deleted", 0) > 0
             recall = self._recall_gate(conn, changed)
-            stored_rows = stored_count(conn, DEFAULT_TABLES)
+            stored_rows = stored_count(conn, self.postgres_hook.tables)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
         seconds = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
@@ -551,7 +554,7 @@ class EmbeddingFinalizeOperator(BaseOperator):
         """Tune the search setting after a change (see the class docstring); what searches use now."""
         if self.min_recall in (None, "", "None"):
             return None
-        stored = read_search_setting(conn, DEFAULT_TABLES)
+        stored = read_search_setting(conn, self.postgres_hook.tables)
         if stored is None:
             return None  # no ANN index: searches are exact
         if not changed and stored.tuned:
@@ -562,7 +565,9 @@ class EmbeddingFinalizeOperator(BaseOperator):
                 "value": stored.value,
                 "recall_at_10": stored.recall_at_10,
             }
-        report = tune_search(conn, DEFAULT_TABLES, min_recall=float(self.min_recall), queries=int(self.recall_queries))
+        report = tune_search(
+            conn, self.postgres_hook.tables, min_recall=float(self.min_recall), queries=int(self.recall_queries)
+        )
         if report is None:
             return None
         result = report.as_dict() | {"measured": True}
