@@ -34,6 +34,7 @@ from airflow_embedding_provider.storage.checkpoint import DEFAULT_STREAM, advanc
 from airflow_embedding_provider.storage.copy_binary import HEADER, TRAILER, embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.sample import (
     COMPANIES,
@@ -223,12 +224,33 @@ def run(rows: int, prefill: int, sub_batch: int, workdir: Path) -> dict[str, Any
     return results
 
 
+def _engine(ai: ServerProcess, dsn: str, rows: int, workdir: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """One run of the whole engine (``bench.measure engine``: gRPC, 4 writers, its defaults) from
+    ``ai`` into ``dsn``, which holds ``rows`` rows afterwards (checked); its result."""
+    spec = {
+        "target": ai.target,
+        "dimension": DEFAULT_DIMENSION,
+        "rows": rows,
+        "dsn": dsn,
+        "chunk_size": DEFAULT_CHUNK_SIZE,
+        "sub_batch_size": DEFAULT_SUB_BATCH_SIZE,
+        "connections": 4,
+    }
+    result_path = workdir / "growth-engine.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result_path)],
+        cwd=REPO_ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL if quiet else None,
+    )
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    return result
+
+
 def engine_rounds(pg: EmbeddedPostgres, full: psycopg.Connection, rows: int, workdir: Path) -> dict[str, Any]:
     """The whole engine (``bench.measure engine``: gRPC, 4 writers, its defaults) on ``rows`` new rows,
     into an empty database and into ``full``, alternately, ``ENGINE_ROUNDS`` times each; the new
     rows are deleted (and the tables vacuumed) after each run so every run is a first load."""
-    from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE as SUB_BATCH
-
     pkl = workdir / f"sample-{rows}-seed7.pkl"
     if not pkl.exists():
         write_sample(pkl, rows, seed=7)
@@ -241,22 +263,7 @@ def engine_rounds(pg: EmbeddedPostgres, full: psycopg.Connection, rows: int, wor
     with ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "growth-ai-server.log") as ai:
         for _ in range(ENGINE_ROUNDS):
             for name, dsn, already in (("empty", empty_dsn, 0), (f"after {stored}", full.info.dsn, stored)):
-                spec = {
-                    "target": ai.target,
-                    "dimension": DEFAULT_DIMENSION,
-                    "rows": already + rows,  # what the tables hold afterwards (checked)
-                    "dsn": dsn,
-                    "chunk_size": 300,
-                    "sub_batch_size": SUB_BATCH,
-                    "connections": 4,
-                }
-                result_path = workdir / "growth-engine.json"
-                subprocess.run(
-                    [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result_path)],
-                    cwd=REPO_ROOT,
-                    check=True,
-                )
-                r = json.loads(result_path.read_text())
+                r = _engine(ai, dsn, already + rows, workdir)
                 out["rounds"].append(
                     {"case": name, "seconds": r["seconds"], "rows_per_second": r["rows"] / r["seconds"]}
                 )
@@ -292,23 +299,7 @@ def autovacuum_rounds(pkl: Path, rounds: int, workdir: Path) -> dict[str, Any]:
                         from airflow_embedding_provider.ai_server.dataset import load_dataset
 
                         ai_rows = len(load_dataset(pkl))
-                    spec = {
-                        "target": ai.target,
-                        "dimension": DEFAULT_DIMENSION,
-                        "rows": ai_rows,
-                        "dsn": dsn,
-                        "chunk_size": 300,
-                        "sub_batch_size": DEFAULT_SUB_BATCH_SIZE,
-                        "connections": 4,
-                    }
-                    result_path = workdir / "growth-engine.json"
-                    subprocess.run(
-                        [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(result_path)],
-                        cwd=REPO_ROOT,
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    r = json.loads(result_path.read_text())
+                    r = _engine(ai, dsn, ai_rows, workdir, quiet=True)
                     with psycopg.connect(dsn, autocommit=True) as conn:
                         counts = conn.execute(
                             "SELECT coalesce(sum(autovacuum_count), 0), coalesce(sum(autoanalyze_count), 0) "

@@ -253,39 +253,46 @@ def build_server(
         options=[("grpc.max_send_message_length", GRPC_DEFAULT_MESSAGE_BYTES)],
     )
     # Send through the bytes view: identical wire format, no float-by-float encoding.
+    methods = (
+        ("GetEmbeddings", grpc.unary_stream_rpc_method_handler, embedding_pb2.StreamEmbeddingRequest, RowChunkBytes),
+        (
+            "PlanPartitions",
+            grpc.unary_unary_rpc_method_handler,
+            embedding_pb2.PartitionPlanRequest,
+            embedding_pb2.PartitionPlan,
+        ),
+        (
+            "ReportRejects",
+            grpc.unary_unary_rpc_method_handler,
+            embedding_pb2.RejectReport,
+            embedding_pb2.RejectReportAck,
+        ),
+        (
+            "GetServerStatus",
+            grpc.unary_unary_rpc_method_handler,
+            embedding_pb2.ServerStatusRequest,
+            embedding_pb2.ServerStatus,
+        ),
+        (
+            "RangeDigests",
+            grpc.unary_unary_rpc_method_handler,
+            embedding_pb2.RangeDigestRequest,
+            embedding_pb2.RangeDigestReply,
+        ),
+        (
+            "ListRangeDigests",
+            grpc.unary_stream_rpc_method_handler,
+            embedding_pb2.RangeDigestListRequest,
+            embedding_pb2.RangeDigestPage,
+        ),
+    )
     handler = grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "GetEmbeddings": grpc.unary_stream_rpc_method_handler(
-                servicer.GetEmbeddings,
-                request_deserializer=embedding_pb2.StreamEmbeddingRequest.FromString,
-                response_serializer=RowChunkBytes.SerializeToString,
-            ),
-            "PlanPartitions": grpc.unary_unary_rpc_method_handler(
-                servicer.PlanPartitions,
-                request_deserializer=embedding_pb2.PartitionPlanRequest.FromString,
-                response_serializer=embedding_pb2.PartitionPlan.SerializeToString,
-            ),
-            "ReportRejects": grpc.unary_unary_rpc_method_handler(
-                servicer.ReportRejects,
-                request_deserializer=embedding_pb2.RejectReport.FromString,
-                response_serializer=embedding_pb2.RejectReportAck.SerializeToString,
-            ),
-            "GetServerStatus": grpc.unary_unary_rpc_method_handler(
-                servicer.GetServerStatus,
-                request_deserializer=embedding_pb2.ServerStatusRequest.FromString,
-                response_serializer=embedding_pb2.ServerStatus.SerializeToString,
-            ),
-            "RangeDigests": grpc.unary_unary_rpc_method_handler(
-                servicer.RangeDigests,
-                request_deserializer=embedding_pb2.RangeDigestRequest.FromString,
-                response_serializer=embedding_pb2.RangeDigestReply.SerializeToString,
-            ),
-            "ListRangeDigests": grpc.unary_stream_rpc_method_handler(
-                servicer.ListRangeDigests,
-                request_deserializer=embedding_pb2.RangeDigestListRequest.FromString,
-                response_serializer=embedding_pb2.RangeDigestPage.SerializeToString,
-            ),
+            name: kind(
+                getattr(servicer, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+            for name, kind, req, resp in methods
         },
     )
     server.add_generic_rpc_handlers((handler,))

@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
@@ -175,15 +175,10 @@ class GrpcEmbeddingHook(GrpcServiceHook):
     def _stream_once(
         self, *, after: str | None, until: str | None, chunk_size: int, timeout: float | None, only_ids: bytes = b""
     ) -> Iterator[WireChunk]:
-        call = self.channel.unary_stream(
-            f"/{EMBEDDING_SERVICE}/GetEmbeddings",
-            request_serializer=embedding_pb2.StreamEmbeddingRequest.SerializeToString,
-            response_deserializer=RowChunkBytes.FromString,
-        )
+        call = self._method("GetEmbeddings", embedding_pb2.StreamEmbeddingRequest, RowChunkBytes, stream=True)
         request = embedding_pb2.StreamEmbeddingRequest(
             last_processed_uuid=after or "", chunk_size=chunk_size, until_uuid=until or "", only_ids=only_ids
         )
-        self.wait_until_ready()
         responses = call(request, timeout=timeout, metadata=self.settings.metadata())
         try:
             for message in responses:
@@ -191,16 +186,22 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         finally:
             responses.cancel()
 
+    def _method(self, name: str, request: Any, reply: Any, *, stream: bool = False) -> Any:
+        """The callable of ``EmbeddingStreamService.<name>`` once the server is ready: unary, or
+        with ``stream`` server-streaming; ``request``/``reply`` are the message types."""
+        self.wait_until_ready()
+        make = self.channel.unary_stream if stream else self.channel.unary_unary
+        return make(
+            f"/{EMBEDDING_SERVICE}/{name}",
+            request_serializer=request.SerializeToString,
+            response_deserializer=reply.FromString,
+        )
+
     def plan_partitions(
         self, *, after: str | None, rows_per_partition: int, max_partitions: int
     ) -> tuple[list[Partition], int]:
         """``PlanPartitions``: contiguous id ranges of the rows after ``after``; and the row count."""
-        self.wait_until_ready()
-        call = self.channel.unary_unary(
-            f"/{EMBEDDING_SERVICE}/PlanPartitions",
-            request_serializer=embedding_pb2.PartitionPlanRequest.SerializeToString,
-            response_deserializer=embedding_pb2.PartitionPlan.FromString,
-        )
+        call = self._method("PlanPartitions", embedding_pb2.PartitionPlanRequest, embedding_pb2.PartitionPlan)
         plan = call(
             embedding_pb2.PartitionPlanRequest(
                 last_processed_uuid=after or "", rows_per_partition=rows_per_partition, max_partitions=max_partitions
@@ -218,12 +219,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
         """``ReportRejects``: tell the AI server which rows (``(id, error_kind, message)``) went to
         the DLQ, a few thousand a call (at least one call, so a clean unit is reported too).
         Returns the rows the server recorded."""
-        self.wait_until_ready()
-        call = self.channel.unary_unary(
-            f"/{EMBEDDING_SERVICE}/ReportRejects",
-            request_serializer=embedding_pb2.RejectReport.SerializeToString,
-            response_deserializer=embedding_pb2.RejectReportAck.FromString,
-        )
+        call = self._method("ReportRejects", embedding_pb2.RejectReport, embedding_pb2.RejectReportAck)
         recorded = 0
         for start in range(0, max(1, len(rejects)), REPORT_ROWS_PER_CALL):
             report = embedding_pb2.RejectReport(source=source, rows_received=rows_received)
@@ -236,12 +232,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
 
     def server_status(self) -> embedding_pb2.ServerStatus:
         """``GetServerStatus``: rows, defective rows by column and reason, rejects reported so far."""
-        self.wait_until_ready()
-        call = self.channel.unary_unary(
-            f"/{EMBEDDING_SERVICE}/GetServerStatus",
-            request_serializer=embedding_pb2.ServerStatusRequest.SerializeToString,
-            response_deserializer=embedding_pb2.ServerStatus.FromString,
-        )
+        call = self._method("GetServerStatus", embedding_pb2.ServerStatusRequest, embedding_pb2.ServerStatus)
         status: embedding_pb2.ServerStatus = call(
             embedding_pb2.ServerStatusRequest(), timeout=self.settings.timeout, metadata=self.settings.metadata()
         )
@@ -249,12 +240,7 @@ class GrpcEmbeddingHook(GrpcServiceHook):
 
     def range_digests(self, ranges: list[tuple[str | None, str | None]]) -> list[RangeDigest]:
         """``RangeDigests``: the source's count and digest of each ``(after, until)`` range."""
-        self.wait_until_ready()
-        call = self.channel.unary_unary(
-            f"/{EMBEDDING_SERVICE}/RangeDigests",
-            request_serializer=embedding_pb2.RangeDigestRequest.SerializeToString,
-            response_deserializer=embedding_pb2.RangeDigestReply.FromString,
-        )
+        call = self._method("RangeDigests", embedding_pb2.RangeDigestRequest, embedding_pb2.RangeDigestReply)
         request = embedding_pb2.RangeDigestRequest(
             ranges=[embedding_pb2.DigestRange(after_uuid=a or "", until_uuid=u or "") for a, u in ranges]
         )
@@ -265,11 +251,8 @@ class GrpcEmbeddingHook(GrpcServiceHook):
     def list_range(self, after: str | None, until: str | None) -> tuple[bytes, Hashes]:
         """``ListRangeDigests``: the 16-byte keys (concatenated, ascending) and row hashes of
         every row of the source in ``(after, until]``."""
-        self.wait_until_ready()
-        call = self.channel.unary_stream(
-            f"/{EMBEDDING_SERVICE}/ListRangeDigests",
-            request_serializer=embedding_pb2.RangeDigestListRequest.SerializeToString,
-            response_deserializer=embedding_pb2.RangeDigestPage.FromString,
+        call = self._method(
+            "ListRangeDigests", embedding_pb2.RangeDigestListRequest, embedding_pb2.RangeDigestPage, stream=True
         )
         request = embedding_pb2.RangeDigestListRequest(
             range=embedding_pb2.DigestRange(after_uuid=after or "", until_uuid=until or "")

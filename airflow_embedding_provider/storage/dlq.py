@@ -392,33 +392,34 @@ def withdraw_pending(
 ) -> int:
     """Mark ``withdrawn`` the pending entries in ``where`` whose id the source no longer has
     (``missing``, a condition on the entry ``t``); how many."""
-    cur.execute(
-        sql.SQL(
-            "UPDATE {dlq} AS t SET status = {withdrawn}, last_attempt_at = now() "
-            "WHERE status = {pending} AND id IS NOT NULL AND {where} AND {missing}"
-        ).format(
-            dlq=tables.identifiers()["dlq"],
-            where=where,
-            missing=missing,
-            withdrawn=sql.Literal(WITHDRAWN),
-            pending=sql.Literal(PENDING),
-        )
-    )
-    return cur.rowcount
+    condition = sql.SQL("t.id IS NOT NULL AND {where} AND {missing}").format(where=where, missing=missing)
+    return _settle_pending(cur, tables, WITHDRAWN, condition)
 
 
 def supersede_pending(cur: psycopg.Cursor[Any], tables: TableNames, source: sql.Composable) -> int:
     """Mark ``superseded`` the pending entries whose hash is not the one ``source`` (a table of
     ``(id, row_hash)``: the source's current rows) has for their id; how many."""
+    condition = sql.SQL("t.id = s.id AND t.row_hash IS DISTINCT FROM s.row_hash")
+    return _settle_pending(cur, tables, SUPERSEDED, condition, sql.SQL(" FROM {} AS s").format(source))
+
+
+def _settle_pending(
+    cur: psycopg.Cursor[Any],
+    tables: TableNames,
+    status: str,
+    condition: sql.Composable,
+    joined: sql.Composable | None = None,
+) -> int:
+    """Give the pending entries ``t`` (joined with ``joined``) that meet ``condition`` ``status``; how many."""
     cur.execute(
         sql.SQL(
-            "UPDATE {dlq} AS t SET status = {superseded}, last_attempt_at = now() FROM {source} AS s "
-            "WHERE t.id = s.id AND t.status = {pending} AND t.row_hash IS DISTINCT FROM s.row_hash"
+            "UPDATE {dlq} AS t SET status = {status}, last_attempt_at = now(){joined} WHERE t.status = {pending} AND {condition}"
         ).format(
             dlq=tables.identifiers()["dlq"],
-            source=source,
-            superseded=sql.Literal(SUPERSEDED),
+            status=sql.Literal(status),
+            joined=joined or sql.SQL(""),
             pending=sql.Literal(PENDING),
+            condition=condition,
         )
     )
     return cur.rowcount

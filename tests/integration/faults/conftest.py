@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dev.embedded_postgres import EmbeddedPostgres
+from dev.stack import ServerProcess
 
 
 @pytest.fixture
@@ -18,3 +19,9 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def big_ai_server(big_pkl: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(["ai-server", "--pkl", str(big_pkl)], log_path=tmp_path / "ai.log") as server:
+        yield server

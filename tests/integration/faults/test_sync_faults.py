@@ -7,7 +7,6 @@ retry deletes what the source lacks. The run ends with the tables exactly the so
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -19,22 +18,14 @@ from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
-from dev.airflow_cluster import AirflowCluster
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.stack import ServerProcess
-from tests.integration.faults.test_dag_faults import (
+from tests.integration.faults.helpers import (
     CONF,
-    DAG_ID,
-    CheckpointWatch,
-    _assert_exact,
-    _env,
-    _progress,
-    _task_processes,
-    _wait_for,
-    big_ai_server,
+    assert_exact,
+    cluster_env,
+    kill_tasks_mid_run,
 )
-
-__all__ = ["big_ai_server"]  # the fixture, shared with the other fault tests
 
 FOREIGN_ROWS = 1000
 
@@ -86,43 +77,28 @@ def test_a_deleting_range_sync_sigkilled_mid_run_is_retried_to_the_exact_source(
     tmp_path: Path,
 ) -> None:
     dsn = postgres.create_database("sync_kill")
-    metadata_dsn = postgres.create_database("airflow_sync_kill_meta").replace("postgresql://", "postgresql+psycopg://")
+    metadata_dsn = postgres.create_database("airflow_sync_kill_meta")
     half = len(big_dataset) // 2
     foreign = _store(dsn, big_dataset, half)
     assert len(foreign) == FOREIGN_ROWS
-    env = _env(tmp_path / "home", dsn, big_ai_server, api_server) | {
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_dsn,
-        "RECRUIT_EMBEDDING_SCHEDULE": "none",
-    }
-    cluster = AirflowCluster(env, log_dir=tmp_path / "logs")
-    try:
-        cluster.migrate()
-        cluster.start()
-        cluster.wait_for_dag(DAG_ID)
-        cluster.set_paused(DAG_ID, False)
-        with CheckpointWatch(dsn) as watch:
-            run_id = cluster.trigger(DAG_ID, CONF | {"rows_per_partition": 50_000})
-            # Partition 1 streams the half not stored yet; kill its task once it committed some.
-            _wait_for(lambda: any(i == 1 and c is not None and not done for i, c, done in _progress(dsn)), timeout=600)
-            killed = _task_processes(dsn)
-            assert killed, "no task process holds a connection"
-            for proc in killed:
-                proc.kill()  # SIGKILL: no cleanup, no rollback from the client side
-            at_kill = _progress(dsn)
-            with psycopg.connect(dsn) as conn:
-                left = conn.execute("SELECT count(*) FROM recruit_metadata WHERE id = ANY(%s::uuid[])", (foreign,))
-                foreign_at_kill = left.fetchone()
-            run = cluster.wait_for_run(DAG_ID, run_id=run_id)
-        tries = {ti["map_index"]: ti["try_number"] for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"}
-        states = cluster.task_states(run)
-        assert set(states.values()) == {"success"}, states
-        summary = cluster.xcom(run, "finalize")
-        summary = json.loads(summary) if isinstance(summary, str) else summary
-    except BaseException:
-        print(cluster.log_tails())
-        raise
-    finally:
-        cluster.stop()
+    env = cluster_env(tmp_path / "home", dsn, metadata_dsn, big_ai_server, api_server)
+
+    def foreign_left() -> object:
+        with psycopg.connect(dsn) as conn:
+            left = conn.execute("SELECT count(*) FROM recruit_metadata WHERE id = ANY(%s::uuid[])", (foreign,))
+            return left.fetchone()
+
+    # Partition 1 streams the half not stored yet; kill its task once it committed some.
+    result = kill_tasks_mid_run(
+        env,
+        dsn,
+        tmp_path / "logs",
+        conf=CONF | {"rows_per_partition": 50_000},
+        ready=lambda progress: any(i == 1 and c is not None and not done for i, c, done in progress),
+        at_kill=foreign_left,
+    )
+    at_kill, tries, summary, watch = result.at_kill, result.tries, result.summary, result.watch
+    foreign_at_kill = result.noted
     print("sync kill:", at_kill, tries, foreign_at_kill, summary)
     assert any(i == 1 and c is not None and not done for i, c, done in at_kill), at_kill
     # Partition 1 had not deleted its share yet (ids all over the range: both partitions delete).
@@ -133,4 +109,4 @@ def test_a_deleting_range_sync_sigkilled_mid_run_is_retried_to_the_exact_source(
     assert summary["deleted"] == FOREIGN_ROWS and summary["deletes_blocked"] == 0, summary
     # The retry resumed inside its range: it did not send again what the killed try committed.
     assert 0 < summary["rows_received"] < len(big_dataset) - half + FOREIGN_ROWS, summary
-    _assert_exact(dsn, big_dataset, watch)
+    assert_exact(dsn, big_dataset, watch)

@@ -29,11 +29,10 @@ from dev.airflow_cluster import AirflowCluster
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.redis_broker import RedisBroker
 from dev.stack import ServerProcess, airflow_env
-from tests.integration.faults.test_dag_faults import CONF, CheckpointWatch, _assert_exact, _progress
+from tests.integration.faults.helpers import CONF, DAG_ID, CheckpointWatch, assert_exact, partition_progress
 
 pytestmark = [pytest.mark.dag, pytest.mark.timeout(1500)]
 
-DAG_ID = "recruit_embedding_ingest"
 WORKERS = ("a", "b")
 DATABASE = "celery_ingest"
 # Missing heartbeats for this long fail a running task (Airflow's default: 300 s); the scheduler
@@ -179,7 +178,7 @@ def test_two_celery_workers_share_the_partitions(deployment: Deployment, big_dat
     assert {ti["try_number"] for ti in tis.values()} == {1}
     summary = cluster.xcom(run, "finalize")
     print("two-worker run total:", {k: summary[k] for k in ("rows_received", "seconds", "rows_per_second")})
-    _assert_exact(dsn, big_dataset, watch)
+    assert_exact(dsn, big_dataset, watch)
 
 
 def _rows_committed(dataset: EmbeddingDataset, after: str | None, committed: str) -> int:
@@ -207,9 +206,9 @@ def _freeze_mid_partition(cluster: AirflowCluster, run: dict[str, Any], dsn: str
     while True:
         assert time.monotonic() < deadline, "no partition ever committed part of its range"
         cluster.check_alive()
-        if any(c is not None and not done for _, c, done in _progress(dsn)):
+        if any(c is not None and not done for _, c, done in partition_progress(dsn)):
             gate.execute("LOCK TABLE embedding_batch_checkpoint IN EXCLUSIVE MODE")  # reads pass, writes wait
-            partial = sorted(i for i, c, done in _progress(dsn) if c is not None and not done)
+            partial = sorted(i for i, c, done in partition_progress(dsn) if c is not None and not done)
             states = {ti["map_index"]: ti["state"] for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"}
             held = [i for i in partial if states.get(i) == "running"]
             if held:
@@ -248,7 +247,7 @@ def test_a_celery_worker_killed_mid_partition(
         killed_at = time.monotonic()
         gate.rollback()  # the other worker's writers go on
         time.sleep(2)  # the killed tries' sessions end (rolled back) once PostgreSQL sees them gone
-        at_kill = {i: c for i, c, _ in _progress(dsn)}
+        at_kill = {i: c for i, c, _ in partition_progress(dsn)}
         groups = len(set(killed_pids.values()))
         print(
             f"killed worker {victim} ({len(killed_pids)} processes in {groups} process groups) holding "
@@ -307,4 +306,4 @@ def test_a_celery_worker_killed_mid_partition(
     resent = _rows_sent(ai_log, ai_offset) - len(big_dataset)
     print(f"rows sent again after the kill: {resent} (at most {resumable})")
     assert 0 <= resent <= resumable
-    _assert_exact(dsn, big_dataset, watch)
+    assert_exact(dsn, big_dataset, watch)
