@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 
 from airflow_embedding_provider.cli import POSTGRES_DSN_ENV, _postgres_dsn, build_parser
-from airflow_embedding_provider.grpc_server import bind_port, new_server
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
 from airflow_embedding_provider.security import ServerSecurity, is_loopback, write_token_file
 
@@ -37,17 +36,6 @@ def test_a_public_bind_needs_a_token_or_insecure() -> None:
     ServerSecurity(token="t").check_exposure("0.0.0.0")
     ServerSecurity(insecure=True).check_exposure("0.0.0.0")
     ServerSecurity().check_exposure("127.0.0.1")
-
-
-def test_bind_port_refuses_before_it_listens() -> None:
-    from concurrent import futures
-
-    server = new_server(futures.ThreadPoolExecutor(1))
-    try:
-        with pytest.raises(ValueError, match="without a bearer token"):
-            bind_port(server, "0.0.0.0", 0)
-    finally:
-        server.stop(0)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,24 +208,3 @@ def test_the_connection_form_has_the_tls_server_name_field() -> None:
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
     assert fields["tls_server_name"]["schema"] == {"type": ["string", "null"]}
     assert fields["token"]["schema"]["format"] == "password"
-
-
-# Blocks SIGTERM in the main thread so that the kernel must hand it to the other thread, as it may
-# do in a server whose gRPC and writer threads leave signals unblocked.
-_SIGNAL_ON_ANOTHER_THREAD = """
-import os, signal, threading, time
-from airflow_embedding_provider.grpc_server import wait_for_stop_signal
-
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
-wait_for_stop_signal()
-print("stopped", flush=True)
-"""
-
-
-def test_a_stop_signal_delivered_to_another_thread_still_stops_the_server() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _SIGNAL_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert (proc.returncode, proc.stdout.strip()) == (0, "stopped"), proc.stderr[-2000:]
