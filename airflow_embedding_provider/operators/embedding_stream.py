@@ -192,6 +192,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
                     every_row=start is not None,
                     max_delete_fraction=float(self.max_delete_fraction),
                     settle_end=start is None,
+                    tables=self.postgres_hook.tables,
                     log=self.log,
                 ).partitions
             partitions = save_plan(conn, self.postgres_hook.tables, self.stream_name, run_id, partitions)
@@ -343,7 +344,11 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 for i, c in enumerate(conns)
             ]
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
-                reconcile, only_ids = range_inputs(conn, hook, part, log=self.log) if part is not None else (None, None)
+                reconcile, only_ids = (
+                    range_inputs(conn, hook, part, tables=self.postgres_hook.tables, log=self.log)
+                    if part is not None
+                    else (None, None)
+                )
                 stats = ingest_chunks(
                     prefetch(hook.stream_chunks(after=start, until=until, chunk_size=chunk_size, only_ids=only_ids)),
                     writers,
