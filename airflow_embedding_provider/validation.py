@@ -114,6 +114,28 @@ def _received_hash(chunk: WireChunk, i: int, canonical: str | None) -> int:
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+#: Where a canonical UUID's 36 characters hold a hyphen; every other one is a lowercase hex digit.
+_HYPHENS = np.zeros(36, dtype=bool)
+_HYPHENS[[8, 13, 18, 23]] = True
+#: Which byte values are lowercase hex digits.
+_HEX = np.zeros(256, dtype=bool)
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
+
+
+def _all_canonical(ids: Sequence[str]) -> bool:
+    """Whether every id matches :data:`_CANONICAL_UUID`, checked for the whole batch at once: each
+    id 36 characters, then the joined text's hyphens and hex digits as one ``(n, 36)`` array."""
+    if not ids:
+        return True
+    if set(map(len, ids)) != {36}:
+        return False
+    text = "".join(ids)
+    if not text.isascii():
+        return False
+    chars = np.frombuffer(text.encode("ascii"), dtype=np.uint8).reshape(len(ids), 36)
+    return bool((chars[:, _HYPHENS] == ord("-")).all() and _HEX[chars[:, ~_HYPHENS]].all())
+
+
 def _canonical(raw_id: str) -> str | None:
     """The canonical form of a UUID id, or ``None`` when it is not one."""
     if _CANONICAL_UUID.fullmatch(raw_id):
@@ -157,7 +179,7 @@ def _check_row(chunk: WireChunk, i: int, canonical: str | None, dimension: int) 
 def _all_rows_clean(chunk: WireChunk, dimension: int) -> bool:
     """Whether no row can fail :func:`_check_row`, decided a column at a time, without a Python
     loop over rows; ``False`` sends the chunk through the per-row checks, which say what is wrong."""
-    if not all(map(_CANONICAL_UUID.fullmatch, chunk.ids)):
+    if not _all_canonical(chunk.ids):
         return False
     for name in TEXT_FIELDS:
         values = list(filter(None, getattr(chunk, name)))
@@ -196,8 +218,9 @@ def _finite_rows(
     joined = b"".join(chunk.vectors if everything else [chunk.vectors[i] for i in good])
     # float32 is little-endian here: astype(copy=False) only copies on a big-endian machine.
     vectors = np.frombuffer(joined, dtype=FLOAT32_LE).reshape(len(good), dimension).astype(np.float32, copy=False)
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
+    # One reduction over the whole matrix; the per-row answer only when some value is not finite.
+    if not np.isfinite(vectors).all():
+        finite = np.isfinite(vectors).all(axis=1)
         for pos in np.flatnonzero(~finite):
             i = good[pos]
             bad = np.flatnonzero(~np.isfinite(vectors[pos]))
