@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 
 from airflow_embedding_provider.digest import row_hash, row_hashes
 from airflow_embedding_provider.rows import RowBatch
-from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_view, metadata_copy_buffer
 from airflow_embedding_provider.storage.dlq import PayloadError, payload_to_chunk
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
 from airflow_embedding_provider.storage.progress import (
@@ -362,7 +362,7 @@ def _copy_metadata(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) 
 def _copy_vectors(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
     """COPY BINARY the batch's embedding rows into ``table`` (the target or the stage)."""
     with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(table)) as copy:
-        copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+        copy.write(embedding_copy_view(batch.ids, batch.vectors))  # the array itself, not a copy of it
 
 
 #: SQLSTATE classes that are about the row itself: data exception, integrity constraint violation,
