@@ -114,17 +114,14 @@ def _received_hash(chunk: WireChunk, i: int, canonical: str | None) -> int:
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-#: Where a canonical UUID's 36 characters hold a hyphen; every other one is a lowercase hex digit.
-_HYPHENS = np.zeros(36, dtype=bool)
-_HYPHENS[[8, 13, 18, 23]] = True
-#: Which byte values are lowercase hex digits.
-_HEX = np.zeros(256, dtype=bool)
-_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
+#: The characters of a canonical UUID (lowercase hex digits and its four hyphens).
+_UUID_CHARACTERS = b"-0123456789abcdef"
 
 
 def _all_canonical(ids: Sequence[str]) -> bool:
-    """Whether every id matches :data:`_CANONICAL_UUID`, checked for the whole batch at once: each
-    id 36 characters, then the joined text's hyphens and hex digits as one ``(n, 36)`` array."""
+    """Whether every id matches :data:`_CANONICAL_UUID`, with a few C-level operations on the
+    joined ids instead of one match an id: each id 36 characters (so two wrong lengths cannot
+    pair up), a hyphen at the four places of every id and nowhere else, the rest hex digits."""
     if not ids:
         return True
     if set(map(len, ids)) != {36}:
@@ -132,8 +129,16 @@ def _all_canonical(ids: Sequence[str]) -> bool:
     text = "".join(ids)
     if not text.isascii():
         return False
-    chars = np.frombuffer(text.encode("ascii"), dtype=np.uint8).reshape(len(ids), 36)
-    return bool((chars[:, _HYPHENS] == ord("-")).all() and _HEX[chars[:, ~_HYPHENS]].all())
+    raw = text.encode("ascii")
+    hyphens = b"-" * len(ids)
+    return (
+        raw[8::36] == hyphens
+        and raw[13::36] == hyphens
+        and raw[18::36] == hyphens
+        and raw[23::36] == hyphens
+        and raw.count(b"-") == 4 * len(ids)
+        and not raw.translate(None, _UUID_CHARACTERS)
+    )
 
 
 def _canonical(raw_id: str) -> str | None:

@@ -128,6 +128,7 @@ def test_edge_values_that_are_valid_pass_unchanged(overrides: dict[str, object])
         ["019b0ab5-c1df-7859-891b-e14ebd83e55a", ""],
         ["{019b0ab5-c1df-7859-891b-e14ebd83e55}"],
         ["019b0ab5-c1df-7859-891b_e14ebd83e55a"],
+        ["019b0ab5-c1df-7859-891b-e14ebd83e5-a"],  # a fifth hyphen
     ],
 )
 def test_the_batch_id_check_agrees_with_the_regular_expression(ids: list[str]) -> None:
