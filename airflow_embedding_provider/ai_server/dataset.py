@@ -20,7 +20,7 @@ import pickle
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,28 +174,22 @@ class EmbeddingDataset:
         yield from self._fitting(middle, stop)
 
     def chunk(self, start: int, stop: int) -> RowChunkBytes:
-        vectors = self.vectors[start:stop]
-        message = encode_rows(
+        """The rows ``[start, stop)`` as one message: odd vectors and defect marks as :meth:`_message`."""
+        return self._message(
+            range(start, stop),
             self.ids[start:stop],
             self.company_name[start:stop],
             self.exp_years[start:stop],
             self.english_level[start:stop],
             self.primary_keyword[start:stop],
-            vectors,
+            self.vectors[start:stop],
         )
-        for i in range(start, stop):
-            if i in self.odd_vectors:
-                message.rows[i - start].vector = self.odd_vectors[i]
-        if self.defects:
-            for i in range(start, stop):
-                if i in self.defects:
-                    _mark_row(message.rows[i - start], self.defects[i])
-        return message
 
     def message_of(self, positions: list[int]) -> RowChunkBytes:
         """:meth:`chunk` of the rows at ``positions`` (any rows, e.g. those a range sync asks for):
         odd vectors and defect marks as there."""
-        message = encode_rows(
+        return self._message(
+            positions,
             [self.ids[i] for i in positions],
             [self.company_name[i] for i in positions],
             [self.exp_years[i] for i in positions],
@@ -203,11 +197,28 @@ class EmbeddingDataset:
             [self.primary_keyword[i] for i in positions],
             self.vectors[np.asarray(positions, dtype=np.intp)],
         )
-        for k, i in enumerate(positions):
-            if i in self.odd_vectors:
-                message.rows[k].vector = self.odd_vectors[i]
-            if i in self.defects:
-                _mark_row(message.rows[k], self.defects[i])
+
+    def _message(
+        self,
+        positions: Sequence[int],
+        ids: list[str],
+        company_name: list[str | None],
+        exp_years: list[int | None],
+        english_level: list[str | None],
+        primary_keyword: list[str | None],
+        vectors: FloatMatrix,
+    ) -> RowChunkBytes:
+        """The rows at ``positions``, whose columns are given, encoded; a row whose vector has
+        another length carries its own bytes, and a defective row its marks (:func:`_mark_row`)."""
+        message = encode_rows(ids, company_name, exp_years, english_level, primary_keyword, vectors)
+        odd, defects = self.odd_vectors, self.defects
+        if odd or defects:  # most files have neither: no look-up a row
+            rows = message.rows
+            for k, i in enumerate(positions):
+                if i in odd:
+                    rows[k].vector = odd[i]
+                if i in defects:
+                    _mark_row(rows[k], defects[i])
         return message
 
 

@@ -10,7 +10,7 @@ length; they are joined from pre-encoded parts, several times faster than psycop
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,6 +36,12 @@ def uuid_bytes(ids: Sequence[str]) -> np.ndarray:
 
 def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
     """A complete binary COPY stream for a table ``(id uuid, vector vector(dim))``."""
+    return embedding_copy_view(ids, vectors).tobytes()
+
+
+def embedding_copy_view(ids: Sequence[str], vectors: FloatMatrix) -> memoryview:
+    """:func:`embedding_copy_buffer` as a view of the one array it is laid out in: the header,
+    the rows and the trailer are written in place, no copy of the stream is made to return it."""
     n, dim = vectors.shape
     if dim > 16000:
         raise ValueError(f"dimension {dim} is above pgvector's 16000")
@@ -50,7 +56,10 @@ def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
             ("vec", ">f4", (dim,)),
         ]
     )
-    rows = np.empty(n, dtype=layout)
+    stream = np.empty(len(HEADER) + n * layout.itemsize + len(TRAILER), dtype=np.uint8)
+    stream[: len(HEADER)] = np.frombuffer(HEADER, dtype=np.uint8)
+    stream[len(stream) - len(TRAILER) :] = np.frombuffer(TRAILER, dtype=np.uint8)
+    rows = stream[len(HEADER) : len(stream) - len(TRAILER)].view(layout)
     rows["fields"] = 2
     rows["id_len"] = 16
     rows["id"] = uuid_bytes(ids)
@@ -58,38 +67,64 @@ def embedding_copy_buffer(ids: Sequence[str], vectors: FloatMatrix) -> bytes:
     rows["dim"] = dim
     rows["unused"] = 0
     rows["vec"] = vectors
-    return HEADER + rows.tobytes() + TRAILER
+    return stream.data  # a memoryview of its bytes
 
 
 def metadata_copy_buffer(batch: RowBatch, row_hashes: np.ndarray | None = None) -> bytes:
     """A complete binary COPY stream for ``(id uuid, company_name text, exp_years int4,
     english_level text, primary_keyword text)``, and ``row_hash int8`` when ``row_hashes`` (one a
     row) are given; ``exp_years`` must fit int4 (validation checks)."""
-    keys = uuid_bytes(batch.ids).tobytes()
-    hashes = None if row_hashes is None else np.ascontiguousarray(row_hashes, dtype=">i8").tobytes()
-    start = _METADATA_ROW_START if hashes is None else _HASHED_ROW_START
-    parts: list[bytes] = [HEADER]
-    add = parts.append
-    for i, (name, years, level, keyword) in enumerate(
-        zip(batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, strict=True)
-    ):
-        add(start)
-        add(keys[16 * i : 16 * i + 16])
-        _add_text(add, name)
-        add(_NULL if years is None else _INT4_LENGTH + years.to_bytes(4, "big", signed=True))
-        _add_text(add, level)
-        _add_text(add, keyword)
-        if hashes is not None:
-            add(_INT8_LENGTH)
-            add(hashes[8 * i : 8 * i + 8])
-    add(TRAILER)
-    return b"".join(parts)
+    n = len(batch.ids)
+    # The fixed-size parts of every row (its field count and uuid, then its hash) laid out by
+    # numpy; a row's variable part, its three texts and its years, is joined from encodings made
+    # once per distinct value (metadata repeats), and the parts interleaved by slice assignment.
+    hashed = row_hashes is not None
+    fields = [("len", "S4"), ("hash", ">i8")] if hashed else []
+    fixed = np.empty(n, dtype=[*fields, ("start", "S6"), ("id", "u1", (16,))])
+    if hashed:
+        fixed["len"] = _INT8_LENGTH
+        fixed["hash"] = row_hashes
+    fixed["start"] = _HASHED_ROW_START if hashed else _METADATA_ROW_START
+    fixed["id"] = uuid_bytes(batch.ids)
+    raw, width = fixed.tobytes(), fixed.itemsize
+    texts: dict[str | None, bytes] = {}
+    years: dict[int | None, bytes] = {}
+    text, year = texts.get, years.get
+    # An encoding is never empty, so ``or`` falls through to encoding only a value not seen yet.
+    middles = [
+        (text(name) or _text_part(texts, name))
+        + (year(exp) or _years_part(years, exp))
+        + (text(level) or _text_part(texts, level))
+        + (text(keyword) or _text_part(texts, keyword))
+        for name, exp, level, keyword in zip(
+            batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, strict=True
+        )
+    ]
+    if hashed:  # a row: field count and uuid, middle, hash (stored first in ``fixed``)
+        parts = [b""] * (3 * n)
+        parts[0::3] = [raw[at + 12 : at + width] for at in range(0, n * width, width)]
+        parts[1::3] = middles
+        parts[2::3] = [raw[at : at + 12] for at in range(0, n * width, width)]
+    else:
+        parts = [b""] * (2 * n)
+        parts[0::2] = [raw[at : at + width] for at in range(0, n * width, width)]
+        parts[1::2] = middles
+    return HEADER + b"".join(parts) + TRAILER
 
 
-def _add_text(add: Callable[[bytes], None], value: str | None) -> None:
+def _text_part(seen: dict[str | None, bytes], value: str | None) -> bytes:
+    """A text field as COPY BINARY has it (length, UTF-8 bytes; NULL as length -1), remembered in ``seen``."""
     if value is None:
-        add(_NULL)
-        return
-    data = value.encode()
-    add(len(data).to_bytes(4, "big"))
-    add(data)
+        part = _NULL
+    else:
+        data = value.encode()
+        part = len(data).to_bytes(4, "big") + data
+    seen[value] = part
+    return part
+
+
+def _years_part(seen: dict[int | None, bytes], value: int | None) -> bytes:
+    """An int4 field as COPY BINARY has it, remembered in ``seen``."""
+    part = _NULL if value is None else _INT4_LENGTH + value.to_bytes(4, "big", signed=True)
+    seen[value] = part
+    return part

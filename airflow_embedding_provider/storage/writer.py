@@ -24,7 +24,7 @@ from airflow_embedding_provider.storage.checkpoint import (
     record_deleted,
     record_progress_and_advance,
 )
-from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
+from airflow_embedding_provider.storage.copy_binary import embedding_copy_view, metadata_copy_buffer
 from airflow_embedding_provider.storage.dlq import dead_letter
 from airflow_embedding_provider.storage.outbox import CacheRequest, request_invalidation
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
@@ -63,6 +63,9 @@ def keep_last_occurrence(batch: RowBatch) -> tuple[RowBatch, int]:
     that repeats an id from failing as a whole. Id order makes every writer lock rows in the same
     order, so two writers with overlapping ids (two uploads, two runs) wait instead of deadlocking.
     """
+    ids = list(batch.ids)
+    if ids == sorted(ids) and len(set(ids)) == len(ids):
+        return batch, 0  # the usual case, told in C: unique ids that arrived in order
     last = {row_id: i for i, row_id in enumerate(batch.ids)}
     order = [last[row_id] for row_id in sorted(last)]
     if order == list(range(len(batch))):
@@ -360,7 +363,7 @@ def _copy_metadata(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) 
 def _copy_vectors(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
     """COPY BINARY the batch's embedding rows into ``table`` (the target or the stage)."""
     with cur.copy(sql.SQL("COPY {} (id, vector) FROM STDIN (FORMAT BINARY)").format(table)) as copy:
-        copy.write(embedding_copy_buffer(batch.ids, batch.vectors))
+        copy.write(embedding_copy_view(batch.ids, batch.vectors))  # the array itself, not a copy of it
 
 
 #: SQLSTATE classes that are about the row itself: data exception, integrity constraint violation,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,28 +91,46 @@ def _defects(rows: Sequence[RecruitRowBytes], candidates: Sequence[int]) -> dict
     }
 
 
+#: The fields of a row as :func:`decode_chunk` reads them, in one C-level call a row.
+_ROW_FIELDS = operator.attrgetter("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector")
+
+
 def decode_chunk(message: RowChunkBytes) -> WireChunk:
     rows = message.rows
+    if not rows:
+        return WireChunk([], [], [], [], [], [], **_upload_options(message))
+    # Every field of every row in one pass (an unset optional reads as the empty value), then the
+    # rare empty values checked with ``HasField``: about a quarter cheaper than a pass a column.
+    ids, company, years, english, keyword, raw = (list(c) for c in zip(*map(_ROW_FIELDS, rows), strict=True))
+    for column, name in ((company, "company_name"), (english, "english_level"), (keyword, "primary_keyword")):
+        if "" in column:
+            _unset_to_none(rows, column, name, "")
+    if 0 in years:
+        _unset_to_none(rows, years, "exp_years", 0)
     # A marked row carries no ``vector`` (embedding.proto: it moves to ``held_vector``), so only rows
     # without one are looked at for defects: a clean chunk pays one C-level ``all`` for it.
-    raw = [r.vector for r in rows]
     if all(raw):
         vectors, defects = raw, {}
     else:
         vectors = [b or _vector_bytes(rows[i]) for i, b in enumerate(raw)]
         defects = _defects(rows, [i for i, b in enumerate(raw) if not b])
-    # Column by column, asking ``HasField`` only of an empty value (an unset optional reads as the
-    # empty value): one attribute read a field for the common row, half the cost of always asking.
     return WireChunk(
-        ids=[r.id for r in rows],
-        company_name=[v if (v := r.company_name) or r.HasField("company_name") else None for r in rows],
-        exp_years=[n if (n := r.exp_years) or r.HasField("exp_years") else None for r in rows],
-        english_level=[v if (v := r.english_level) or r.HasField("english_level") else None for r in rows],
-        primary_keyword=[v if (v := r.primary_keyword) or r.HasField("primary_keyword") else None for r in rows],
+        ids=ids,
+        company_name=company,
+        exp_years=years,
+        english_level=english,
+        primary_keyword=keyword,
         vectors=vectors,
         defects=defects,
         **_upload_options(message),
     )
+
+
+def _unset_to_none(rows: Sequence[RecruitRowBytes], column: list[Any], name: str, empty: object) -> None:
+    """``None`` in ``column`` where the row does not set the optional field ``name`` (it read as ``empty``)."""
+    for i, value in enumerate(column):
+        if value == empty and not rows[i].HasField(name):
+            column[i] = None
 
 
 def _upload_options(message: Any) -> dict[str, Any]:
@@ -200,19 +219,25 @@ def encode_rows(
 ) -> RowChunkBytes:
     """Build one ``RowChunk`` (as its bytes view) from columns; ``None`` leaves a field unset."""
     matrix = np.ascontiguousarray(vectors, dtype=FLOAT32_LE)
-    return RowChunkBytes(
-        rows=[
-            RecruitRowBytes(
-                id=ids[i],
-                company_name=company_name[i],
-                exp_years=exp_years[i],
-                english_level=english_level[i],
-                primary_keyword=primary_keyword[i],
-                vector=matrix[i].tobytes(),
-            )
-            for i in range(len(ids))
-        ]
-    )
+    # One bytes object for the whole matrix, sliced a row at a time, and ``rows.add`` with keywords:
+    # about half the cost of building each row as its own message and handing over the list.
+    raw = matrix.tobytes()
+    width = 4 * matrix.shape[1] if matrix.ndim == 2 else 0
+    message = RowChunkBytes()
+    add = message.rows.add
+    starts = range(0, len(ids) * width, width) if width else [0] * len(ids)
+    for row_id, company, years, english, keyword, at in zip(
+        ids, company_name, exp_years, english_level, primary_keyword, starts, strict=True
+    ):
+        add(
+            id=row_id,
+            company_name=company,
+            exp_years=years,
+            english_level=english,
+            primary_keyword=keyword,
+            vector=raw[at : at + width],
+        )
+    return message
 
 
 def encode_batch(batch: RowBatch) -> RowChunkBytes:

@@ -113,3 +113,26 @@ def test_edge_values_that_are_valid_pass_unchanged(overrides: dict[str, object])
     for column in ("company_name", "exp_years", "english_level", "primary_keyword"):
         assert list(getattr(batch, column)) == getattr(chunk, column)
     assert batch.ids[2] == (GOOD_ID if "ids" in overrides else chunk.ids[2])
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [],
+        ["00000000-0000-7000-8000-000000000001", "019b0ab5-c1df-7859-891b-e14ebd83e55a"],
+        ["019B0AB5-C1DF-7859-891B-E14EBD83E55A"],  # upper case: a UUID, but not canonical
+        ["019b0ab5c1df7859891be14ebd83e55a0000"],  # 36 hex digits, no hyphens
+        ["019b0ab5-c1df-7859-891b-e14ebd83e55", "a019b0ab5-c1df-7859-891b-e14ebd83e55a"],  # 35 + 37 joined = 2 x 36
+        ["019b0ab5-c1df-7859-891b-e14ebd83e55g"],  # not hex
+        ["019b0ab5-c1df-7859-891b-e14ebd83e5é5"],  # not ASCII
+        ["019b0ab5-c1df-7859-891b-e14ebd83e55a", ""],
+        ["{019b0ab5-c1df-7859-891b-e14ebd83e55}"],
+        ["019b0ab5-c1df-7859-891b_e14ebd83e55a"],
+        ["019b0ab5-c1df-7859-891b-e14ebd83e5-a"],  # a fifth hyphen
+    ],
+)
+def test_the_batch_id_check_agrees_with_the_regular_expression(ids: list[str]) -> None:
+    from airflow_embedding_provider.rows import CANONICAL_UUID as _CANONICAL_UUID
+    from airflow_embedding_provider.validation import _all_canonical
+
+    assert _all_canonical(ids) == all(_CANONICAL_UUID.fullmatch(i) for i in ids)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import encode_rows, parse_chunk
@@ -68,3 +69,51 @@ def test_unpacked_floats_from_another_encoder_are_not_lost() -> None:
     chunk = parse_chunk(chunk_bytes)
     assert chunk.ids == ["abcd"]
     assert np.frombuffer(chunk.vectors[0], dtype="<f4").tolist() == [1.5, -2.0, 3.25]
+
+
+def _reference_encode(ids, company, years, english, keyword, vectors):
+    """The per-row form ``encode_rows`` replaced: one ``RecruitRowBytes`` a row, then the list."""
+    from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RecruitRowBytes, RowChunkBytes
+
+    matrix = np.ascontiguousarray(vectors, dtype="<f4")
+    return RowChunkBytes(
+        rows=[
+            RecruitRowBytes(
+                id=ids[i],
+                company_name=company[i],
+                exp_years=years[i],
+                english_level=english[i],
+                primary_keyword=keyword[i],
+                vector=matrix[i].tobytes(),
+            )
+            for i in range(len(ids))
+        ]
+    )
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_encode_rows_gives_the_bytes_of_the_per_row_encoding(rows: int) -> None:
+    ids, company, years, english, keyword, vectors = _columns()
+    years = [-(2**31), None, 0, 2**31 - 1, 3]  # the int32 bounds
+    columns = (ids[:rows], company[:rows], years[:rows], english[:rows], keyword[:rows], vectors[:rows])
+    assert encode_rows(*columns).SerializeToString() == _reference_encode(*columns).SerializeToString()
+    strided = np.asfortranarray(vectors[:rows])  # any matrix layout encodes the same
+    assert encode_rows(*columns[:5], strided).SerializeToString() == _reference_encode(*columns).SerializeToString()
+
+
+def test_decode_tells_unset_from_empty_and_zero() -> None:
+    """An unset optional reads as "" or 0 in protobuf: decoding gives None only where it is unset."""
+    ids = [f"00000000-0000-7000-8000-{i:012d}" for i in range(4)]
+    company = ["", None, "Acme", ""]
+    years = [0, None, 0, 5]
+    english = [None, "", "upper", None]
+    keyword = ["", "", None, "Go"]
+    vectors = np.ones((4, 3), dtype=np.float32)
+    chunk = parse_chunk(encode_rows(ids, company, years, english, keyword, vectors).SerializeToString())
+    assert (chunk.company_name, chunk.exp_years, chunk.english_level, chunk.primary_keyword) == (
+        company,
+        years,
+        english,
+        keyword,
+    )
+    assert len(parse_chunk(b"")) == 0
