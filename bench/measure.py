@@ -52,7 +52,9 @@ def sample(spec: Spec) -> dict[str, Any]:
 
     rows, base, changed = int(spec["rows"]), Path(spec["pkl"]), Path(spec["changed_pkl"])
     if not base.exists():
-        write_sample(base, rows, seed=int(spec["seed"]), layout="seed")
+        # Clustered as text embeddings are (devkit/sample.py): on uniform noise no ANN index beats
+        # exact search, and the recall gate then measures nearly every setting.
+        write_sample(base, rows, seed=int(spec["seed"]), layout="seed", clusters=max(10, rows // 10))
     tiny = Path(spec["tiny_pkl"])
     if not tiny.exists():
         write_sample(tiny, TINY_ROWS, seed=int(spec["seed"]), layout="seed")

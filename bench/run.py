@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine()
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"bench: {rows} rows, {machine['cpus']} CPUs, load {machine['load_at_start']}; log {bench.log_path}")
-    pkl = workdir / f"sample-{rows}-seed{SEED}.pkl"
-    changed_pkl = workdir / f"sample-{rows}-seed{SEED}-changed{round(CHANGED_FRACTION * 100)}.pkl"
+    pkl = workdir / f"sample-{rows}-seed{SEED}-clustered.pkl"
+    changed_pkl = workdir / f"sample-{rows}-seed{SEED}-clustered-changed{round(CHANGED_FRACTION * 100)}.pkl"
     tiny_pkl = workdir / f"sample-{TINY_ROWS}-seed{SEED}.pkl"
     ai_memory: dict[str, Any] = {}
     with ExitStack() as stack:

@@ -14,7 +14,8 @@ from psycopg import sql
 
 from airflow_embedding_provider.hooks.postgres import PgvectorSearchHook
 from airflow_embedding_provider.operators.embedding_stream import recall_failure
-from airflow_embedding_provider.storage.recall import candidates, tune_search
+from airflow_embedding_provider.storage import recall
+from airflow_embedding_provider.storage.recall import candidates, exact_top, tune_search
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index, ivfflat_lists
 from airflow_embedding_provider.storage.search import Searcher, SearchError, SearchFilter, read_search_setting
 from dev.sample import make_sample
@@ -62,12 +63,38 @@ def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connectio
     report = tune_search(conn, min_recall=0.95, queries=40)
     assert report is not None and report.reached and report.recall_lower_bound >= 0.95
     assert report.recall_at_10 >= report.recall_lower_bound and report.tried[report.value] == report.recall_at_10
-    # Smallest first, stopping at the first that reached the target.
-    assert list(report.tried) == [v for v in candidates(conn, DEFAULT_TABLES, "ivfflat") if v <= report.value]
+    # Bisection over the candidates: the one just below the choice was measured and missed.
+    every = candidates(conn, DEFAULT_TABLES, "ivfflat")
+    assert set(report.tried) <= set(every) and len(report.tried) < len(every)
+    below = [v for v in every if v < report.value]
+    if below:
+        assert below[-1] in report.tried and report.tried[below[-1]] < report.recall_at_10
     setting = read_search_setting(conn)
     assert setting is not None and setting.tuned and (setting.name, setting.value) == ("ivfflat.probes", report.value)
     assert report.database_default  # the test database's owner may set it
     assert recall_failure(report.as_dict()) is None
+    # The same choice as measuring every candidate in turn, smallest first.
+    each = {v: tune_search(conn, min_recall=0.95, queries=40, values=[v]) for v in every}
+    first = next(v for v in every if each[v] is not None and each[v].reached)  # type: ignore[union-attr]
+    assert report.value == first
+
+
+@pytest.mark.parametrize("scan_rows", [8192, 700], ids=["one-step", "many-steps"])
+def test_the_gates_one_scan_exact_search_answers_as_numpy_does(
+    conn: psycopg.Connection, frame: pd.DataFrame, scan_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recall, "_SCAN_ROWS", scan_rows)  # 700: the table is read in nine steps
+    register_vector(conn)
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((25, DIMENSION)).astype(np.float32)
+    queries[:5] = np.stack(list(frame["job_post_vectors"][:5]))  # stored rows find themselves first
+    everything = np.ones(len(frame), dtype=bool)
+    answers = exact_top(conn, DEFAULT_TABLES, queries, 11, vectors=True)
+    by_id = dict(zip(frame["id"], frame["job_post_vectors"], strict=True))
+    for i, (found, vectors) in enumerate(answers):
+        assert found == _exact(frame, everything, queries[i], 11)
+        assert np.array_equal(vectors, np.stack([np.asarray(by_id[f], dtype=np.float32) for f in found]))
+    assert [found[0] for found, _ in answers[:5]] == list(frame["id"][:5])
 
 
 def test_a_target_no_setting_reaches_stores_the_best_and_fails_finalize(conn: psycopg.Connection) -> None:
