@@ -52,7 +52,7 @@ def sample(spec: Spec) -> dict[str, Any]:
 
     rows, base, changed = int(spec["rows"]), Path(spec["pkl"]), Path(spec["changed_pkl"])
     if not base.exists():
-        # Clustered as text embeddings are (devkit/sample.py): on uniform noise no ANN index beats
+        # Clustered as text embeddings are (dev/sample.py): on uniform noise no ANN index beats
         # exact search, and the recall gate then measures nearly every setting.
         write_sample(base, rows, seed=int(spec["seed"]), layout="seed", clusters=max(10, rows // 10))
     tiny = Path(spec["tiny_pkl"])
