@@ -8,7 +8,7 @@ One measurement, in its own process (``python -m bench.scheduler scheduler SPEC_
    empty database; its duration as Airflow records it (``start_date`` to ``end_date``) is read
    against the same bench run's engine seconds plus its ivfflat build;
 2. then both DAGs get a one-minute schedule: the scheduler starts a run of the ingest DAG that
-   finds nothing new, and a run of ``bench/dags/bench_empty_four_tasks.py`` (the same four-task
+   finds nothing new, and a run of ``bench/dags/bench_empty_ingest_shape.py`` (the same five-task
    shape doing nothing) in the same minute; the first's duration is read against the second's.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 from bench.measure import Spec, _check_stored
 
 INGEST_DAG = "recruit_embedding_ingest"
-EMPTY_DAG = "bench_empty_four_tasks"
+EMPTY_DAG = "bench_empty_ingest_shape"
 EMPTY_DAG_FILE = Path(__file__).with_name("dags") / f"{EMPTY_DAG}.py"
 PARALLELISM = 4
 EVERY_MINUTE = "* * * * *"
@@ -164,7 +164,7 @@ def lines(result: dict[str, Any]) -> list[str]:
     noop_tasks = ", ".join(f"{t} {v:.1f} s" for t, v in s["noop"]["tasks"].items())
     empty_tasks = ", ".join(f"{t} {v:.1f} s" for t, v in s["empty"]["tasks"].items())
     out.append(
-        f"| scheduled no-op run / empty four-task DAG (no-op {s['noop']['seconds']:.2f} s: {noop_tasks}; "
+        f"| scheduled no-op run / empty DAG of the same shape (no-op {s['noop']['seconds']:.2f} s: {noop_tasks}; "
         f"empty {s['empty']['seconds']:.2f} s: {empty_tasks}) | {noop:.2f}x |"
     )
     return out

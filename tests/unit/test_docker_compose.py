@@ -183,7 +183,9 @@ def test_ports_and_health_probes_match_the_servers(services: dict[str, dict[str,
 def test_every_published_port_is_on_the_hosts_loopback(services: dict[str, dict[str, Any]]) -> None:
     # The database has a default password and the Airflow UI a default user: neither beyond the host.
     published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
-    assert {"airflow-apiserver", "flower"} <= set(published) and any("5432" in p for ps in published.values() for p in ps)
+    assert {"airflow-apiserver", "flower"} <= set(published) and any(
+        "5432" in p for ps in published.values() for p in ps
+    )
     for name, ports in published.items():
         assert all(str(p).startswith("127.0.0.1:") for p in ports), f"{name} publishes {ports} beyond loopback"
 
