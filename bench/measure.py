@@ -466,9 +466,10 @@ MODES: dict[str, Callable[[Spec], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], modes: dict[str, Callable[[Spec], dict[str, Any]]] = MODES) -> int:
+    """``MODE SPEC_JSON OUT_JSON``: run one measurement of ``modes`` and write its result."""
     mode, spec_json, out = argv
-    result = MODES[mode](json.loads(spec_json))
+    result = modes[mode](json.loads(spec_json))
     Path(out).write_text(json.dumps(result))
     return 0
 

@@ -15,16 +15,15 @@ Measurement modes (``python -m bench.queryable MODE SPEC_JSON OUT_JSON``, run by
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from bench.measure import Spec, ceiling, dag
+from bench.measure import main as run_mode
 
 QUERYABLE_VS_DAG = 1.1  # issue 18, target 1: marginal DAG cost at most 1.1x the ceiling
 
@@ -146,12 +145,5 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def main(argv: list[str]) -> int:
-    mode, spec_json, out = argv
-    result = MODES[mode](json.loads(spec_json))
-    Path(out).write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_mode(sys.argv[1:], MODES))

@@ -223,7 +223,7 @@ def tune_search(
     measured: dict[int, tuple[float, list[float]]] = {}
 
     def measure(value: int) -> float:
-        """The candidate's lower bound (below ``min_recall`` when screened out); fills ``tried``."""
+        """The candidate's lower bound (below ``min_recall`` when given up early); fills ``tried`` and ``measured``."""
         with conn.transaction():
             apply_setting(conn, name, value)
             # Measure the index itself: at a high setting the planner may pick an exact scan instead,
@@ -263,9 +263,8 @@ def tune_search(
                 break
     passing = [v for v in measured if measured[v][0] >= min_recall]
     value = min(passing) if passing else max(measured, key=lambda v: measured[v][0])
-    best = (measured[value][0], value, measured[value][1])
+    bound, seconds = measured[value]
     tried = dict(sorted(tried.items()))
-    bound, value, seconds = best
     recall = tried[value]
     p50, p95 = (float(np.percentile(seconds, q)) * 1000 for q in (50, 95))
     report = RecallReport(
