@@ -97,6 +97,13 @@ def test_the_gates_one_scan_exact_search_answers_as_numpy_does(
     assert [found[0] for found, _ in answers[:5]] == list(frame["id"][:5])
 
 
+def test_the_one_scan_exact_search_refuses_queries_of_another_dimension(conn: psycopg.Connection) -> None:
+    # The table's COPY rows are parsed by their fixed layout: a width that is not the table's must
+    # stop with one clear line, not rank bytes of the wrong rows.
+    with pytest.raises(ValueError, match=r"not \(uuid, vector\(16\)\): cannot compute recall"):
+        exact_top(conn, DEFAULT_TABLES, np.zeros((3, 16), dtype=np.float32), 10)
+
+
 def test_a_target_no_setting_reaches_stores_the_best_and_fails_finalize(conn: psycopg.Connection) -> None:
     # 100 lists of 60 rows: one or two probed lists hold only part of any top-10.
     conn.execute("DROP INDEX recruit_embedding_ivfflat")
