@@ -50,6 +50,10 @@ _HNSW_EF_SEARCH = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800, 1000)
 SCREEN_QUERIES = 10
 #: Rows a step of :func:`exact_top` holds in memory at once.
 _SCAN_ROWS = 8192
+#: Candidates a query keeps from each block of :func:`exact_top` beyond its ``k``, for the float64
+#: re-rank: a margin for float32 rounding that also keeps the check in :func:`_pre_rank` from
+#: firing on all but near-ties.
+_PRE_RANK_EXTRA = 32
 
 
 @dataclass(frozen=True)
@@ -145,31 +149,110 @@ def exact_top(
     """Each query's ``k`` nearest stored rows by L2 distance, nearest first, with their vectors
     (empty unless ``vectors``): exact search for every query in one sequential read of the table.
 
-    Distances are taken in float64 from the stored float32 vectors, so the order is exact up to
-    ties; memory stays at :data:`_SCAN_ROWS` rows plus ``k`` candidates a query.
+    Each block of rows is ranked first in float32 (one matrix product, the cost of the scan), and
+    only its :data:`_PRE_RANK_EXTRA` + ``k`` best a query are ranked again by their float64
+    distances, which decide. A block where float32 rounding could have left a true top-``k`` row
+    out of those (its bound, :func:`_rounding_bound`, exceeds the gap the pre-rank left) is ranked
+    in float64 whole for that query, so the order is exact up to ties either way; memory stays at
+    :data:`_SCAN_ROWS` rows plus ``k`` candidates a query.
     """
-    q = np.asarray(queries, dtype=np.float64)
-    width = q.shape[1]
-    every = np.arange(len(q))[:, None]
-    best_d = np.empty((len(q), 0))
-    best_keys = np.empty((len(q), 0), dtype="V16")
-    best_v = np.empty((len(q), 0, width if vectors else 0), dtype=np.float32)
-    q_norms = (q * q).sum(axis=1)
+    q64 = np.asarray(queries, dtype=np.float64)
+    q32 = q64.astype(np.float32)
+    width = q64.shape[1]
+    best_d = np.empty((len(q64), 0))
+    best_keys = np.empty((len(q64), 0), dtype="V16")
+    best_v = np.empty((len(q64), 0, width if vectors else 0), dtype=np.float32)
     for keys, stored in _stored_rows(conn, tables, width):
-        x = stored.astype(np.float64)
-        d = q_norms[:, None] - 2.0 * (q @ x.T) + (x * x).sum(axis=1)[None, :]
-        held = best_d.shape[1]
-        # Positions below ``held`` are the candidates kept so far, the rest this block's rows.
-        pool = np.concatenate([best_d, d], axis=1)
-        keep = np.argpartition(pool, k - 1, axis=1)[:, :k] if pool.shape[1] > k else np.indices(pool.shape)[1]
-        keep = np.take_along_axis(keep, np.argsort(np.take_along_axis(pool, keep, axis=1), axis=1), axis=1)
-        old, new = keep < held, np.maximum(keep - held, 0)
-        kept = np.minimum(keep, max(held - 1, 0))
-        best_d = np.take_along_axis(pool, keep, axis=1)
-        best_keys = np.where(old, best_keys[every, kept] if held else np.zeros((), dtype="V16"), keys[new])
+        picked = _pre_rank(q32, q64, stored, k + _PRE_RANK_EXTRA)
+        near = stored[picked]  # (queries, candidates, width)
+        pool_d = np.concatenate([best_d, ((near.astype(np.float64) - q64[:, None, :]) ** 2).sum(axis=2)], axis=1)
+        order = np.argsort(pool_d, axis=1, kind="stable")[:, :k]
+        best_d = np.take_along_axis(pool_d, order, axis=1)
+        best_keys = np.take_along_axis(np.concatenate([best_keys, keys[picked]], axis=1), order, axis=1)
         if vectors:
-            best_v = np.where(old[:, :, None], best_v[every, kept] if held else 0.0, stored[new])
-    return [([str(uuid.UUID(bytes=bytes(key))) for key in best_keys[i]], best_v[i]) for i in range(len(q))]
+            pool_v = np.concatenate([best_v, near], axis=1)
+            best_v = np.take_along_axis(pool_v, order[:, :, None], axis=1)
+    return [([str(uuid.UUID(bytes=bytes(key))) for key in best_keys[i]], best_v[i]) for i in range(len(q64))]
+
+
+def _rounding_bound(q32: np.ndarray, x_norms: np.ndarray) -> np.ndarray:
+    """A bound, a query, on how far a float32 ``|x|^2 - 2 q.x`` can be from its exact value for
+    any row of the block: a dot product of ``n`` terms errs by at most ``n u |q| |x|`` (u = 2^-24),
+    whatever the summation order; doubled for the subtraction and the norms' own rounding."""
+    n = q32.shape[1] + 2
+    unit = float(np.finfo(np.float32).eps) / 2
+    x_max = float(np.sqrt(max(float(x_norms.max()), 0.0)))
+    q_norm = np.sqrt((q32.astype(np.float64) ** 2).sum(axis=1))
+    return 2.0 * n * unit * (x_max * x_max + 2.0 * q_norm * x_max)
+
+
+def _pre_rank(q32: np.ndarray, q64: np.ndarray, stored: np.ndarray, take: int) -> np.ndarray:
+    """Positions in ``stored`` of each query's ``take`` nearest rows by float32 distance: a set
+    that holds the query's true nearest ``take - _PRE_RANK_EXTRA`` (checked; where rounding could
+    have changed which rows those are, that query's positions come from float64 distances)."""
+    rows = len(stored)
+    if rows <= take:
+        return np.broadcast_to(np.arange(rows), (len(q32), rows))
+    x_norms = np.einsum("ij,ij->i", stored, stored)
+    d32 = x_norms[None, :] - 2.0 * (q32 @ stored.T)  # |q|^2 left out: the same for every row
+    picked = np.argpartition(d32, take - 1, axis=1)[:, :take]
+    # A row left out has a float32 distance at least the take-th's; it could still belong to the
+    # true top-k only if the k-th and the take-th are closer than twice the rounding bound.
+    kept = np.take_along_axis(d32, picked, axis=1)
+    kth = np.partition(kept, take - _PRE_RANK_EXTRA - 1, axis=1)[:, take - _PRE_RANK_EXTRA - 1]
+    unsure = np.flatnonzero(kept.max(axis=1) - kth <= 2.0 * _rounding_bound(q32, x_norms))
+    if len(unsure):
+        x = stored.astype(np.float64)
+        d64 = (x * x).sum(axis=1)[None, :] - 2.0 * (q64[unsure] @ x.T)
+        picked[unsure] = np.argpartition(d64, take - 1, axis=1)[:, :take]
+    return picked
+
+
+@dataclass(frozen=True)
+class RecallSample:
+    """The gate's queries and their exact top-10 (ids), on the table as it was read: what every
+    candidate setting is measured against. Taking it needs no ANN index, so finalize takes it while
+    the index builds (operators/embedding_stream.py)."""
+
+    queries: tuple[np.ndarray, ...]
+    truth: tuple[frozenset[str], ...]
+    rows_indexed: int
+
+
+def recall_sample(
+    conn: psycopg.Connection,
+    tables: TableNames = DEFAULT_TABLES,
+    *,
+    queries: int = DEFAULT_RECALL_QUERIES,
+    seed: float = 0.5,
+) -> RecallSample | None:
+    """``queries`` new points in the neighbourhoods of random stored rows, and their exact top-10
+    (module docstring); ``None`` for an empty table. ``conn`` is autocommit."""
+    register_vector(conn)
+    ids = tables.identifiers()
+    with conn.transaction():
+        conn.execute("SELECT setseed(%s)", (seed,))
+        sample = conn.execute(
+            sql.SQL("SELECT id::text, vector FROM {} ORDER BY random() LIMIT %s").format(ids["embedding"]), (queries,)
+        ).fetchall()
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
+    if not sample:
+        return None
+    # A stored row is a node of the HNSW graph linked to its own neighbours (and sits in the
+    # ivfflat list of its neighbours), so it finds them more easily than a new vector does. The
+    # queries are new points of the sampled rows' neighbourhoods instead: the mean of a row's 11
+    # nearest rows plus a random offset as long as the row's own distance from that mean.
+    rows = np.stack([_array(vector) for _, vector in sample])
+    near = exact_top(conn, tables, rows, RECALL_K + 1, vectors=True)
+    rng = np.random.default_rng(int(seed * 2**31))
+    made = []
+    for row, (_, neighbours) in zip(rows, near, strict=True):
+        centre = neighbours.mean(axis=0)
+        direction = rng.standard_normal(centre.shape).astype(np.float32)
+        direction /= np.linalg.norm(direction)
+        made.append((centre + direction * np.linalg.norm(row - centre)).astype(np.float32))
+    truth = tuple(frozenset(found) for found, _ in exact_top(conn, tables, np.stack(made), RECALL_K))
+    return RecallSample(queries=tuple(made), truth=truth, rows_indexed=int(count[0]) if count else 0)
 
 
 def tune_search(
@@ -180,12 +263,14 @@ def tune_search(
     queries: int = DEFAULT_RECALL_QUERIES,
     seed: float = 0.5,
     values: Sequence[int] | None = None,
+    sample: RecallSample | None = None,
 ) -> RecallReport | None:
     """Measure recall@10 of candidate settings (see the module's docstring for which); store and
     return the smallest that reached ``min_recall``, else the best one measured.
 
     ``None`` when the table has no ANN index managed by this package. ``conn`` is autocommit.
-    ``values`` replaces the candidate settings (:func:`candidates`).
+    ``values`` replaces the candidate settings (:func:`candidates`); ``sample`` the queries and
+    their exact answers, else taken here (:func:`recall_sample` with ``queries`` and ``seed``).
     """
     if not 0 < float(min_recall) <= 1:
         raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
@@ -193,31 +278,12 @@ def tune_search(
     if method is None:
         return None
     register_vector(conn)
-    ids = tables.identifiers()
-    with conn.transaction():
-        conn.execute("SELECT setseed(%s)", (seed,))
-        sample = conn.execute(
-            sql.SQL("SELECT id::text, vector FROM {} ORDER BY random() LIMIT %s").format(ids["embedding"]), (queries,)
-        ).fetchall()
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
-    rows_indexed = int(count[0]) if count else 0
-    if not sample:
+    sample = sample or recall_sample(conn, tables, queries=queries, seed=seed)
+    if sample is None:
         return None
+    ids = tables.identifiers()
+    queries_used, truth = sample.queries, sample.truth
     statement = sql.SQL("SELECT id::text FROM {} ORDER BY vector <-> %(q)s LIMIT %(k)s").format(ids["embedding"])
-    # A stored row is a node of the HNSW graph linked to its own neighbours (and sits in the
-    # ivfflat list of its neighbours), so it finds them more easily than a new vector does. The
-    # queries are new points of the sampled rows' neighbourhoods instead: the mean of a row's 11
-    # nearest rows plus a random offset as long as the row's own distance from that mean.
-    rows = np.stack([_array(vector) for _, vector in sample])
-    near = exact_top(conn, tables, rows, RECALL_K + 1, vectors=True)
-    rng = np.random.default_rng(int(seed * 2**31))
-    queries_used = []
-    for row, (_, neighbours) in zip(rows, near, strict=True):
-        centre = neighbours.mean(axis=0)
-        direction = rng.standard_normal(centre.shape).astype(np.float32)
-        direction /= np.linalg.norm(direction)
-        queries_used.append((centre + direction * np.linalg.norm(row - centre)).astype(np.float32))
-    truth = [set(found) for found, _ in exact_top(conn, tables, np.stack(queries_used), RECALL_K)]
     name, _ = SEARCH_SETTINGS[method]
     tried: dict[int, float] = {}
     measured: dict[int, tuple[float, list[float]]] = {}
@@ -275,8 +341,8 @@ def tune_search(
         recall_lower_bound=round(float(bound), 4),
         min_recall=float(min_recall),
         reached=bool(bound >= min_recall),
-        queries=len(sample),
-        rows_indexed=rows_indexed,
+        queries=len(truth),
+        rows_indexed=sample.rows_indexed,
         latency_ms_p50=round(p50, 3),
         latency_ms_p95=round(p95, 3),
         tried=tried,

@@ -97,6 +97,25 @@ def test_the_gates_one_scan_exact_search_answers_as_numpy_does(
     assert [found[0] for found, _ in answers[:5]] == list(frame["id"][:5])
 
 
+def test_the_float32_pre_rank_hands_near_ties_to_float64(conn: psycopg.Connection) -> None:
+    # 100 rows at distances 0.001^2 .. 0.1^2 from a query of norm 1000: in float32 the pre-rank's
+    # |x|^2 - 2 q.x is about -1e6 for all of them, with a resolution of 0.06, so it cannot tell
+    # them apart; only the float64 path finds the 11 nearest.
+    register_vector(conn)
+    offsets = np.arange(1, 101, dtype=np.float32) * np.float32(0.001)
+    np.random.default_rng(9).shuffle(offsets)
+    ids = [str(uuid.UUID(int=0xA000 + i)) for i in range(len(offsets))]
+    near = np.zeros((len(offsets), DIMENSION), dtype=np.float32)
+    near[:, 0], near[:, 1] = 1000.0, offsets
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany("INSERT INTO recruit_metadata (id) VALUES (%s)", [(i,) for i in ids])
+        cur.executemany("INSERT INTO recruit_embedding (id, vector) VALUES (%s, %s)", list(zip(ids, near, strict=True)))
+    query = np.zeros((1, DIMENSION), dtype=np.float32)
+    query[0, 0] = 1000.0
+    [(found, _)] = exact_top(conn, DEFAULT_TABLES, query, 11)
+    assert found == [ids[i] for i in np.argsort(offsets)[:11]]
+
+
 def test_the_one_scan_exact_search_refuses_queries_of_another_dimension(conn: psycopg.Connection) -> None:
     # The table's COPY rows are parsed by their fixed layout: a width that is not the table's must
     # stop with one clear line, not rank bytes of the wrong rows.
