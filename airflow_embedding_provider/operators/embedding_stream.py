@@ -14,6 +14,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -48,12 +49,16 @@ from airflow_embedding_provider.storage.recall import (
     DEFAULT_MIN_RECALL,
     DEFAULT_RECALL_QUERIES,
     RecallReport,
+    RecallSample,
+    recall_sample,
     tune_search,
 )
 from airflow_embedding_provider.storage.schema import (
+    ANN_METHODS,
     DEFAULT_MAX_BUILD_MEMORY,
     DEFAULT_TABLES,
     TableNames,
+    ann_index_method,
     apply_schema,
     ensure_ann_index,
 )
@@ -500,17 +505,11 @@ class EmbeddingFinalizeOperator(BaseOperator):
             deleted = deleted_in_run(cur, self.postgres_hook.tables, self.stream_name, ti.run_id)
             if deleted is not None:
                 totals["deleted"] = deleted
-        with self.postgres_hook.connections(1) as (conn,):
+        with self.postgres_hook.connections(2) as (conn, side):
             checkpoint = read_checkpoint(conn, self.postgres_hook.tables, self.stream_name)
-            built = (
-                _build_ann_index(
-                    self, conn, self.ann_index_method, self.max_build_memory, tables=self.postgres_hook.tables
-                )
-                if self.build_ann_index
-                else None
-            )
+            built, sample = self._build_index_and_sample(conn, side) if self.build_ann_index else (None, None)
             changed = bool(built) or totals["inserted"] + totals["updated"] + totals.get("deleted", 0) > 0
-            recall = self._recall_gate(conn, changed)
+            recall = self._recall_gate(conn, changed, sample)
             stored_rows = stored_count(conn, self.postgres_hook.tables)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
@@ -555,8 +554,35 @@ class EmbeddingFinalizeOperator(BaseOperator):
             raise AirflowFailException(failure)
         return summary
 
-    def _recall_gate(self, conn: psycopg.Connection, changed: bool) -> dict[str, Any] | None:
-        """Tune the search setting after a change (see the class docstring); what searches use now."""
+    def _build_index_and_sample(
+        self, conn: psycopg.Connection, side: psycopg.Connection
+    ) -> tuple[str | None, RecallSample | None]:
+        """Build the ANN index when missing: the method built, if any, and the recall gate's sample.
+
+        The gate's queries and their exact answers need no index, and an ivfflat build spends its
+        first part (k-means) on one core (bench/RESULTS.md): while ``conn`` builds, the sample is
+        taken on ``side`` (:func:`recall_sample`), so the gate after the build only measures settings.
+        """
+        tables = self.postgres_hook.tables
+        method = str(self.ann_index_method).strip().lower()
+        gate_off = self.min_recall in (None, "", "None")
+        if gate_off or method not in ANN_METHODS or ann_index_method(conn, tables) == method:
+            return _build_ann_index(self, conn, method, self.max_build_memory, tables=tables), None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-sample") as pool:
+            taking = pool.submit(recall_sample, side, tables, queries=int(self.recall_queries))
+            try:
+                built = _build_ann_index(self, conn, method, self.max_build_memory, tables=tables)
+            except BaseException:
+                side.cancel_safe(timeout=5)  # the sample is of no use now: stop its read rather than wait
+                raise
+            sample = taking.result()
+        return built, sample if built else None
+
+    def _recall_gate(
+        self, conn: psycopg.Connection, changed: bool, sample: RecallSample | None = None
+    ) -> dict[str, Any] | None:
+        """Tune the search setting after a change (see the class docstring); what searches use now.
+        ``sample``: the gate's queries, taken while the index was built (:meth:`_build_index_and_sample`)."""
         if self.min_recall in (None, "", "None"):
             return None
         stored = read_search_setting(conn, self.postgres_hook.tables)
@@ -571,7 +597,11 @@ class EmbeddingFinalizeOperator(BaseOperator):
                 "recall_at_10": stored.recall_at_10,
             }
         report = tune_search(
-            conn, self.postgres_hook.tables, min_recall=float(self.min_recall), queries=int(self.recall_queries)
+            conn,
+            self.postgres_hook.tables,
+            min_recall=float(self.min_recall),
+            queries=int(self.recall_queries),
+            sample=sample,
         )
         if report is None:
             return None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -14,7 +16,10 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamToPgvectorOperator,
     _build_ann_index,
 )
+from airflow_embedding_provider.storage.recall import recall_sample, tune_search
 from airflow_embedding_provider.storage.schema import apply_schema
+from dev.sample import make_sample
+from tests.integration.storage.test_search import load_frame
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -66,3 +71,54 @@ def test_the_new_name_does_not_warn() -> None:
         warnings.simplefilter("always")
         EmbeddingFinalizeOperator(task_id="finalize")
     assert not [w for w in caught if "EmbeddingCheckpointOperator" in str(w.message)]
+
+
+@pytest.fixture
+def loaded(pg_dsn: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    """Two connections to a database of 3,000 clustered rows of 16-d, with no ANN index yet."""
+    frame = make_sample(3000, dimension=16, seed=4, clusters=30, layout="seed")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, psycopg.connect(pg_dsn, autocommit=True) as side:
+        apply_schema(conn, 16)
+        load_frame(conn, frame)
+        yield conn, side
+
+
+def test_finalize_takes_the_recall_sample_while_the_index_builds(
+    loaded: tuple[psycopg.Connection, psycopg.Connection],
+) -> None:
+    conn, side = loaded
+    operator = EmbeddingFinalizeOperator(task_id="finalize", recall_queries=20)
+    built, sample = operator._build_index_and_sample(conn, side)
+    assert built == "ivfflat" and sample is not None
+    # The same queries and answers as a gate that takes its sample after the build.
+    after = recall_sample(conn, queries=20)
+    assert after is not None and sample.truth == after.truth and sample.rows_indexed == 3000
+    assert all(np.array_equal(a, b) for a, b in zip(sample.queries, after.queries, strict=True))
+    chosen, again = tune_search(conn, queries=20, sample=sample), tune_search(conn, queries=20)
+    assert chosen is not None and again is not None
+    assert (chosen.value, chosen.tried, chosen.recall_lower_bound) == (
+        again.value,
+        again.tried,
+        again.recall_lower_bound,
+    )
+    # Index there: nothing built, no sample (the gate takes its own when rows changed).
+    assert operator._build_index_and_sample(conn, side) == (None, None)
+
+
+def test_a_failed_build_fails_finalize_with_its_own_error(
+    loaded: tuple[psycopg.Connection, psycopg.Connection],
+) -> None:
+    conn, side = loaded
+    # An open writing transaction holds the lock CREATE INDEX waits for; the build gives up at
+    # lock_timeout while the sample's read runs beside it.
+    with psycopg.connect(conn.info.dsn) as writer:
+        writer.execute(
+            "UPDATE recruit_embedding SET updated_at = now() WHERE id = (SELECT id FROM recruit_embedding LIMIT 1)"
+        )
+        conn.execute("SET lock_timeout = '300ms'")
+        operator = EmbeddingFinalizeOperator(task_id="finalize", recall_queries=20)
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            operator._build_index_and_sample(conn, side)
+        writer.rollback()
+    assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%ivfflat'").fetchone() == (0,)
+    assert side.execute("SELECT 1").fetchone() == (1,)  # the side connection is free for the next try
