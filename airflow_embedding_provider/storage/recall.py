@@ -8,9 +8,10 @@ no candidate reaches it, the best one measured is stored and the report says ``r
 
 Queries are new points in the neighbourhoods of random stored rows (a stored row would find
 itself and, in HNSW, its own links: measured, that overstates recall). Exact answers come from one
-sequential read of the table per step, distances computed client-side in float64 for every query
-at once (:func:`exact_top`): one scan instead of one per query, which at 141,897 rows was most of
-the gate's time. The ANN answers use the same SQL a search runs, with ``enable_seqscan = off`` so
+sequential read of the table per step, distances computed client-side for every query at once
+(:func:`exact_top`): one scan instead of one per query, which at 141,897 rows was most of the
+gate's time. The queries and their answers (:class:`RecallSample`) need no ANN index, so they can
+be taken while it builds. The ANN answers use the same SQL a search runs, with ``enable_seqscan = off`` so
 that the planner cannot answer a high setting by an exact scan, and unprepared, so that no cached
 plan outlives the setting it was made under.
 
