@@ -15,7 +15,7 @@ def test_frontier_claims_only_a_contiguous_committed_prefix() -> None:
     assert f.claim(0) == "b"  # 0 completes 0..1
     f.committed(0)
     assert f.position == "b"
-    assert f.claim(3) is None  # 2 still open
+    assert f.claim(3) == "b"  # 2 still open: 3 may claim what 0..1 committed, not its own "d"
     assert f.claim(2) == "b"  # 2 has no valid id; the prefix now ends at 2
     f.committed(2)
     assert f.claim(3) == "d"
