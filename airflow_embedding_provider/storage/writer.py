@@ -205,11 +205,7 @@ class ChunkWriter:
             if rejected:
                 self._dead_letter(cur, rejected, step.origin)
             if step.partition is not None:
-                # A sub-batch that completes no contiguous prefix (most of them, on parallel
-                # writers) moves nothing: writing the partition's row anyway would only queue
-                # the partition's writers on its lock, one after the other at every commit.
-                if step.checkpoint is not None or step.done:
-                    record_progress_and_advance(cur, self._tables, step.partition, step.checkpoint, step.done)
+                record_progress_and_advance(cur, self._tables, step.partition, step.checkpoint, step.done)
             elif step.checkpoint is not None:
                 advance_checkpoint(cur, self._tables, self._stream, step.checkpoint)
         return WriteResult(
