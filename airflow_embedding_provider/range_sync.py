@@ -99,6 +99,8 @@ def plan_sync(
     # digest is equal may delete none (its task finds any it would, and holds them back).
     planned = dict.fromkeys(differing, 0)
     for i in changed:
+        if stored[i].digest.rows == 0:
+            continue  # nothing of the range is stored (a first load): nothing to delete, no listing needed
         keys, hashes = hook.list_range(*bounds[i])
         planned[i] = count_missing(conn, tables, bounds[i], keys, hashes)
     would_delete = sum(planned.values())

@@ -141,17 +141,39 @@ def load_source(cur: psycopg.Cursor[Any], keys: bytes, hashes: Hashes) -> None:
 
 def differing_keys(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> bytes:
     """The source's keys (ascending, concatenated) whose row is not stored as the source has it,
-    compared in PostgreSQL against the hash each stored id counts with."""
+    compared in PostgreSQL against the hash each stored id counts with.
+
+    A range that counts no stored row (a first load) differs in every listed row: a listing in
+    strictly ascending order (as the AI server sends it) comes back as it is, without loading it
+    into PostgreSQL. Otherwise PostgreSQL returns the differing keys already concatenated (one
+    ``bytea``), not one UUID object a row."""
+    if _strictly_ascending(keys) and not counts_rows(conn, tables, bounds):
+        return keys
     rows = _against_source(
         conn,
         keys,
         hashes,
         sql.SQL(
-            "SELECT s.id FROM {source} AS s LEFT JOIN ({effective}) AS e USING (id) "
-            "WHERE e.h IS DISTINCT FROM s.row_hash ORDER BY s.id"
+            "SELECT coalesce(string_agg(uuid_send(s.id), ''::bytea ORDER BY s.id), ''::bytea) FROM {source} AS s "
+            "LEFT JOIN ({effective}) AS e USING (id) WHERE e.h IS DISTINCT FROM s.row_hash"
         ).format(source=_SOURCE, effective=_effective(tables, bounds)),
     )
-    return b"".join(r[0].bytes for r in rows)
+    return bytes(rows[0][0])
+
+
+def _strictly_ascending(keys: bytes) -> bool:
+    """Whether concatenated 16-byte keys are in strictly ascending byte order (PostgreSQL orders
+    ``uuid`` by its bytes): what ``ORDER BY`` over the listing's primary key would return."""
+    column = np.frombuffer(keys, dtype="S16")
+    return bool(np.all(column[1:] > column[:-1]))
+
+
+def counts_rows(conn: psycopg.Connection, tables: TableNames, bounds: Bounds) -> bool:
+    """Whether any id of the range counts as stored (a stored row, or a pending DLQ entry; see
+    the module doc)."""
+    with conn.transaction():
+        row = conn.execute(sql.SQL("SELECT EXISTS ({})").format(_effective(tables, bounds))).fetchone()
+    return bool(row and row[0])
 
 
 def count_missing(conn: psycopg.Connection, tables: TableNames, bounds: Bounds, keys: bytes, hashes: Hashes) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import psycopg
@@ -10,7 +11,13 @@ import psycopg
 from airflow_embedding_provider.digest import RangeDigest, row_hashes
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
-from airflow_embedding_provider.storage.sync import RangeSync, stored_digests, stored_listing
+from airflow_embedding_provider.storage.sync import (
+    RangeSync,
+    counts_rows,
+    differing_keys,
+    stored_digests,
+    stored_listing,
+)
 from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
@@ -30,7 +37,7 @@ def _hashes(batch: RowBatch) -> np.ndarray:
     )
 
 
-def _keys(ids: list[str]) -> bytes:
+def _keys(ids: Sequence[str]) -> bytes:
     return b"".join(uuid.UUID(i).bytes for i in ids)
 
 
@@ -111,3 +118,35 @@ def test_reconcile_deletes_only_rows_the_source_did_not_list_and_settles_their_d
 
         again = writer.write(RowBatch.empty(DIM), reconcile=RangeSync(None, None, _keys(kept), hashes, 10))
         assert (again.deleted, again.deletes_blocked) == (0, 0)  # a second run changes nothing
+
+
+def test_differing_keys_are_the_listed_rows_not_stored_as_the_source_has_them(pg_dsn: str) -> None:
+    batch = _batch(300)
+    hashes = _hashes(batch)
+    keys = _keys(batch.ids)
+    cut = batch.ids[199]
+    with _conn(pg_dsn) as conn:
+        # Nothing stored (a first load): every listed row differs, in the listing's order.
+        assert not counts_rows(conn, DEFAULT_TABLES, (None, None))
+        assert differing_keys(conn, DEFAULT_TABLES, (None, None), keys, hashes) == keys
+        # A listing out of order is answered in PostgreSQL's order, as when rows are stored.
+        backwards = _keys(batch.ids[::-1])
+        assert differing_keys(conn, DEFAULT_TABLES, (None, None), backwards, hashes[::-1]) == keys
+
+        ChunkWriter(conn, dimension=DIM).write(batch.slice(0, 200))
+        assert counts_rows(conn, DEFAULT_TABLES, (None, cut)) and not counts_rows(conn, DEFAULT_TABLES, (cut, None))
+        changed = hashes.copy()
+        changed[[5, 50]] += 1  # two stored rows the source now has otherwise
+        expected = _keys([batch.ids[5], batch.ids[50], *batch.ids[200:]])
+        assert differing_keys(conn, DEFAULT_TABLES, (None, None), keys, changed) == expected
+        assert differing_keys(conn, DEFAULT_TABLES, (None, cut), keys[: 16 * 200], changed[:200]) == expected[:32]
+        assert differing_keys(conn, DEFAULT_TABLES, (None, cut), keys[: 16 * 200], hashes[:200]) == b""
+
+        # A pending DLQ entry counts as stored, with its hash: the range is no longer empty.
+        conn.execute(
+            "INSERT INTO recruit_embedding_dlq (id, error_kind, row_key, row_hash) VALUES (%s, 'x', 'k', %s)",
+            (batch.ids[250], int(hashes[250])),
+        )
+        assert counts_rows(conn, DEFAULT_TABLES, (cut, None))
+        rest = _keys([i for k, i in enumerate(batch.ids[200:], 200) if k != 250])
+        assert differing_keys(conn, DEFAULT_TABLES, (cut, None), keys[16 * 200 :], hashes[200:]) == rest
