@@ -23,6 +23,7 @@ from airflow_embedding_provider.wire.contract import (
     EMBEDDING_SERVICE,
     GRPC_DEFAULT_MESSAGE_BYTES,
     MAX_CHUNK_BYTES,
+    max_chunk_size,
 )
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -39,11 +40,6 @@ DEFAULT_MAX_STREAMS = DAG_MAX_PARTITIONS
 UNARY_THREADS = 8
 #: Rows a ``RangeDigestPage``: 24 bytes a row, 1.5 MiB a message.
 DEFAULT_DIGEST_PAGE_ROWS = 65_536
-
-
-def max_chunk_size(dimension: int) -> int:
-    """The largest chunk whose message stays under :data:`MAX_CHUNK_BYTES` (1 KiB of text a row)."""
-    return max(1, MAX_CHUNK_BYTES // (4 * dimension + 1024))
 
 
 class RejectLedger:

@@ -66,7 +66,7 @@ from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
-from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
+from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES, max_chunk_size
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -308,6 +308,13 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
             if value < 1:
                 # Configuration, not a passing fault: no retries. 0 rows a transaction never advances.
                 raise AirflowFailException(f"{name} must be at least 1 row, got {value}")
+        limit = max_chunk_size(int(self.dimension))
+        if chunk_size > limit:
+            # The AI server would refuse the stream (INVALID_ARGUMENT) on every try: say so once.
+            raise AirflowFailException(
+                f"chunk_size {chunk_size} is above {limit}, the most rows of dimension {self.dimension} that keep a "
+                f"gRPC message under {MAX_CHUNK_BYTES // 2**20} MiB: lower the chunk_size Param"
+            )
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
         with self.postgres_hook.connections(max(1, int(self.db_connections))) as conns:

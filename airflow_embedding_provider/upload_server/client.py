@@ -16,11 +16,10 @@ from typing import TextIO
 import grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
-from airflow_embedding_provider.ai_server.service import max_chunk_size
 from airflow_embedding_provider.hooks.grpc_channel import ChannelSettings
 from airflow_embedding_provider.upload_server.service import UPLOAD_ID_KEY, UPLOAD_METHOD
 from airflow_embedding_provider.wire import embedding_pb2
-from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
+from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE, max_chunk_size
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
 #: Seconds between two redraws of the progress line.

@@ -31,3 +31,9 @@ GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CHUNK_BYTES = 3 * 1024 * 1024
 #: What the package's receivers accept: room for the largest chunk a sender builds, plus headroom.
 MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def max_chunk_size(dimension: int) -> int:
+    """The largest chunk whose message stays under :data:`MAX_CHUNK_BYTES` (1 KiB of text a row):
+    the most rows a sender puts in a message, and so the largest ``chunk_size`` a stream takes."""
+    return max(1, MAX_CHUNK_BYTES // (4 * dimension + 1024))

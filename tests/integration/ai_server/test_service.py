@@ -15,8 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.ai_server.service import SERVICE_NAME, max_chunk_size
+from airflow_embedding_provider.ai_server.service import SERVICE_NAME
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
+from airflow_embedding_provider.wire.contract import max_chunk_size
 from dev.stack import ServerProcess
 
 SEED_CLIENT = Path(__file__).resolve().parents[1] / "seed_client.py"

@@ -18,6 +18,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
 )
 from airflow_embedding_provider.storage.recall import recall_sample, tune_search
 from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.wire.contract import max_chunk_size
 from dev.sample import make_sample
 from tests.integration.storage.test_search import load_frame
 
@@ -43,6 +44,15 @@ def test_a_sub_batch_size_below_one_fails_the_task_without_retries(sub_batch_siz
     operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", sub_batch_size=sub_batch_size)
     with pytest.raises(AirflowFailException, match=f"sub_batch_size must be at least 1 row, got {sub_batch_size}"):
         operator.execute(cast("Context", {"ti": None}))
+
+
+def test_a_chunk_size_no_message_can_hold_fails_the_task_without_retries() -> None:
+    # The DAG's Param allows 2500 rows; at 384-d a message holds 1228 (wire/contract.py). The AI
+    # server would refuse the stream on every try, as a gRPC traceback.
+    operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", chunk_size=1229, dimension=384)
+    with pytest.raises(AirflowFailException, match="chunk_size 1229 is above 1228, the most rows of dimension 384"):
+        operator.execute(cast("Context", {"ti": None}))
+    assert max_chunk_size(384) == 1228
 
 
 def test_the_former_name_still_works_and_warns() -> None:
