@@ -5,6 +5,7 @@ Every server listens on a free port of 127.0.0.1 and is stopped when its fixture
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
 from airflow_embedding_provider.ai_server.service import build_server
+from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.sample import make_sample
 
@@ -60,6 +62,19 @@ def pg_dsn(postgres: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
     """A new, empty database for this test."""
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
     return postgres.create_database(f"t_{name}")
+
+
+def embedding_hook(
+    monkeypatch: pytest.MonkeyPatch, target: str, conn_id: str = "embedding_grpc_test", **extra: object
+) -> GrpcEmbeddingHook:
+    """A hook over an ``embedding_grpc`` connection ``conn_id`` to ``host:port``, defined in the
+    environment as a deployment would (``AIRFLOW_CONN_...``); ``extra`` goes to the connection."""
+    host, port = target.rsplit(":", 1)
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        json.dumps({"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": extra}),
+    )
+    return GrpcEmbeddingHook(conn_id)
 
 
 def start_ai_server(dataset: EmbeddingDataset) -> tuple[object, str]:

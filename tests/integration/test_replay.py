@@ -20,6 +20,7 @@ from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.validation import validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
 from dev.verify import stored_rows, table_digest
+from tests.conftest import embedding_hook
 
 DIM = 8
 refetch_row = GrpcEmbeddingHook.fetch_row
@@ -294,19 +295,10 @@ def test_an_entry_whose_id_is_not_stored_is_replayed(conn: psycopg.Connection, p
     }
 
 
-def _hook(monkeypatch: pytest.MonkeyPatch, target: str) -> GrpcEmbeddingHook:
-    host, port = target.rsplit(":", 1)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_EMBEDDING_GRPC_REPLAY",
-        json.dumps({"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 10}}),
-    )
-    return GrpcEmbeddingHook("embedding_grpc_replay")
-
-
 def test_refetch_row_finds_the_servers_version(
     monkeypatch: pytest.MonkeyPatch, ai_server: str, sample_dataset: EmbeddingDataset
 ) -> None:
-    hook = _hook(monkeypatch, ai_server)
+    hook = embedding_hook(monkeypatch, ai_server, "embedding_grpc_replay", timeout=10)
     try:
         for i in (0, 1, 1500, len(sample_dataset) - 1):
             row = refetch_row(hook, sample_dataset.ids[i].upper())
@@ -337,7 +329,7 @@ def test_refetch_replays_the_servers_version_or_the_payload(
         (json.dumps(np.frombuffer(_vec(5, dim), "<f4").astype(float).tolist()), unknown),
     )
     conn.commit()
-    hook = _hook(monkeypatch, ai_server)
+    hook = embedding_hook(monkeypatch, ai_server, "embedding_grpc_replay", timeout=10)
     try:
         stats = replay_dlq(
             conn, ChunkWriter(conn, dimension=dim), dimension=dim, refetch=functools.partial(refetch_row, hook)
@@ -368,7 +360,7 @@ def test_refetched_rows_are_written_over_a_newer_stored_row_and_payloads_are_not
     _ingest(pg_dsn, _chunk([known, unknown], [_vec(1, dim), _vec(2, dim)], keyword="COBOL"), dim)
     _ingest(pg_dsn, _chunk([known, unknown], [_vec(3, dim), _vec(4, dim)]), dim)  # stored after the entries
     _forbid_cobol(conn, False)
-    hook = _hook(monkeypatch, ai_server)
+    hook = embedding_hook(monkeypatch, ai_server, "embedding_grpc_replay", timeout=10)
     try:
         stats = replay_dlq(
             conn, ChunkWriter(conn, dimension=dim), dimension=dim, refetch=functools.partial(refetch_row, hook)

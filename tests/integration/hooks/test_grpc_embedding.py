@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from dev.stack import free_port
-
-
-def _connect(monkeypatch: pytest.MonkeyPatch, target: str, **extra: object) -> GrpcEmbeddingHook:
-    host, port = target.rsplit(":", 1)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_EMBEDDING_GRPC_TEST",
-        json.dumps({"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": extra}),
-    )
-    return GrpcEmbeddingHook("embedding_grpc_test")
+from tests.conftest import embedding_hook
 
 
 def test_streams_decoded_chunks(
     monkeypatch: pytest.MonkeyPatch, ai_server: str, sample_dataset: EmbeddingDataset
 ) -> None:
-    hook = _connect(monkeypatch, ai_server)
+    hook = embedding_hook(monkeypatch, ai_server)
     after = sample_dataset.ids[99]
     chunks = list(hook.stream_chunks(after=after, chunk_size=400))
     hook.close()
@@ -35,17 +24,19 @@ def test_streams_decoded_chunks(
 
 
 def test_test_connection_reports_serving(monkeypatch: pytest.MonkeyPatch, ai_server: str) -> None:
-    ok, message = _connect(monkeypatch, ai_server, timeout=5).test_connection()
+    ok, message = embedding_hook(monkeypatch, ai_server, timeout=5).test_connection()
     assert ok and message == f"{ai_server}: SERVING"
 
 
 def test_test_connection_reports_a_dead_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    ok, message = _connect(monkeypatch, f"127.0.0.1:{free_port()}", timeout=2).test_connection()
+    ok, message = embedding_hook(monkeypatch, f"127.0.0.1:{free_port()}", timeout=2).test_connection()
     assert not ok and "UNAVAILABLE" in message
 
 
 def test_settings_come_from_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    hook = _connect(monkeypatch, "10.0.0.1:7000", use_tls="true", token="s3cret", timeout="2.5", ca_cert="/etc/ca.pem")
+    hook = embedding_hook(
+        monkeypatch, "10.0.0.1:7000", use_tls="true", token="s3cret", timeout="2.5", ca_cert="/etc/ca.pem"
+    )
     settings = hook.settings
     assert (settings.target, settings.use_tls, settings.token, settings.timeout, settings.ca_cert) == (
         "10.0.0.1:7000",

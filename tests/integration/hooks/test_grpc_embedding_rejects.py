@@ -3,7 +3,6 @@ tells the AI server what it rejected; a server without the call costs a warning,
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent import futures
 from pathlib import Path
@@ -14,20 +13,11 @@ from airflow.sdk import BaseOperator
 from airflow_embedding_provider.ai_server.dataset import load_dataset
 from airflow_embedding_provider.ai_server.service import SERVICE_NAME
 from airflow_embedding_provider.grpc_server import add_health, bind_port, new_server
-from airflow_embedding_provider.hooks.grpc_embedding import REPORT_ROWS_PER_CALL, GrpcEmbeddingHook
+from airflow_embedding_provider.hooks.grpc_embedding import REPORT_ROWS_PER_CALL
 from airflow_embedding_provider.operators.embedding_stream import _report_rejects
 from airflow_embedding_provider.pipeline import IngestStats
 from dev.sample import write_sample
-from tests.conftest import start_ai_server
-
-
-def _hook(monkeypatch: pytest.MonkeyPatch, target: str) -> GrpcEmbeddingHook:
-    host, port = target.rsplit(":", 1)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_EMBEDDING_GRPC_TEST",
-        json.dumps({"conn_type": "embedding_grpc", "host": host, "port": int(port), "extra": {"timeout": 10}}),
-    )
-    return GrpcEmbeddingHook("embedding_grpc_test")
+from tests.conftest import embedding_hook, start_ai_server
 
 
 def test_rejects_are_reported_in_batches_and_counted_once_per_id(
@@ -36,7 +26,7 @@ def test_rejects_are_reported_in_batches_and_counted_once_per_id(
     dataset = load_dataset(write_sample(tmp_path / "s.pkl", 50, dimension=4, odd_cell=True))
     server, target = start_ai_server(dataset)
     try:
-        hook = _hook(monkeypatch, target)
+        hook = embedding_hook(monkeypatch, target, timeout=10)
         rejects = [
             (f"00000000-0000-4000-8000-{i:012d}", "dimension_mismatch", "vector has 3 dimensions") for i in range(4500)
         ]
@@ -63,7 +53,7 @@ def test_a_server_without_report_rejects_costs_a_warning(
     port = bind_port(server, "127.0.0.1", 0)
     server.start()
     try:
-        hook = _hook(monkeypatch, f"127.0.0.1:{port}")
+        hook = embedding_hook(monkeypatch, f"127.0.0.1:{port}", timeout=10)
         stats = IngestStats(rows_received=10)
         stats.rejects.append(("00000000-0000-4000-8000-000000000001", "invalid_exp_years", "column 'Exp Years' ..."))
         operator = BaseOperator(task_id="probe")
