@@ -572,8 +572,7 @@ class EmbeddingFinalizeOperator(BaseOperator):
         """
         tables = self.postgres_hook.tables
         method = str(self.ann_index_method).strip().lower()
-        gate_off = self.min_recall in (None, "", "None")
-        if gate_off or method not in ANN_METHODS or ann_index_method(conn, tables) == method:
+        if self._min_recall() is None or method not in ANN_METHODS or ann_index_method(conn, tables) == method:
             return _build_ann_index(self, conn, method, self.max_build_memory, tables=tables), None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-sample") as pool:
             taking = pool.submit(recall_sample, side, tables, queries=int(self.recall_queries))
@@ -585,12 +584,17 @@ class EmbeddingFinalizeOperator(BaseOperator):
             sample = taking.result()
         return built, sample if built else None
 
+    def _min_recall(self) -> float | None:
+        """The gate's target as rendered, or ``None`` when the gate is off (``min_recall`` unset)."""
+        return None if self.min_recall in (None, "", "None") else float(self.min_recall)
+
     def _recall_gate(
         self, conn: psycopg.Connection, changed: bool, sample: RecallSample | None = None
     ) -> dict[str, Any] | None:
         """Tune the search setting after a change (see the class docstring); what searches use now.
         ``sample``: the gate's queries, taken while the index was built (:meth:`_build_index_and_sample`)."""
-        if self.min_recall in (None, "", "None"):
+        min_recall = self._min_recall()
+        if min_recall is None:
             return None
         stored = read_search_setting(conn, self.postgres_hook.tables)
         if stored is None:
@@ -606,7 +610,7 @@ class EmbeddingFinalizeOperator(BaseOperator):
         report = tune_search(
             conn,
             self.postgres_hook.tables,
-            min_recall=float(self.min_recall),
+            min_recall=min_recall,
             queries=int(self.recall_queries),
             sample=sample,
         )
