@@ -23,6 +23,8 @@ import numpy.typing as npt
 
 #: The hash's definition; the wire carries it so that two sides on different versions refuse to compare.
 HASH_VERSION = "sha256-64/recruit-row-v1"
+#: Bytes of a row hash: the first 8 of the SHA-256 digest, one little-endian int64 on the wire.
+HASH_BYTES = 8
 _MOD = 2**64
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
@@ -67,7 +69,7 @@ def row_hash(
         )
     )
     h.update(vector)
-    return int.from_bytes(h.digest()[:8], "little", signed=True)
+    return int.from_bytes(h.digest()[:HASH_BYTES], "little", signed=True)
 
 
 def row_hashes(
@@ -108,7 +110,7 @@ def row_hashes(
     for i, (row_id, company, exp, english, keyword) in enumerate(rows):
         h = sha256(b"".join((_text(row_id), text(company), year(exp), text(english), text(keyword), length)))
         h.update(view[i * width : (i + 1) * width])
-        out[i] = from_bytes(h.digest()[:8], "little", signed=True)
+        out[i] = from_bytes(h.digest()[:HASH_BYTES], "little", signed=True)
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,8 @@ class RowBatch:
     :param ids: canonical lowercase UUID strings.
     :param company_name: ``None`` where the source had no value; likewise the other metadata.
     :param vectors: float32 matrix of shape ``(len(ids), dimension)``.
+    :param hashes: each row's hash (digest.py) when known already, one ``int64`` a row: the
+        source's, checked by validation; ``None`` and the writer hashes the rows itself.
     """
 
     ids: Sequence[str]
@@ -64,6 +66,7 @@ class RowBatch:
     english_level: Sequence[str | None]
     primary_keyword: Sequence[str | None]
     vectors: FloatMatrix
+    hashes: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -74,6 +77,8 @@ class RowBatch:
             len(self.primary_keyword),
             self.vectors.shape[0],
         }
+        if self.hashes is not None:
+            lengths.add(len(self.hashes))
         if lengths != {n}:
             raise ValueError(f"columns of a RowBatch differ in length: ids={n}, others={sorted(lengths)}")
         if self.vectors.ndim != 2 or self.vectors.dtype != np.float32:
@@ -84,7 +89,7 @@ class RowBatch:
 
     @classmethod
     def empty(cls, dimension: int) -> RowBatch:
-        return cls(**{name: [] for name in ROW_COLUMNS[:-1]}, vectors=np.empty((0, dimension), dtype=np.float32))
+        return cls([], [], [], [], [], np.empty((0, dimension), dtype=np.float32))
 
     @classmethod
     def concat(cls, batches: Sequence[RowBatch], dimension: int) -> RowBatch:
@@ -92,7 +97,9 @@ class RowBatch:
         if not batches:
             return cls.empty(dimension)
         columns = {name: [v for b in batches for v in getattr(b, name)] for name in ROW_COLUMNS[:-1]}
-        return cls(**columns, vectors=np.vstack([b.vectors for b in batches]))
+        known = all(b.hashes is not None for b in batches)
+        hashes = np.concatenate([b.hashes for b in batches if b.hashes is not None]) if known else None
+        return cls(**columns, vectors=np.vstack([b.vectors for b in batches]), hashes=hashes)
 
     @property
     def dimension(self) -> int:
@@ -106,11 +113,13 @@ class RowBatch:
         """A new batch with the rows at ``index``, in that order."""
         idx = [int(i) for i in index]
         columns = {name: [getattr(self, name)[i] for i in idx] for name in ROW_COLUMNS[:-1]}
-        return RowBatch(**columns, vectors=self.vectors[np.asarray(idx, dtype=np.intp)])
+        at = np.asarray(idx, dtype=np.intp)
+        return RowBatch(**columns, vectors=self.vectors[at], hashes=None if self.hashes is None else self.hashes[at])
 
     def slice(self, start: int, stop: int) -> RowBatch:
         """A new batch with the rows ``start:stop``."""
-        return RowBatch(**{name: getattr(self, name)[start:stop] for name in ROW_COLUMNS})
+        columns = {name: getattr(self, name)[start:stop] for name in ROW_COLUMNS}
+        return RowBatch(**columns, hashes=None if self.hashes is None else self.hashes[start:stop])
 
     def row(self, i: int) -> dict[str, Any]:
         """One row as plain JSON-able values (for the DLQ payload and for tests)."""

@@ -1,5 +1,10 @@
 """Per-row validation of received rows: what passes becomes a :class:`RowBatch`, the rest a
 :class:`Rejected` row for the dead letter queue with a reason a person can act on.
+
+The sender's row hashes (``RowChunk.row_hashes``) reach a batch only after a check: the first and
+the last row of the chunk are hashed here and must match. A chunk whose hashes disagree, or that
+any check sent through the per-row path, carries none, and the writer hashes its rows itself; so
+a stored ``row_hash`` is always one the batch side computed or saw confirmed on the same chunk.
 """
 
 from __future__ import annotations
@@ -7,17 +12,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from airflow_embedding_provider.digest import row_hash
+from airflow_embedding_provider.digest import Hashes, row_hash
 from airflow_embedding_provider.rows import INT4_MAX as INT4_MAX
 from airflow_embedding_provider.rows import RowBatch
 from airflow_embedding_provider.rows import canonical_uuid_or_none as _canonical
 from airflow_embedding_provider.wire.codec import FLOAT32_LE, WireChunk
+
+log = logging.getLogger(__name__)
 
 #: PostgreSQL ``text`` cannot hold NUL; longer values than this are treated as garbage input.
 MAX_TEXT_LENGTH = 10_000
@@ -234,6 +242,7 @@ def _finite_rows(
             english_level=chunk.english_level,
             primary_keyword=chunk.primary_keyword,
             vectors=vectors,
+            hashes=_confirmed_hashes(chunk, ids),
         )
         return batch, rejected
     batch = RowBatch(
@@ -245,3 +254,26 @@ def _finite_rows(
         vectors=np.ascontiguousarray(vectors),
     )
     return batch, rejected
+
+
+_disagreement_logged = False
+
+
+def _confirmed_hashes(chunk: WireChunk, ids: Sequence[str | None]) -> Hashes | None:
+    """The sender's row hashes of a chunk whose rows all pass, when its first and last row, with
+    their ids as stored (``ids``, canonical), hash to them here (module docstring); else ``None``."""
+    claimed = chunk.row_hashes
+    if claimed is None or not len(chunk):
+        return None
+    for i in {0, len(chunk) - 1}:
+        if _received_hash(chunk, i, ids[i]) != int(claimed[i]):
+            global _disagreement_logged
+            if not _disagreement_logged:  # once a process: a server that disagrees does so on every chunk
+                _disagreement_logged = True
+                log.warning(
+                    "the sender's row hash of id %s disagrees with the row it sent: this side hashes its rows "
+                    "itself; range sync with that sender will stream every range until the two agree",
+                    chunk.ids[i][:80],
+                )
+            return None
+    return claimed

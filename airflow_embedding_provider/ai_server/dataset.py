@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import pickle
+import threading
 import time
 import uuid
 from collections import Counter
@@ -39,6 +40,7 @@ from airflow_embedding_provider.ai_server.cells import (
     vector_column,
     years_column,
 )
+from airflow_embedding_provider.digest import HASH_BYTES, HASH_VERSION, Hashes, pack_hashes, row_hash, row_hashes
 from airflow_embedding_provider.rows import PKL_COLUMNS, CellDefect, FloatMatrix
 from airflow_embedding_provider.validation import MAX_TEXT_LENGTH
 from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES, encode_rows
@@ -76,6 +78,8 @@ class EmbeddingDataset:
     defects: dict[int, tuple[CellDefect, ...]] = field(default_factory=dict)
     ignored_columns: tuple[str, ...] = ()
     _bytes_bound: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _hashes: Hashes | None = field(default=None, init=False, repr=False, compare=False)
+    _hashing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def defect_counts(self) -> Counter[tuple[str, str]]:
         """Defective rows by (column, error kind) of their first defect."""
@@ -91,6 +95,28 @@ class EmbeddingDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def row_hashes(self) -> Hashes:
+        """Every row's hash (digest.py) over the values it is served with, computed once (about
+        2 us a row): each message carries its rows' hashes, so the batch side need not hash them,
+        and the range digests are sums of them."""
+        with self._hashing:
+            if self._hashes is None:
+                hashes = row_hashes(
+                    self.ids, self.company_name, self.exp_years, self.english_level, self.primary_keyword, self.vectors
+                )
+                for i, odd in self.odd_vectors.items():  # a vector of another length travels as its own bytes
+                    hashes[i] = row_hash(
+                        self.ids[i],
+                        self.company_name[i],
+                        self.exp_years[i],
+                        self.english_level[i],
+                        self.primary_keyword[i],
+                        odd,
+                    )
+                self._hashes = hashes
+            return self._hashes
 
     @property
     def dimension(self) -> int:
@@ -151,7 +177,7 @@ class EmbeddingDataset:
         overheads): a chunk under :data:`MAX_CHUNK_BYTES` by this needs no exact measuring."""
         if self._bytes_bound is None:
             n = len(self.ids)
-            sizes = np.full(n, 64 + 4 * self.dimension, dtype=np.int64)
+            sizes = np.full(n, 64 + 4 * self.dimension + HASH_BYTES, dtype=np.int64)
             for column in (self.ids, self.company_name, self.english_level, self.primary_keyword):
                 sizes += 4 * np.fromiter((len(t) if t else 0 for t in column), np.int64, n)
             for i, raw in self.odd_vectors.items():
@@ -211,6 +237,8 @@ class EmbeddingDataset:
         """The rows at ``positions``, whose columns are given, encoded; a row whose vector has
         another length carries its own bytes, and a defective row its marks (:func:`_mark_row`)."""
         message = encode_rows(ids, company_name, exp_years, english_level, primary_keyword, vectors)
+        message.row_hashes = pack_hashes(self.row_hashes[np.asarray(positions, dtype=np.intp)])
+        message.hash_version = HASH_VERSION
         odd, defects = self.odd_vectors, self.defects
         if odd or defects:  # most files have neither: no look-up a row
             rows = message.rows

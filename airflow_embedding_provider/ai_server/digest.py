@@ -5,8 +5,8 @@ once with its last copy in the file (the copy the batch side keeps, ``storage/wr
 ``keep_last_occurrence``). Rows whose id is not a UUID are in no range: the batch side
 dead-letters them and cannot look them up by id.
 
-The hashes are computed once, on the first request, and kept with prefix sums, so a range's
-digest costs two lookups however many rows it holds.
+The hashes are the dataset's (computed once, :attr:`EmbeddingDataset.row_hashes`), kept with
+prefix sums, so a range's digest costs two lookups however many rows it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.digest import Hashes, RangeDigest, row_hash, row_hashes
+from airflow_embedding_provider.digest import Hashes, RangeDigest
 from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 
@@ -60,26 +60,7 @@ class DatasetDigests:
         if len(keys) > 1:
             last[:-1] = keys[:-1] != keys[1:]
         rows = first + np.flatnonzero(last)
-        picked = rows.tolist()
-        hashes = row_hashes(
-            [data.ids[i] for i in picked],
-            [data.company_name[i] for i in picked],
-            [data.exp_years[i] for i in picked],
-            [data.english_level[i] for i in picked],
-            [data.primary_keyword[i] for i in picked],
-            data.vectors[rows],
-        )
-        for k, i in enumerate(picked):
-            odd = data.odd_vectors.get(i)
-            if odd is not None:  # a vector of another length travels as its own bytes
-                hashes[k] = row_hash(
-                    data.ids[i],
-                    data.company_name[i],
-                    data.exp_years[i],
-                    data.english_level[i],
-                    data.primary_keyword[i],
-                    odd,
-                )
+        hashes = data.row_hashes[rows]
         cumulative = np.zeros(len(hashes) + 1, dtype=np.uint64)
         np.cumsum(hashes.view(np.uint64), dtype=np.uint64, out=cumulative[1:])
         return _Index(rows=rows, hashes=hashes, cumulative=cumulative)

@@ -349,9 +349,11 @@ class ChunkWriter:
 def _copy_metadata(cur: psycopg.Cursor, table: sql.Composable, batch: RowBatch) -> None:
     """COPY BINARY the batch's metadata rows, each with its row hash (digest.py), into ``table``
     (the target or the stage)."""
-    hashes = row_hashes(
-        batch.ids, batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, batch.vectors
-    )
+    hashes = batch.hashes
+    if hashes is None:  # not confirmed from the source's (validation.py): hash the rows here
+        hashes = row_hashes(
+            batch.ids, batch.company_name, batch.exp_years, batch.english_level, batch.primary_keyword, batch.vectors
+        )
     with cur.copy(
         sql.SQL(
             "COPY {} (id, company_name, exp_years, english_level, primary_keyword, row_hash) FROM STDIN (FORMAT BINARY)"

@@ -24,6 +24,7 @@ An upload that ends early deletes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -190,7 +191,9 @@ class _Progress:
             if ids:
                 top = max(ids)
                 self.last_id = top if self.last_id is None else max(self.last_id, top)
-            yield chunk
+            # A pusher's row hashes are not taken on trust: stored hashes decide what a later range
+            # sync with the AI server skips, so the rows are hashed here (storage/writer.py).
+            yield dataclasses.replace(chunk, row_hashes=None) if chunk.row_hashes is not None else chunk
 
     def evidence(self, max_deletes: int) -> RangeSync:
         """The whole upload as a sync's evidence over the whole id range (storage/sync.py)."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from airflow_embedding_provider.digest import HASH_BYTES, HASH_VERSION, Hashes, unpack_hashes
 from airflow_embedding_provider.rows import CellDefect, FloatMatrix, RowBatch
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.contract import MAX_CHUNK_BYTES as MAX_CHUNK_BYTES
@@ -36,6 +37,9 @@ class WireChunk:
     ``vectors`` holds each row's raw little-endian float32 bytes; it is up to validation to
     check their length against the configured dimension. ``defects`` holds, by position, the
     cells a row's sender marked as not servable (``RowDefect``): such a row goes to the DLQ.
+    ``row_hashes`` are the sender's hashes of the rows (``RowChunk.row_hashes``) when it sent one
+    for every row under this package's :data:`~airflow_embedding_provider.digest.HASH_VERSION`,
+    else ``None``: unchecked claims, which validation checks before a batch carries them.
     """
 
     ids: list[str]
@@ -48,6 +52,7 @@ class WireChunk:
     #: Upload options (``RowChunk.sync``, ``max_delete_fraction``), read from an upload's first message.
     sync: bool = False
     max_delete_fraction: float | None = None
+    row_hashes: Hashes | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,6 +66,7 @@ class WireChunk:
             primary_keyword=self.primary_keyword[start:stop],
             vectors=self.vectors[start:stop],
             defects={i - start: d for i, d in self.defects.items() if start <= i < stop},
+            row_hashes=None if self.row_hashes is None else self.row_hashes[start:stop],
         )
 
 
@@ -122,8 +128,17 @@ def decode_chunk(message: RowChunkBytes) -> WireChunk:
         primary_keyword=keyword,
         vectors=vectors,
         defects=defects,
+        row_hashes=_row_hashes(message, len(ids)),
         **_upload_options(message),
     )
+
+
+def _row_hashes(message: RowChunkBytes, rows: int) -> Hashes | None:
+    """The sender's row hashes, when it sent one a row under this package's definition."""
+    raw = message.row_hashes
+    if len(raw) != HASH_BYTES * rows or message.hash_version != HASH_VERSION:
+        return None
+    return unpack_hashes(raw)
 
 
 def _unset_to_none(rows: Sequence[RecruitRowBytes], column: list[Any], name: str, empty: object) -> None:

@@ -6,6 +6,7 @@ place. The service names come from the generated descriptor, so they follow ``pr
 
 from __future__ import annotations
 
+from airflow_embedding_provider.digest import HASH_BYTES
 from airflow_embedding_provider.wire import embedding_pb2
 
 #: ``recruit.embedding.v1.EmbeddingStreamService``: the AI server's pull and the upload server's push.
@@ -34,6 +35,7 @@ MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def max_chunk_size(dimension: int) -> int:
-    """The largest chunk whose message stays under :data:`MAX_CHUNK_BYTES` (1 KiB of text a row):
-    the most rows a sender puts in a message, and so the largest ``chunk_size`` a stream takes."""
-    return max(1, MAX_CHUNK_BYTES // (4 * dimension + 1024))
+    """The largest chunk whose message stays under :data:`MAX_CHUNK_BYTES` (1 KiB of text a row,
+    and its hash): the most rows a sender puts in a message, and so the largest ``chunk_size`` a
+    stream takes."""
+    return max(1, MAX_CHUNK_BYTES // (4 * dimension + 1024 + HASH_BYTES))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from airflow_embedding_provider.wire import embedding_pb2 as airflow__embedding__provider_dot_wire_dot_embedding__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:airflow_embedding_provider/wire/embedding_bytes_view.proto\x12\x19recruit.embedding.v1.view\x1a/airflow_embedding_provider/wire/embedding.proto\"\x91\x01\n\rRowChunkBytes\x12\x38\n\x04rows\x18\x01 \x03(\x0b\x32*.recruit.embedding.v1.view.RecruitRowBytes\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_max_delete_fraction\"\xa6\x02\n\x0fRecruitRowBytes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x12\x30\n\x07\x64\x65\x66\x65\x63ts\x18\x07 \x03(\x0b\x32\x1f.recruit.embedding.v1.RowDefect\x12\x13\n\x0bheld_vector\x18\x08 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"\x8d\x01\n\x0bRowChunkRaw\x12\x36\n\x04rows\x18\x01 \x03(\x0b\x32(.recruit.embedding.v1.view.RecruitRowRaw\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_max_delete_fraction\"\xa9\x02\n\rRecruitRowRaw\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\x0cH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\x0cH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x12\x35\n\x07\x64\x65\x66\x65\x63ts\x18\x07 \x03(\x0b\x32$.recruit.embedding.v1.view.RawDefect\x12\x13\n\x0bheld_vector\x18\x08 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"T\n\tRawDefect\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\x0c\x12\x12\n\nerror_kind\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\x0c\x12\x12\n\nvalue_json\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:airflow_embedding_provider/wire/embedding_bytes_view.proto\x12\x19recruit.embedding.v1.view\x1a/airflow_embedding_provider/wire/embedding.proto\"\xbb\x01\n\rRowChunkBytes\x12\x38\n\x04rows\x18\x01 \x03(\x0b\x32*.recruit.embedding.v1.view.RecruitRowBytes\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nrow_hashes\x18\x05 \x01(\x0c\x12\x14\n\x0chash_version\x18\x06 \x01(\tB\x16\n\x14_max_delete_fraction\"\xa6\x02\n\x0fRecruitRowBytes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x12\x30\n\x07\x64\x65\x66\x65\x63ts\x18\x07 \x03(\x0b\x32\x1f.recruit.embedding.v1.RowDefect\x12\x13\n\x0bheld_vector\x18\x08 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"\x8d\x01\n\x0bRowChunkRaw\x12\x36\n\x04rows\x18\x01 \x03(\x0b\x32(.recruit.embedding.v1.view.RecruitRowRaw\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x13max_delete_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_max_delete_fraction\"\xa9\x02\n\rRecruitRowRaw\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x19\n\x0c\x63ompany_name\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x16\n\texp_years\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\renglish_level\x18\x04 \x01(\x0cH\x02\x88\x01\x01\x12\x1c\n\x0fprimary_keyword\x18\x05 \x01(\x0cH\x03\x88\x01\x01\x12\x0e\n\x06vector\x18\x06 \x01(\x0c\x12\x35\n\x07\x64\x65\x66\x65\x63ts\x18\x07 \x03(\x0b\x32$.recruit.embedding.v1.view.RawDefect\x12\x13\n\x0bheld_vector\x18\x08 \x01(\x0c\x42\x0f\n\r_company_nameB\x0c\n\n_exp_yearsB\x10\n\x0e_english_levelB\x12\n\x10_primary_keyword\"T\n\tRawDefect\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\x0c\x12\x12\n\nerror_kind\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\x0c\x12\x12\n\nvalue_json\x18\x04 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airflow_embedding_provider.
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROWCHUNKBYTES']._serialized_start=139
-  _globals['_ROWCHUNKBYTES']._serialized_end=284
-  _globals['_RECRUITROWBYTES']._serialized_start=287
-  _globals['_RECRUITROWBYTES']._serialized_end=581
-  _globals['_ROWCHUNKRAW']._serialized_start=584
-  _globals['_ROWCHUNKRAW']._serialized_end=725
-  _globals['_RECRUITROWRAW']._serialized_start=728
-  _globals['_RECRUITROWRAW']._serialized_end=1025
-  _globals['_RAWDEFECT']._serialized_start=1027
-  _globals['_RAWDEFECT']._serialized_end=1111
+  _globals['_ROWCHUNKBYTES']._serialized_end=326
+  _globals['_RECRUITROWBYTES']._serialized_start=329
+  _globals['_RECRUITROWBYTES']._serialized_end=623
+  _globals['_ROWCHUNKRAW']._serialized_start=626
+  _globals['_ROWCHUNKRAW']._serialized_end=767
+  _globals['_RECRUITROWRAW']._serialized_start=770
+  _globals['_RECRUITROWRAW']._serialized_end=1067
+  _globals['_RAWDEFECT']._serialized_start=1069
+  _globals['_RAWDEFECT']._serialized_end=1153
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RowChunkBytes(_message.Message):
-    __slots__ = ("rows", "sync", "max_delete_fraction")
+    __slots__ = ("rows", "sync", "max_delete_fraction", "row_hashes", "hash_version")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    HASH_VERSION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRowBytes]
     sync: bool
     max_delete_fraction: float
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowBytes, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
+    row_hashes: bytes
+    hash_version: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRowBytes, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ..., row_hashes: _Optional[bytes] = ..., hash_version: _Optional[str] = ...) -> None: ...
 
 class RecruitRowBytes(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")

@@ -76,14 +76,18 @@ class UploadResult(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., total_rows: _Optional[int] = ..., message: _Optional[str] = ..., rows_rejected: _Optional[int] = ..., rejected_by_kind: _Optional[_Mapping[str, int]] = ..., deleted: _Optional[int] = ..., deletes_blocked: _Optional[int] = ...) -> None: ...
 
 class RowChunk(_message.Message):
-    __slots__ = ("rows", "sync", "max_delete_fraction")
+    __slots__ = ("rows", "sync", "max_delete_fraction", "row_hashes", "hash_version")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     MAX_DELETE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    HASH_VERSION_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RecruitRow]
     sync: bool
     max_delete_fraction: float
-    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ...) -> None: ...
+    row_hashes: bytes
+    hash_version: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[RecruitRow, _Mapping]]] = ..., sync: _Optional[bool] = ..., max_delete_fraction: _Optional[float] = ..., row_hashes: _Optional[bytes] = ..., hash_version: _Optional[str] = ...) -> None: ...
 
 class RecruitRow(_message.Message):
     __slots__ = ("id", "company_name", "exp_years", "english_level", "primary_keyword", "vector", "defects", "held_vector")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.digest import row_hashes
 from airflow_embedding_provider.partitions import Partition
 from airflow_embedding_provider.pipeline import ingest_chunks
 from airflow_embedding_provider.storage.checkpoint import (
@@ -161,3 +164,27 @@ def test_a_sub_batch_size_below_one_is_refused_instead_of_looping(
     assert not worker.is_alive(), "ingest_chunks loops for ever on sub_batch_size 0"
     assert len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
     assert str(outcome[0]) == "sub_batch_size must be at least 1, got 0"
+
+
+def test_the_stored_row_hashes_are_those_of_the_stored_rows(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    # Every message carries the AI server's row hashes, and sub-batches of 70 cut each 300-row
+    # chunk unevenly: a hash that landed on the wrong row would differ from the row's own here.
+    data = sample_dataset
+    writers = [ChunkWriter(c, dimension=384) for c in conns]
+    ingest_chunks(chunks_of(data, 0, len(data), 300), writers, dimension=384, sub_batch_size=70)
+    rows = (
+        conns[0]
+        .execute(
+            "SELECT m.id::text, m.company_name, m.exp_years, m.english_level, m.primary_keyword, m.row_hash, "
+            "e.vector::text FROM recruit_metadata m JOIN recruit_embedding e USING (id) ORDER BY m.id"
+        )
+        .fetchall()
+    )
+    assert len(rows) == len(data)
+    vectors = np.array([np.array(json.loads(r[6]), dtype=np.float32) for r in rows], dtype=np.float32)
+    company, years, english, keyword = ([r[k] for r in rows] for k in range(1, 5))
+    mine = row_hashes([r[0] for r in rows], company, years, english, keyword, vectors)
+    assert [r[5] for r in rows] == mine.tolist()
+    assert mine.tolist() == data.row_hashes.tolist()  # ids unique and in order: the dataset's own order

@@ -97,4 +97,5 @@ def test_a_value_that_is_not_text_is_not_a_uuid() -> None:
 def test_the_columns_are_the_batchs_fields() -> None:
     import dataclasses
 
-    assert tuple(f.name for f in dataclasses.fields(RowBatch)) == ROW_COLUMNS
+    # The six columns, then the rows' hashes when known (derived from the columns, not one of them).
+    assert tuple(f.name for f in dataclasses.fields(RowBatch)) == (*ROW_COLUMNS, "hashes")

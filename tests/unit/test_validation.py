@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.validation import MAX_TEXT_LENGTH, validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
 
 DIM = 4
+COLUMNS = ("company_name", "exp_years", "english_level", "primary_keyword", "vectors")
 GOOD_ID = "019b0ab5-1c02-7a99-b42a-2f729811ce12"
 
 
@@ -136,3 +140,56 @@ def test_the_batch_id_check_agrees_with_the_regular_expression(ids: list[str]) -
     from airflow_embedding_provider.validation import _all_canonical
 
     assert _all_canonical(ids) == all(_CANONICAL_UUID.fullmatch(i) for i in ids)
+
+
+def _hashed_chunk(rows: int = 5) -> WireChunk:
+    ids = [f"019b0ab5-1c02-7a99-b42a-2f729811ce{i:02x}" for i in range(rows)]
+    vectors = [np.full(DIM, i, "<f4").tobytes() for i in range(rows)]
+    names: list[str | None] = [f"Acme {i}" for i in range(rows)]
+    years: list[int | None] = list(range(rows))
+    levels: list[str | None] = ["upper"] * rows
+    keywords: list[str | None] = [None] * rows
+    hashes = np.array(
+        [row_hash(*row) for row in zip(ids, names, years, levels, keywords, vectors, strict=True)], dtype=np.int64
+    )
+    return WireChunk(ids, names, years, levels, keywords, vectors, row_hashes=hashes)
+
+
+def test_the_senders_row_hashes_reach_the_batch_when_they_check_out() -> None:
+    chunk = _hashed_chunk()
+    batch, rejected = validate_chunk(chunk, DIM)
+    assert rejected == [] and batch.hashes is not None
+    assert batch.hashes.tolist() == chunk.row_hashes.tolist()  # type: ignore[union-attr]
+    # Through a slice (a sub-batch) and the writer's reordering alike, each row keeps its own hash.
+    part, _ = validate_chunk(chunk.slice(1, 4), DIM)
+    assert part.hashes is not None and part.hashes.tolist() == chunk.row_hashes[1:4].tolist()  # type: ignore[index]
+    assert batch.take([3, 0]).hashes.tolist() == [chunk.row_hashes[3], chunk.row_hashes[0]]  # type: ignore[union-attr,index]
+
+
+@pytest.mark.parametrize("wrong", [0, -1])
+def test_a_chunk_whose_first_or_last_hash_is_wrong_is_hashed_here(wrong: int) -> None:
+    chunk = _hashed_chunk()
+    claimed = chunk.row_hashes.copy()  # type: ignore[union-attr]
+    claimed[wrong] ^= 1
+    batch, rejected = validate_chunk(dataclasses.replace(chunk, row_hashes=claimed), DIM)
+    assert rejected == [] and len(batch) == 5
+    assert batch.hashes is None  # the writer hashes the rows itself (storage/writer.py)
+
+
+def test_a_chunk_with_a_rejected_row_carries_no_senders_hashes() -> None:
+    chunk = _hashed_chunk()
+    vectors = list(chunk.vectors)
+    vectors[2] = np.array([np.nan] * DIM, "<f4").tobytes()
+    batch, rejected = validate_chunk(dataclasses.replace(chunk, vectors=vectors), DIM)
+    assert [r.kind for r in rejected] == ["non_finite_vector"] and len(batch) == 4
+    assert batch.hashes is None
+
+
+def test_an_id_stored_in_another_form_than_sent_is_not_hashed_by_the_sender() -> None:
+    # The sender hashed the id as it sent it; the row is stored with its canonical id, so the
+    # sender's hash is not the stored row's.
+    chunk = _hashed_chunk(1)
+    upper = [chunk.ids[0].upper()]
+    hashes = np.array([row_hash(upper[0], *(getattr(chunk, c)[0] for c in COLUMNS))], dtype=np.int64)
+    batch, _ = validate_chunk(dataclasses.replace(chunk, ids=upper, row_hashes=hashes), DIM)
+    assert list(batch.ids) == [chunk.ids[0]] and batch.hashes is None

@@ -47,12 +47,12 @@ def test_a_sub_batch_size_below_one_fails_the_task_without_retries(sub_batch_siz
 
 
 def test_a_chunk_size_no_message_can_hold_fails_the_task_without_retries() -> None:
-    # The DAG's Param allows 2500 rows; at 384-d a message holds 1228 (wire/contract.py). The AI
+    # The DAG's Param allows 2500 rows; at 384-d a message holds 1224 (wire/contract.py). The AI
     # server would refuse the stream on every try, as a gRPC traceback.
-    operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", chunk_size=1229, dimension=384)
-    with pytest.raises(AirflowFailException, match="chunk_size 1229 is above 1228, the most rows of dimension 384"):
+    operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", chunk_size=1225, dimension=384)
+    with pytest.raises(AirflowFailException, match="chunk_size 1225 is above 1224, the most rows of dimension 384"):
         operator.execute(cast("Context", {"ti": None}))
-    assert max_chunk_size(384) == 1228
+    assert max_chunk_size(384) == 1224
 
 
 def test_the_former_name_still_works_and_warns() -> None:

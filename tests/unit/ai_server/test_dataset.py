@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import DatasetError, load_dataset
+from airflow_embedding_provider.digest import HASH_VERSION, row_hash
+from airflow_embedding_provider.wire.codec import decode_chunk
 from dev.sample import ENGLISH_LEVELS, make_sample
 
 
@@ -74,6 +76,33 @@ def test_row_level_problems_are_kept_for_the_dead_letter_queue(tmp_path: Path) -
     assert data.company_name[data.ids.index(str(frame.loc[5, "id"]))] is None
     message = data.chunk(0, 10)
     assert message.rows[odd].vector == np.array([1.0, 2.0], "<f4").tobytes()
+
+
+def test_each_message_carries_the_hash_of_each_row_as_it_is_served(tmp_path: Path) -> None:
+    frame = make_sample(12, dimension=4, layout="seed")
+    frame.loc[2, "id"] = "not-a-uuid"
+    frame.at[3, "job_post_vectors"] = np.array([1.0, 2.0])  # type: ignore[assignment]
+    frame.loc[7, "id"] = str(frame.at[8, "id"])  # one id twice: both copies are served
+    data = load_dataset(_write(tmp_path, frame))
+    for message in (data.chunk(0, 12), data.message_of([11, 0, 5]), *data.chunks(0, 12, 5)):
+        chunk = decode_chunk(message)
+        expected = [
+            row_hash(
+                r.id,
+                chunk.company_name[k],
+                chunk.exp_years[k],
+                chunk.english_level[k],
+                chunk.primary_keyword[k],
+                chunk.vectors[k],
+            )
+            for k, r in enumerate(message.rows)
+        ]
+        assert message.hash_version == HASH_VERSION
+        assert chunk.row_hashes is not None and chunk.row_hashes.tolist() == expected
+    # A peer on another definition (or none) sends hashes this side does not read.
+    message = data.chunk(0, 12)
+    message.hash_version = "another"
+    assert decode_chunk(message).row_hashes is None
 
 
 @pytest.mark.parametrize(
