@@ -406,8 +406,9 @@ def tune_search(
     :param sample: the queries and their exact answers, else taken here (:func:`recall_sample`).
     :param side: more autocommit connections to the same database, each idle and used by no other
         thread while this runs: a setting's queries are dealt out over ``conn`` and these at once
-        (module docstring), with the same report. A query that fails on any of them fails the
-        measurement with its error, after the others stopped.
+        (module docstring), with the same report but its latencies, which are then of queries
+        answered side by side (as a loaded server answers them). A query that fails on any of them
+        fails the measurement with its error, after the others stopped.
     """
     if not 0 < float(min_recall) <= 1:
         raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
