@@ -516,7 +516,9 @@ class EmbeddingFinalizeOperator(BaseOperator):
             checkpoint = read_checkpoint(conn, self.postgres_hook.tables, self.stream_name)
             built, sample = self._build_index_and_sample(conn, side) if self.build_ann_index else (None, None)
             changed = bool(built) or totals["inserted"] + totals["updated"] + totals.get("deleted", 0) > 0
-            recall = self._recall_gate(conn, changed, sample)
+            # Past the build, ``side`` is idle: a failed build or sample re-raised above, and only
+            # the failed build cancels it (_build_index_and_sample).
+            recall = self._recall_gate(conn, changed, sample, side=side)
             stored_rows = stored_count(conn, self.postgres_hook.tables)
         task_seconds = sum(float(r.get("seconds", 0)) for r in results)
         started = context["dag_run"].start_date
@@ -589,10 +591,17 @@ class EmbeddingFinalizeOperator(BaseOperator):
         return None if self.min_recall in (None, "", "None") else float(self.min_recall)
 
     def _recall_gate(
-        self, conn: psycopg.Connection, changed: bool, sample: RecallSample | None = None
+        self,
+        conn: psycopg.Connection,
+        changed: bool,
+        sample: RecallSample | None = None,
+        *,
+        side: psycopg.Connection | None = None,
     ) -> dict[str, Any] | None:
         """Tune the search setting after a change (see the class docstring); what searches use now.
-        ``sample``: the gate's queries, taken while the index was built (:meth:`_build_index_and_sample`)."""
+        ``sample``: the gate's queries, taken while the index was built (:meth:`_build_index_and_sample`).
+        ``side``: a second idle connection the gate asks its queries over as well (PostgreSQL
+        answers each on one core; :func:`tune_search`)."""
         min_recall = self._min_recall()
         if min_recall is None:
             return None
@@ -613,6 +622,7 @@ class EmbeddingFinalizeOperator(BaseOperator):
             min_recall=min_recall,
             queries=int(self.recall_queries),
             sample=sample,
+            side=() if side is None else (side,),
         )
         if report is None:
             return None

@@ -20,11 +20,18 @@ Settings are tried cheaply: a candidate is given up as soon as, after at least
 fall as ``probes`` grows (more lists probed is a superset of candidates), the smallest passing
 setting is found by bisection. Neither can choose a setting that did not pass on every query of
 the sample; at worst they choose a larger one.
+
+PostgreSQL answers each query on one core: given more connections, a setting's queries are dealt
+out over them, one thread a connection, each in its own transaction under the setting. The
+answers are put back in the sample's order and the early stop is decided on the longest run of
+answered queries from the first, so the report is the one a single connection gives, in less
+of the time between the index build and a queryable table.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -256,6 +263,124 @@ def recall_sample(
     return RecallSample(queries=tuple(made), truth=truth, rows_indexed=int(count[0]) if count else 0)
 
 
+class _Answers:
+    """One setting's answers to the sample, in its order, as the connections report them.
+
+    :attr:`done` is the length of the run of answered queries from the first; the early stop rule
+    is applied to each such run as it grows, exactly as one connection applies it after each
+    query, so the queries kept (:meth:`kept`) are those one connection would have asked."""
+
+    def __init__(self, truth: Sequence[frozenset[str]], min_recall: float) -> None:
+        self.truth = truth
+        self.min_recall = min_recall
+        self.hits: list[float | None] = [None] * len(truth)
+        self.seconds: list[float] = [0.0] * len(truth)
+        self.done = 0
+        self.cut = len(truth)  # the queries kept: all, unless the early stop fires
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The next query to ask, or ``None`` when every one is taken or the measurement stopped."""
+        with self._lock:
+            if self.stop.is_set() or self._next >= self.cut:
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def answer(self, index: int, found: Sequence[str], elapsed: float) -> None:
+        exact = self.truth[index]
+        with self._lock:
+            self.hits[index] = len(exact.intersection(found)) / max(1, len(exact))
+            self.seconds[index] = elapsed
+            while self.done < self.cut and self.hits[self.done] is not None:
+                self.done += 1
+                if SCREEN_QUERIES <= self.done < len(self.truth) and _upper_bound(self.kept()) < self.min_recall:
+                    # Short of the target even by its upper bound: spend the queries on a larger setting.
+                    self.cut = self.done
+                    self.stop.set()
+
+    def fail(self, exc: BaseException) -> bool:
+        """Record ``exc`` and stop every connection; ``True`` for the first failure."""
+        with self._lock:
+            first = self.error is None
+            if first:
+                self.error = exc
+            self.stop.set()
+        return first
+
+    def kept(self) -> list[float]:
+        return [hit for hit in self.hits[: self.done] if hit is not None]
+
+
+def _ask(
+    conn: psycopg.Connection,
+    everyone: Sequence[psycopg.Connection],
+    answers: _Answers,
+    statement: sql.Composed,
+    queries: Sequence[np.ndarray],
+    name: str,
+    value: int,
+) -> None:
+    """Answer queries taken from ``answers`` on ``conn``, in one transaction under the setting,
+    until none is left; a failure stops the others (their running query cancelled) and is kept."""
+    try:
+        with conn.transaction():
+            apply_setting(conn, name, value)
+            # Measure the index itself: at a high setting the planner may pick an exact scan instead,
+            # which would report the recall of exact search, not of the setting.
+            conn.execute("SET LOCAL enable_seqscan = off")
+            while (index := answers.take()) is not None:
+                found, elapsed = _top(conn, statement, queries[index])
+                answers.answer(index, found, elapsed)
+    except BaseException as exc:
+        if answers.fail(exc):
+            # cancel_safe only sends a request over a socket of its own, meant for a thread other
+            # than the one running the query; PostgreSQL ignores it on a connection that runs nothing.
+            for other in everyone:
+                if other is not conn and not other.closed:
+                    try:
+                        other.cancel_safe(timeout=5)
+                    except psycopg.Error:
+                        log.debug("could not cancel a recall query beside a failed one", exc_info=True)
+
+
+def _measure(
+    conns: Sequence[psycopg.Connection],
+    statement: sql.Composed,
+    sample: RecallSample,
+    name: str,
+    value: int,
+    min_recall: float,
+) -> tuple[list[float], list[float]]:
+    """Each kept query's hit rate and seconds, in the sample's order (see :class:`_Answers`):
+    ``conns[0]`` answers in the calling thread, each other connection in a thread of its own."""
+    answers = _Answers(sample.truth, min_recall)
+    threads = [
+        threading.Thread(
+            target=_ask,
+            args=(side, conns, answers, statement, sample.queries, name, value),
+            name=f"recall-gate-{number}",
+            daemon=True,
+        )
+        for number, side in enumerate(conns[1:], start=1)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        _ask(conns[0], conns, answers, statement, sample.queries, name, value)
+    finally:
+        answers.stop.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join()
+    if answers.error is not None:
+        raise answers.error
+    return answers.kept(), answers.seconds[: answers.done]
+
+
 def tune_search(
     conn: psycopg.Connection,
     tables: TableNames = DEFAULT_TABLES,
@@ -265,13 +390,25 @@ def tune_search(
     seed: float = 0.5,
     values: Sequence[int] | None = None,
     sample: RecallSample | None = None,
+    side: Sequence[psycopg.Connection] = (),
 ) -> RecallReport | None:
     """Measure recall@10 of candidate settings (see the module's docstring for which); store and
     return the smallest that reached ``min_recall``, else the best one measured.
 
-    ``None`` when the table has no ANN index managed by this package. ``conn`` is autocommit.
-    ``values`` replaces the candidate settings (:func:`candidates`); ``sample`` the queries and
-    their exact answers, else taken here (:func:`recall_sample` with ``queries`` and ``seed``).
+    ``None`` when the table has no ANN index managed by this package.
+
+    :param conn: autocommit; reads the index, answers queries, stores the choice.
+    :param tables: the provider's table names.
+    :param min_recall: the target of the sample's recall@10 (its one-sided 95 % lower bound).
+    :param queries: the sample's size when it is taken here.
+    :param seed: the sample's seed when it is taken here.
+    :param values: the candidate settings, instead of :func:`candidates`.
+    :param sample: the queries and their exact answers, else taken here (:func:`recall_sample`).
+    :param side: more autocommit connections to the same database, each idle and used by no other
+        thread while this runs: a setting's queries are dealt out over ``conn`` and these at once
+        (module docstring), with the same report but its latencies, which are then of queries
+        answered side by side (as a loaded server answers them). A query that fails on any of them
+        fails the measurement with its error, after the others stopped.
     """
     if not 0 < float(min_recall) <= 1:
         raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
@@ -282,8 +419,11 @@ def tune_search(
     sample = sample or recall_sample(conn, tables, queries=queries, seed=seed)
     if sample is None:
         return None
+    conns = [conn, *side]
+    for other in side:
+        register_vector(other)
     ids = tables.identifiers()
-    queries_used, truth = sample.queries, sample.truth
+    truth = sample.truth
     statement = sql.SQL("SELECT id::text FROM {} ORDER BY vector <-> %(q)s LIMIT %(k)s").format(ids["embedding"])
     name, _ = SEARCH_SETTINGS[method]
     tried: dict[int, float] = {}
@@ -291,19 +431,7 @@ def tune_search(
 
     def measure(value: int) -> float:
         """The candidate's lower bound (below ``min_recall`` when given up early); fills ``tried`` and ``measured``."""
-        with conn.transaction():
-            apply_setting(conn, name, value)
-            # Measure the index itself: at a high setting the planner may pick an exact scan instead,
-            # which would report the recall of exact search, not of the setting.
-            conn.execute("SET LOCAL enable_seqscan = off")
-            hits: list[float] = []
-            seconds: list[float] = []
-            for query, exact in zip(queries_used, truth, strict=True):
-                found, elapsed = _top(conn, statement, query)
-                hits.append(len(exact.intersection(found)) / max(1, len(exact)))
-                seconds.append(elapsed)
-                if SCREEN_QUERIES <= len(hits) < len(truth) and _upper_bound(hits) < min_recall:
-                    break  # short of the target even by its upper bound: spend the queries on a larger setting
+        hits, seconds = _measure(conns, statement, sample, name, value, float(min_recall))
         recall = float(np.mean(hits))
         tried[value] = round(recall, 4)
         # The sample's mean is an estimate: the setting must reach the target with its one-sided

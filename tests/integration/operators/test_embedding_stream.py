@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -18,8 +19,10 @@ from airflow_embedding_provider.operators.embedding_stream import (
 )
 from airflow_embedding_provider.storage.recall import recall_sample, tune_search
 from airflow_embedding_provider.storage.schema import apply_schema
+from airflow_embedding_provider.storage.search import SEARCH_SETTINGS, read_search_setting
 from airflow_embedding_provider.wire.contract import max_chunk_size
 from dev.sample import make_sample
+from dev.stack import airflow_env, dags_test, task_result
 from tests.integration.storage.test_search import load_frame
 
 if TYPE_CHECKING:
@@ -111,6 +114,10 @@ def test_finalize_takes_the_recall_sample_while_the_index_builds(
         again.tried,
         again.recall_lower_bound,
     )
+    # The gate after the build asks its queries over the side connection too, with the same choice.
+    gated = operator._recall_gate(conn, True, sample, side=side)
+    assert gated is not None and gated["measured"]
+    assert (gated["value"], gated["tried"]) == (chosen.value, {str(k): v for k, v in chosen.tried.items()})
     # Index there: nothing built, no sample (the gate takes its own when rows changed).
     assert operator._build_index_and_sample(conn, side) == (None, None)
 
@@ -132,3 +139,52 @@ def test_a_failed_build_fails_finalize_with_its_own_error(
         writer.rollback()
     assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%ivfflat'").fetchone() == (0,)
     assert side.execute("SELECT 1").fetchone() == (1,)  # the side connection is free for the next try
+
+
+# A user's DAG with the recall gate off: finalize alone, after a load done outside Airflow.
+GATE_OFF_DAG = """
+import pendulum
+from airflow.sdk import DAG, Param
+from airflow_embedding_provider.operators.embedding_stream import EmbeddingFinalizeOperator
+
+with DAG(
+    dag_id="finalize_gate_off",
+    schedule=None,
+    start_date=pendulum.datetime(2025, 12, 11, tz="UTC"),
+    params={"min_recall": Param(None, type=["null", "string"])},
+):
+    EmbeddingFinalizeOperator(task_id="finalize", min_recall=MIN_RECALL)
+"""
+
+
+@pytest.mark.parametrize(
+    ("min_recall", "conf"),
+    [("None", None), ('"{{ params.min_recall }}"', None), ('"{{ params.min_recall }}"', {"min_recall": ""})],
+    ids=["none", "rendered-none", "rendered-empty"],
+)
+def test_finalize_with_the_gate_off_builds_the_index_and_measures_nothing(
+    airflow_home: Path, pg_dsn: str, tmp_path: Path, min_recall: str, conf: dict[str, str] | None
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        apply_schema(conn, 16)
+        load_frame(conn, make_sample(3000, dimension=16, seed=4, clusters=30, layout="seed"))
+    folder = tmp_path / "gate_off"
+    folder.mkdir()
+    (folder / "finalize_gate_off.py").write_text(GATE_OFF_DAG.replace("MIN_RECALL", min_recall), encoding="utf-8")
+    env = airflow_env(airflow_home, postgres_dsn=pg_dsn, embedding_target="127.0.0.1:1")
+    dags_test("finalize_gate_off", {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(folder)}, conf=conf)
+    result = task_result(airflow_home, "finalize_gate_off", "finalize")
+    assert result["ann_index_built"] == "ivfflat" and result["recall"] is None
+    assert task_result(airflow_home, "finalize_gate_off", "finalize", key="recall") is None
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%ivfflat' OR indexname LIKE '%hnsw'"
+        ).fetchall() == [("recruit_embedding_ivfflat",)]
+        # No setting measured or stored: searches use pgvector's default, and so does other SQL.
+        assert conn.execute("SELECT count(*) FROM embedding_search_settings").fetchone() == (0,)
+        setting = read_search_setting(conn)
+        assert setting is not None and not setting.tuned and setting.value == SEARCH_SETTINGS["ivfflat"][1]
+        assert conn.execute(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+            "WHERE d.datname = current_database()"
+        ).fetchone() == (0,)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,14 @@ from psycopg import sql
 from airflow_embedding_provider.hooks.postgres import PgvectorSearchHook
 from airflow_embedding_provider.operators.embedding_stream import recall_failure
 from airflow_embedding_provider.storage import recall
-from airflow_embedding_provider.storage.recall import candidates, exact_top, tune_search
+from airflow_embedding_provider.storage.recall import (
+    RecallReport,
+    RecallSample,
+    candidates,
+    exact_top,
+    recall_sample,
+    tune_search,
+)
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema, ensure_ann_index, ivfflat_lists
 from airflow_embedding_provider.storage.search import Searcher, SearchError, SearchFilter, read_search_setting
 from dev.sample import make_sample
@@ -77,6 +87,76 @@ def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connectio
     each = {v: tune_search(conn, min_recall=0.95, queries=40, values=[v]) for v in every}
     first = next(v for v in every if each[v] is not None and each[v].reached)  # type: ignore[union-attr]
     assert report.value == first
+
+
+def _measured(report: RecallReport | None) -> dict[str, object]:
+    """What a report says of recall and the choice: everything but the latencies, which are timed."""
+    assert report is not None
+    return {k: v for k, v in asdict(report).items() if not k.startswith("latency_ms_")}
+
+
+def _recall(conn: psycopg.Connection, sample: RecallSample, probes: int) -> float:
+    """Mean recall@10 of ``sample`` at ``probes``, one query after another on ``conn``."""
+    hits = []
+    with conn.transaction():
+        conn.execute("SELECT set_config('ivfflat.probes', %s, true)", (str(probes),))
+        conn.execute("SET LOCAL enable_seqscan = off")
+        for query, exact in zip(sample.queries, sample.truth, strict=True):
+            rows = conn.execute(
+                "SELECT id::text FROM recruit_embedding ORDER BY vector <-> %s LIMIT 10", (query,), prepare=False
+            ).fetchall()
+            hits.append(len(exact.intersection(r[0] for r in rows)) / len(exact))
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("sides", [1, 2])
+def test_the_gate_over_more_connections_reports_what_one_connection_does(conn: psycopg.Connection, sides: int) -> None:
+    # 100 lists of 60 rows: a probe or two miss the target by far, so such a setting is given up
+    # after SCREEN_QUERIES queries; the bisection measures its settings on all 40.
+    conn.execute("DROP INDEX recruit_embedding_ivfflat")
+    conn.execute(
+        "CREATE INDEX recruit_embedding_ivfflat ON recruit_embedding USING ivfflat (vector vector_l2_ops) WITH (lists = 100)"
+    )
+    sample = recall_sample(conn, queries=40)
+    assert sample is not None
+    with contextlib.ExitStack() as stack:
+        side = [stack.enter_context(psycopg.connect(conn.info.dsn, autocommit=True)) for _ in range(sides)]
+        for values in ([1, 2], None):
+            one = tune_search(conn, min_recall=0.99, sample=sample, values=values)
+            many = tune_search(conn, min_recall=0.99, sample=sample, values=values, side=side)
+            # A query lost, answered twice, kept past the early stop or matched with another's
+            # answer moves a setting's recall (4 decimals of 40 queries) or the bisection's path.
+            assert _measured(many) == _measured(one)
+            assert read_search_setting(conn).value == one.value  # type: ignore[union-attr]
+        # And the recall of the choice (a pass: every query) is that of asking each query in turn here.
+        assert many is not None and many.reached
+        assert many.recall_at_10 == round(_recall(conn, sample, many.value), 4)
+        assert all(s.info.transaction_status == psycopg.pq.TransactionStatus.IDLE for s in side)
+    assert not [t for t in threading.enumerate() if t.name.startswith("recall-gate")]
+
+
+def test_a_query_that_fails_on_a_side_connection_fails_the_gate_with_its_error(conn: psycopg.Connection) -> None:
+    sample = recall_sample(conn, queries=40)
+    role = f"no_read_{conn.info.backend_pid}"
+    # A real refusal on the side connection alone: its role may not read the table. (A 1 ms
+    # statement_timeout does not fail reliably: these queries can take less.)
+    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    try:
+        with psycopg.connect(conn.info.dsn, autocommit=True) as side:
+            side.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            with pytest.raises(
+                psycopg.errors.InsufficientPrivilege, match="permission denied for table recruit_embedding"
+            ):
+                tune_search(conn, min_recall=0.95, sample=sample, side=[side])
+            assert not [t for t in threading.enumerate() if t.name.startswith("recall-gate")]
+            # Both connections are out of their measuring transactions and take the next statement.
+            for each in (conn, side):
+                assert each.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                assert each.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    # Nothing was stored: searches keep pgvector's default until a gate finishes.
+    assert not read_search_setting(conn).tuned  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("scan_rows", [8192, 700], ids=["one-step", "many-steps"])
