@@ -3,7 +3,9 @@
 Runs the default engine measurement (``bench.measure engine``: chunk 300, sub-batch 300, 4
 connections) ``--rounds`` times against one AI server, each round on a fresh embedded PostgreSQL,
 and prints the CPU seconds (user + system) a row of the worker (the ingesting process, timed part
-only), the AI server and every PostgreSQL process. CPU, unlike wall time, hardly moves when
+only), the AI server and every PostgreSQL process. ``--ceiling`` adds, after each round, the COPY
+ceiling of the same rows (``bench.measure ceiling``) with PostgreSQL's CPU a row: what the
+engine asks of PostgreSQL beyond the ceiling, measured. CPU, unlike wall time, hardly moves when
 another process shares the cores, so two commits can be compared on a busy machine by running
 this on each in turn. With ``--py-spy DIR`` (``pip install py-spy``) the last round also records
 both Python processes, GIL holders only, as raw stacks: ``DIR/worker.txt`` and ``DIR/ai.txt``.
@@ -34,6 +36,34 @@ PY_SPY_RATE = 250  # samples a second
 def _py_spy(out: Path) -> list[str]:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return [exe, "record", "--nonblocking", "--gil", "-r", str(PY_SPY_RATE), "-f", "raw", "-o", str(out)]
+
+
+def ceiling_round(workdir: Path, pkl: Path, rows: int) -> dict[str, float]:
+    """The COPY ceiling (``bench.measure ceiling``: pre-encoded rows, one connection) on a fresh
+    server, with the CPU a row of the COPYing process and of PostgreSQL over its timed part."""
+    folder = Path(tempfile.mkdtemp(prefix="cpu-split-pg-", dir=workdir))
+    try:
+        with EmbeddedPostgres(folder / "data") as pg:
+            pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+            spec = {"pkl": str(pkl), "workdir": str(folder), "dsn": pg.create_database("cpu_split")}
+            out = folder / "ceiling.json"
+            command = [sys.executable, "-m", "bench.measure", "ceiling", json.dumps(spec), str(out)]
+            # PostgreSQL's CPU from before the encoding to after the COPY: the encoding is the
+            # bench process's own, so PostgreSQL only adds its idle background work to the figure.
+            pg_cpu, load = tree_cpu_seconds(pg_pid), os.getloadavg()[0]
+            subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+            pg_after = tree_cpu_seconds(pg_pid)
+            result = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    n = int(result["rows"])
+    assert pg_cpu is not None and pg_after is not None
+    return {
+        "rows_per_second": n / result["seconds"],
+        "worker_us": result["worker_cpu_seconds"] / n * 1e6,
+        "pg_us": (pg_after - pg_cpu) / n * 1e6,
+        "load": load,
+    }
 
 
 def one_round(ai: ServerProcess, ai_pid: int, workdir: Path, rows: int, spy: Path | None) -> dict[str, float]:
@@ -87,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--py-spy", type=Path, default=None, dest="spy")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".bench")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="after each round, the COPY ceiling's CPU a row on a fresh server too"
+    )
     args = parser.parse_args(argv)
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"(load {r['load']:.1f}){'  py-spy' if spy else ''}",
                 flush=True,
             )
+            if args.ceiling:
+                c = ceiling_round(workdir, pkl, args.rows)
+                print(
+                    f"  ceiling {k + 1}: {c['rows_per_second']:>7,.0f} rows/s  COPY client {c['worker_us']:4.1f}  "
+                    f"PostgreSQL {c['pg_us']:5.1f}  (load {c['load']:.1f})",
+                    flush=True,
+                )
     finally:
         ai.stop()
     return 0
