@@ -26,13 +26,24 @@ from airflow_embedding_provider.storage.sync import RangeSync
 from airflow_embedding_provider.storage.writer import ChunkWriter, WriteResult
 from airflow_embedding_provider.validation import Rejected, validate_chunk
 from airflow_embedding_provider.wire.codec import WireChunk
+from airflow_embedding_provider.wire.contract import max_chunk_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Rows a transaction. The seed suggests 50-100 rows but also "keep chunk size = batch size" and
-#: to tune after load tests: at 300 (the default chunk) the engine ran 1.2-1.6x faster than at 100
-#: in our runs (bench/RESULTS.md), since a transaction is about 11 round trips whatever its size.
-DEFAULT_SUB_BATCH_SIZE = 300
+#: to tune after load tests: a transaction costs about 11 round trips whatever its size, and at
+#: 1000 rows a message and a transaction the engine ran 11 % faster than at 300 and 300, which in
+#: turn was 1.2-1.6x faster than 100 (bench/RESULTS.md).
+DEFAULT_SUB_BATCH_SIZE = 1000
+
+
+def default_chunk_size(dimension: int) -> int:
+    """Rows a message the batch side asks for when not told: the sub-batch, as the seed has it
+    ("keep chunk size = batch size"), or fewer when a message of that many vectors would not fit
+    (:func:`~airflow_embedding_provider.wire.contract.max_chunk_size`)."""
+    return min(DEFAULT_SUB_BATCH_SIZE, max_chunk_size(dimension))
+
+
 _DONE = object()
 
 

@@ -1,7 +1,7 @@
 """CPU a row of the engine, per process: ``python -m bench.cpu_split [--rows N] [--rounds K] [--py-spy DIR]``.
 
-Runs the default engine measurement (``bench.measure engine``: chunk 300, sub-batch 300, 4
-connections) ``--rounds`` times against one AI server, each round on a fresh embedded PostgreSQL,
+Runs the default engine measurement (``bench.measure engine`` with the DAG's defaults,
+``bench.run.DEFAULT_SETTING``) ``--rounds`` times against one AI server, each round on a fresh embedded PostgreSQL,
 and prints the CPU seconds (user + system) a row of the worker (the ingesting process, timed part
 only), the AI server and every PostgreSQL process. ``--ceiling`` adds, after each round, the COPY
 ceiling of the same rows (``bench.measure ceiling``) with PostgreSQL's CPU a row: what the

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from airflow_embedding_provider.ai_server.dataset import load_dataset
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.storage.copy_binary import embedding_copy_buffer, metadata_copy_buffer
 from airflow_embedding_provider.storage.schema import apply_schema
@@ -37,7 +37,7 @@ from dev.embedded_postgres import EmbeddedPostgres
 from dev.sample import write_sample
 from dev.stack import REPO_ROOT, ServerProcess
 
-CHUNK = 300
+CHUNK = default_chunk_size(DEFAULT_DIMENSION)
 SUB_BATCH = DEFAULT_SUB_BATCH_SIZE
 
 

@@ -62,14 +62,14 @@ class EngineSetting:
         return f"engine_c{self.chunk_size}_s{self.sub_batch_size}_k{self.connections}"
 
 
-# The DAG's defaults (chunk 300, sub-batch 300, 4 connections): the engine figure the ratios use.
-DEFAULT_SETTING = EngineSetting(300, 300, 4)
+# The DAG's defaults at 384-d (chunk 1000, sub-batch 1000, 4 connections): the engine figure the ratios use.
+DEFAULT_SETTING = EngineSetting(1000, 1000, 4)
 OTHER_SETTINGS = (
     EngineSetting(300, 100, 4),  # the seed's suggested 50-100 rows a transaction
-    EngineSetting(300, 300, 2),
-    EngineSetting(300, 300, 1),
-    EngineSetting(1000, 500, 4),
+    EngineSetting(300, 300, 4),  # the defaults until 2026-12-01
+    EngineSetting(1000, 300, 4),
     EngineSetting(1000, 1000, 2),
+    EngineSetting(1000, 1000, 1),
 )
 
 

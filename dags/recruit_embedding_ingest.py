@@ -31,12 +31,12 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamToPgvectorOperator,
 )
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
 from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_MAX_BUILD_MEMORY
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
-from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE
+from airflow_embedding_provider.wire.contract import max_chunk_size
 
 SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
@@ -79,7 +79,11 @@ with DAG(
             False, type="boolean", description="Compare every range row by row, whatever its digest says."
         ),
         "chunk_size": Param(
-            DEFAULT_CHUNK_SIZE, type="integer", minimum=1, maximum=2500, description="Rows a gRPC message."
+            default_chunk_size(DIMENSION),
+            type="integer",
+            minimum=1,
+            maximum=max_chunk_size(DIMENSION),  # more would not fit a message (wire/contract.py)
+            description="Rows a gRPC message.",
         ),
         "sub_batch_size": Param(
             DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."

@@ -30,7 +30,13 @@ from airflow_embedding_provider.lineage import ingest_lineage, openlineage_avail
 from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, IngestStats, ingest_chunks, prefetch
+from airflow_embedding_provider.pipeline import (
+    DEFAULT_SUB_BATCH_SIZE,
+    IngestStats,
+    default_chunk_size,
+    ingest_chunks,
+    prefetch,
+)
 from airflow_embedding_provider.range_sync import open_ended, plan_sync, range_inputs
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.checkpoint import (
@@ -66,7 +72,7 @@ from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
-from airflow_embedding_provider.wire.contract import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES, max_chunk_size
+from airflow_embedding_provider.wire.contract import MAX_CHUNK_BYTES, max_chunk_size
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -236,7 +242,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
     :param postgres_conn_id: PostgreSQL connection (pgvector installed or installable).
     :param partition: one range of the plan (a dict), or ``None`` for a single, unmapped stream.
     :param last_processed_uuid: without ``partition``: resume after this id (templated).
-    :param chunk_size: rows a gRPC message (templated).
+    :param chunk_size: rows a gRPC message (templated); by default the sub-batch's default, or
+        fewer where a message cannot hold that many vectors of ``dimension`` (``default_chunk_size``).
     :param sub_batch_size: rows a database transaction (templated).
     :param db_connections: database connections (and writer threads) of this task.
     :param dimension: the vector dimension the tables are declared with.
@@ -265,7 +272,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         postgres_conn_id: str = "postgres_default",
         partition: dict[str, Any] | None = None,
         last_processed_uuid: str | None = None,
-        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | str | None = None,
         sub_batch_size: int | str = DEFAULT_SUB_BATCH_SIZE,
         db_connections: int = 4,
         dimension: int = DEFAULT_DIMENSION,
@@ -303,7 +310,10 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         part = Partition.from_dict(self.partition) if self.partition else None
         if part is not None:
             context["partition_label"] = part.label  # type: ignore[typeddict-unknown-key]  # map_index_template
-        chunk_size, sub_batch = int(self.chunk_size), int(self.sub_batch_size)
+        chunk_size = (
+            default_chunk_size(int(self.dimension)) if self.chunk_size in (None, "", "None") else int(self.chunk_size)
+        )
+        sub_batch = int(self.sub_batch_size)
         for name, value in (("chunk_size", chunk_size), ("sub_batch_size", sub_batch)):
             if value < 1:
                 # Configuration, not a passing fault: no retries. 0 rows a transaction never advances.
