@@ -63,3 +63,24 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         assert "| (c) engine [default] |" in proc.stdout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+def test_the_ladder_runs_every_step_and_each_stores_every_row() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ladder-"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.ladder", "--rows", "2000", "--rounds", "1", "--workdir", str(workdir)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        steps = [line for line in proc.stdout.splitlines() if line.startswith("  round 1")]
+        # One line a step; the ladder exits non-zero when a step handled or stored fewer rows.
+        assert len(steps) == 5, proc.stdout
+        assert all("rows/s" in line for line in steps)
+        assert sum("PostgreSQL" in line for line in steps) == 3  # the steps that write
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
