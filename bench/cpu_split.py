@@ -38,6 +38,17 @@ def _py_spy(out: Path) -> list[str]:
     return [exe, "record", "--nonblocking", "--gil", "-r", str(PY_SPY_RATE), "-f", "raw", "-o", str(out)]
 
 
+def engine_sample(workdir: Path, rows: int) -> Path:
+    """The sample these CPU measurements stream, written once into ``workdir``: the seed's layout,
+    not clustered (the engine's cost a row does not depend on what the vectors hold)."""
+    pkl = workdir / f"sample-{rows}-seed{SEED}.pkl"
+    if not pkl.exists():
+        from dev.sample import write_sample
+
+        write_sample(pkl, rows, seed=SEED, layout="seed")
+    return pkl
+
+
 def ceiling_round(workdir: Path, pkl: Path, rows: int) -> dict[str, float]:
     """The COPY ceiling (``bench.measure ceiling``: pre-encoded rows, one connection) on a fresh
     server, with the CPU a row of the COPYing process and of PostgreSQL over its timed part."""
@@ -123,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    pkl = workdir / f"sample-{args.rows}-seed{SEED}.pkl"
-    if not pkl.exists():
-        from dev.sample import write_sample
-
-        write_sample(pkl, args.rows, seed=SEED, layout="seed")  # the sample bench.run streams
+    pkl = engine_sample(workdir, args.rows)
     if args.spy is not None:
         args.spy.mkdir(parents=True, exist_ok=True)
     ai = ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "ai-server.log")

@@ -31,8 +31,9 @@ from pathlib import Path
 import psycopg
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from bench.cpu_split import engine_sample
 from bench.procmem import own_cpu_seconds, tree_cpu_seconds
-from bench.run import DEFAULT_ROWS, DEFAULT_SETTING, SEED
+from bench.run import DEFAULT_ROWS, DEFAULT_SETTING
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.stack import REPO_ROOT, ServerProcess
 
@@ -119,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    pkl = workdir / f"sample-{args.rows}-seed{SEED}.pkl"
-    if not pkl.exists():
-        from dev.sample import write_sample
-
-        write_sample(pkl, args.rows, seed=SEED, layout="seed")  # the sample bench.run streams
+    pkl = engine_sample(workdir, args.rows)
     ai = ServerProcess(["ai-server", "--pkl", str(pkl)], log_path=workdir / "ai-server.log")
     ai.start(timeout=600)
     host, port = ai.target.rsplit(":", 1)

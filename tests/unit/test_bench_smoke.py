@@ -14,19 +14,21 @@ import pytest
 from dev.stack import REPO_ROOT
 
 
+def _bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a bench module as ``make bench`` does; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.timeout(180)
 def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
     # Outside pytest's basetemp: PostgreSQL runs as another user when we are root.
     workdir = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.run", "--rows", "2000", "--quick", "--hnsw", "--workdir", str(workdir)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        proc = _bench("bench.run", "--rows", "2000", "--quick", "--hnsw", "--workdir", str(workdir))
         result = json.loads((workdir / "result-2000.json").read_text())
         measured = result["measurements"]
         assert {"ceiling", "naive", result["default_engine"], "incremental"} <= measured.keys()
@@ -69,14 +71,7 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
 def test_the_ladder_runs_every_step_and_each_stores_every_row() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-ladder-"))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.ladder", "--rows", "2000", "--rounds", "1", "--workdir", str(workdir)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        proc = _bench("bench.ladder", "--rows", "2000", "--rounds", "1", "--workdir", str(workdir))
         steps = [line for line in proc.stdout.splitlines() if line.startswith("  round 1")]
         # One line a step; the ladder exits non-zero when a step handled or stored fewer rows.
         assert len(steps) == 5, proc.stdout
