@@ -14,6 +14,7 @@ both Python processes, GIL holders only, as raw stacks: ``DIR/worker.txt`` and `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
@@ -49,24 +51,32 @@ def engine_sample(workdir: Path, rows: int) -> Path:
     return pkl
 
 
-def ceiling_round(workdir: Path, pkl: Path, rows: int) -> dict[str, float]:
-    """The COPY ceiling (``bench.measure ceiling``: pre-encoded rows, one connection) on a fresh
-    server, with the CPU a row of the COPYing process and of PostgreSQL over its timed part."""
+@contextlib.contextmanager
+def fresh_server(workdir: Path) -> Iterator[tuple[EmbeddedPostgres, Path]]:
+    """An embedded PostgreSQL in a folder of its own under ``workdir``, and that folder, removed
+    afterwards: each measurement starts on an empty server."""
     folder = Path(tempfile.mkdtemp(prefix="cpu-split-pg-", dir=workdir))
     try:
         with EmbeddedPostgres(folder / "data") as pg:
-            pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            spec = {"pkl": str(pkl), "workdir": str(folder), "dsn": pg.create_database("cpu_split")}
-            out = folder / "ceiling.json"
-            command = [sys.executable, "-m", "bench.measure", "ceiling", json.dumps(spec), str(out)]
-            # PostgreSQL's CPU from before the encoding to after the COPY: the encoding is the
-            # bench process's own, so PostgreSQL only adds its idle background work to the figure.
-            pg_cpu, load = tree_cpu_seconds(pg_pid), os.getloadavg()[0]
-            subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-            pg_after = tree_cpu_seconds(pg_pid)
-            result = json.loads(out.read_text())
+            yield pg, folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def ceiling_round(workdir: Path, pkl: Path, rows: int) -> dict[str, float]:
+    """The COPY ceiling (``bench.measure ceiling``: pre-encoded rows, one connection) on a fresh
+    server, with the CPU a row of the COPYing process and of PostgreSQL over its timed part."""
+    with fresh_server(workdir) as (pg, folder):
+        pg_pid = pg.pid
+        spec = {"pkl": str(pkl), "workdir": str(folder), "dsn": pg.create_database("cpu_split")}
+        out = folder / "ceiling.json"
+        command = [sys.executable, "-m", "bench.measure", "ceiling", json.dumps(spec), str(out)]
+        # PostgreSQL's CPU from before the encoding to after the COPY: the encoding is the
+        # bench process's own, so PostgreSQL only adds its idle background work to the figure.
+        pg_cpu, load = tree_cpu_seconds(pg_pid), os.getloadavg()[0]
+        subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+        pg_after = tree_cpu_seconds(pg_pid)
+        result = json.loads(out.read_text())
     n = int(result["rows"])
     assert pg_cpu is not None and pg_after is not None
     return {
@@ -78,39 +88,35 @@ def ceiling_round(workdir: Path, pkl: Path, rows: int) -> dict[str, float]:
 
 
 def one_round(ai: ServerProcess, ai_pid: int, workdir: Path, rows: int, spy: Path | None) -> dict[str, float]:
-    folder = Path(tempfile.mkdtemp(prefix="cpu-split-pg-", dir=workdir))
-    try:
-        with EmbeddedPostgres(folder / "data") as pg:
-            pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            spec = {
-                "target": ai.target,
-                "dimension": DEFAULT_DIMENSION,
-                "rows": rows,
-                "dsn": pg.create_database("cpu_split"),
-                "chunk_size": DEFAULT_SETTING.chunk_size,
-                "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
-                "connections": DEFAULT_SETTING.connections,
-            }
-            out = folder / "engine.json"
-            command = [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(out)]
-            recorder = None
-            if spy is not None:
-                command = [*_py_spy(spy / "worker.txt"), "--", *command]
-                recorder = subprocess.Popen(
-                    [*_py_spy(spy / "ai.txt"), "--pid", str(ai_pid)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(1)  # attached before the stream starts
-            pg_cpu, ai_cpu, load = tree_cpu_seconds(pg_pid), tree_cpu_seconds(ai_pid), os.getloadavg()[0]
-            subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-            pg_after, ai_after = tree_cpu_seconds(pg_pid), tree_cpu_seconds(ai_pid)
-            if recorder is not None:
-                recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-                recorder.wait(timeout=60)
-            result = json.loads(out.read_text())
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with fresh_server(workdir) as (pg, folder):
+        pg_pid = pg.pid
+        spec = {
+            "target": ai.target,
+            "dimension": DEFAULT_DIMENSION,
+            "rows": rows,
+            "dsn": pg.create_database("cpu_split"),
+            "chunk_size": DEFAULT_SETTING.chunk_size,
+            "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
+            "connections": DEFAULT_SETTING.connections,
+        }
+        out = folder / "engine.json"
+        command = [sys.executable, "-m", "bench.measure", "engine", json.dumps(spec), str(out)]
+        recorder = None
+        if spy is not None:
+            command = [*_py_spy(spy / "worker.txt"), "--", *command]
+            recorder = subprocess.Popen(
+                [*_py_spy(spy / "ai.txt"), "--pid", str(ai_pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)  # attached before the stream starts
+        pg_cpu, ai_cpu, load = tree_cpu_seconds(pg_pid), tree_cpu_seconds(ai_pid), os.getloadavg()[0]
+        subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+        pg_after, ai_after = tree_cpu_seconds(pg_pid), tree_cpu_seconds(ai_pid)
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            recorder.wait(timeout=60)
+        result = json.loads(out.read_text())
     n = int(result["rows"])
     assert pg_cpu is not None and ai_cpu is not None and pg_after is not None and ai_after is not None
     return {

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,10 +29,9 @@ from pathlib import Path
 import psycopg
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
-from bench.cpu_split import engine_sample
+from bench.cpu_split import engine_sample, fresh_server
 from bench.procmem import own_cpu_seconds, tree_cpu_seconds
 from bench.run import DEFAULT_ROWS, DEFAULT_SETTING
-from dev.embedded_postgres import EmbeddedPostgres
 from dev.stack import REPO_ROOT, ServerProcess
 
 STEPS = ("receive", "+ validate, encode", "+ COPY, one thread", "+ writer, one thread", "engine")
@@ -144,22 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for k in range(args.rounds):
             for step in STEPS:
-                folder = Path(tempfile.mkdtemp(prefix="ladder-pg-", dir=workdir))
-                try:
-                    with EmbeddedPostgres(folder / "data") as pg:
-                        pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-                        dsn = pg.create_database("ladder")
-                        with psycopg.connect(dsn, autocommit=True) as conn:
-                            apply_schema(conn, DEFAULT_DIMENSION)
-                        pg_cpu, cpu, began = tree_cpu_seconds(pg_pid), own_cpu_seconds(), time.perf_counter()
-                        rows = _run(step, chunks, dsn)
-                        seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
-                        pg_after = tree_cpu_seconds(pg_pid)
-                        writes = step not in STEPS[:2]
-                        if writes and _stored(dsn) != 2 * args.rows:
-                            raise SystemExit(f"{step}: stored {_stored(dsn)} rows in both tables, not {2 * args.rows}")
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
+                with fresh_server(workdir) as (pg, _):
+                    pg_pid = pg.pid
+                    dsn = pg.create_database("ladder")
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        apply_schema(conn, DEFAULT_DIMENSION)
+                    pg_cpu, cpu, began = tree_cpu_seconds(pg_pid), own_cpu_seconds(), time.perf_counter()
+                    rows = _run(step, chunks, dsn)
+                    seconds, cpu = time.perf_counter() - began, own_cpu_seconds() - cpu
+                    pg_after = tree_cpu_seconds(pg_pid)
+                    writes = step not in STEPS[:2]
+                    if writes and _stored(dsn) != 2 * args.rows:
+                        raise SystemExit(f"{step}: stored {_stored(dsn)} rows in both tables, not {2 * args.rows}")
                 if rows != args.rows:
                     raise SystemExit(f"{step}: handled {rows} rows, not {args.rows}")
                 assert pg_cpu is not None and pg_after is not None

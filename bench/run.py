@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         pg = EmbeddedPostgres(workdir / "pgdata")
         pg.start()
         stack.callback(pg.stop)
-        bench.cpu_pids["pg"] = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+        bench.cpu_pids["pg"] = pg.pid
         databases = iter(range(1, 100))
         created: list[str] = []
         # Dropped at the end (before the server stops): at 1M rows each holds gigabytes.

@@ -89,6 +89,12 @@ class EmbeddedPostgres:
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
+    @property
+    def pid(self) -> int:
+        """The running postmaster's pid (``postmaster.pid``): as root the server runs as another
+        user, so it is stopped and measured by this pid."""
+        return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+
     def _own(self, path: Path) -> None:
         if self._user is not None:
             shutil.chown(path, self._user, self._user)
@@ -120,7 +126,7 @@ class EmbeddedPostgres:
         if not pid_file.exists():
             return
         with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text().split()[0])
+            pid = self.pid
             os.kill(pid, signal.SIGINT)
             for _ in range(100):
                 os.kill(pid, 0)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_embedding_provider.rows import canonical_uuid
+
+T = TypeVar("T")
+
+
+def value_or_none(value: T) -> T | None:
+    """A templated field's value, or ``None`` when it was left empty: ``None``, or what Jinja
+    renders for it, ``''`` (an empty Param) or ``'None'``."""
+    return None if value in (None, "", "None") else value
 
 
 def flag(value: Any, name: str) -> bool:

@@ -28,7 +28,7 @@ from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
-from airflow_embedding_provider.operators._rendered import flag, uuid_or_none
+from airflow_embedding_provider.operators._rendered import flag, uuid_or_none, value_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
 from airflow_embedding_provider.pipeline import (
     DEFAULT_SUB_BATCH_SIZE,
@@ -310,9 +310,8 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         part = Partition.from_dict(self.partition) if self.partition else None
         if part is not None:
             context["partition_label"] = part.label  # type: ignore[typeddict-unknown-key]  # map_index_template
-        chunk_size = (
-            default_chunk_size(int(self.dimension)) if self.chunk_size in (None, "", "None") else int(self.chunk_size)
-        )
+        given = value_or_none(self.chunk_size)
+        chunk_size = default_chunk_size(int(self.dimension)) if given is None else int(given)
         sub_batch = int(self.sub_batch_size)
         for name, value in (("chunk_size", chunk_size), ("sub_batch_size", sub_batch)):
             if value < 1:
@@ -598,7 +597,8 @@ class EmbeddingFinalizeOperator(BaseOperator):
 
     def _min_recall(self) -> float | None:
         """The gate's target as rendered, or ``None`` when the gate is off (``min_recall`` unset)."""
-        return None if self.min_recall in (None, "", "None") else float(self.min_recall)
+        given = value_or_none(self.min_recall)
+        return None if given is None else float(given)
 
     def _recall_gate(
         self,
