@@ -94,8 +94,17 @@ def test_scheduled_run_stores_the_pkl_exactly_then_resumes(
 
 
 def test_chunk_size_param_reaches_the_stream(dag_env: dict[str, str], airflow_home: Path, pg_dsn: str) -> None:
-    dags_test(DAG_ID, dag_env, conf={"chunk_size": 1000})
-    assert task_result(airflow_home, DAG_ID, "finalize")["chunks"] == 3
+    # Not the default (1000 at 384-d, which would also give 3 chunks): 500 a message gives 6.
+    dags_test(DAG_ID, dag_env, conf={"chunk_size": 500})
+    assert task_result(airflow_home, DAG_ID, "finalize")["chunks"] == 6
+
+
+def test_a_chunk_size_no_message_can_hold_is_refused_by_the_form(dag_env: dict[str, str], pg_dsn: str) -> None:
+    # At 384-d a message holds 1224 rows (wire/contract.py); the Param's maximum says so at trigger.
+    result = dags_test(DAG_ID, dag_env, conf={"chunk_size": 1225}, check=False)
+    assert result.returncode != 0
+    assert "1225 is greater than the maximum of 1224" in result.stdout + result.stderr
+    assert _checkpoint(pg_dsn) is None
 
 
 def test_a_param_that_is_not_a_uuid_is_refused(dag_env: dict[str, str], pg_dsn: str) -> None:
