@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,9 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
+from airflow_embedding_provider.digest import pack_hashes, unpack_hashes
 from airflow_embedding_provider.upload_server.client import UploadError, dataset_chunks, upload
 from airflow_embedding_provider.upload_server.service import SERVICE_NAME
 from airflow_embedding_provider.wire import embedding_pb2
+from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
 from dev.sample import make_sample, write_sample
 from dev.stack import free_port
 from dev.verify import compare, stored_rows
@@ -274,3 +277,23 @@ def test_push_of_a_missing_file_fails_with_one_line(tmp_path: Path) -> None:
     result = push(tmp_path / "missing.pkl", "127.0.0.1:1")
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
     assert "no such file" in result.stderr
+
+
+def test_a_pushers_row_hashes_are_not_stored_on_trust(upload_server: StartServer, pg_dsn: str, tmp_path: Path) -> None:
+    # Every message claims hashes under this package's definition, right on its first and last
+    # row (the two the pull side checks) and wrong in between: stored, they would tell a later
+    # range sync that these rows equal rows they do not. The upload server hashes the rows itself.
+    dataset = load_dataset(write_sample(tmp_path / "forged.pkl", 900, seed=23))
+
+    def forged() -> Iterator[RowChunkBytes]:
+        for message in dataset_chunks(dataset, 300):
+            claimed = unpack_hashes(message.row_hashes)
+            claimed[1:-1] ^= 1
+            message.row_hashes = pack_hashes(claimed)
+            yield message
+
+    result = upload(upload_server().target, forged())
+    assert result.success and result.total_rows == 900
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        stored: dict[str, int] = dict(conn.execute("SELECT id::text, row_hash FROM recruit_metadata").fetchall())
+    assert stored == dict(zip(dataset.ids, dataset.row_hashes.tolist(), strict=True))
