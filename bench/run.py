@@ -30,6 +30,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
+from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.chart import write_chart
 from bench.measure import TINY_ROWS
@@ -63,7 +65,7 @@ class EngineSetting:
 
 
 # The DAG's defaults at 384-d (chunk 1000, sub-batch 1000, 4 connections): the engine figure the ratios use.
-DEFAULT_SETTING = EngineSetting(1000, 1000, 4)
+DEFAULT_SETTING = EngineSetting(default_chunk_size(DEFAULT_DIMENSION), DEFAULT_SUB_BATCH_SIZE, 4)
 OTHER_SETTINGS = (
     EngineSetting(300, 100, 4),  # the seed's suggested 50-100 rows a transaction
     EngineSetting(300, 300, 4),  # the defaults until 2026-12-01
@@ -142,7 +144,7 @@ def sync_measurements(
         "chunk_size": DEFAULT_SETTING.chunk_size,
         "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
         "connections": DEFAULT_SETTING.connections,
-        "rows_per_partition": 20_000,  # the DAG's default
+        "rows_per_partition": DEFAULT_ROWS_PER_PARTITION,  # the DAG's default
     }
     bench.child("engine", "sync_first_load", {**common, **setting, "dsn": dsn}, setting=DEFAULT_SETTING.label)
     bench.child("index", "sync_first_load_ivfflat", {"dsn": dsn, "rows": bench.rows})
@@ -180,6 +182,15 @@ def sync_measurements(
             f"{r['inserted']} new, {r['updated']} changed, {r['deleted']} deleted",
             flush=True,
         )
+
+
+def dag_variants(rows: int) -> list[tuple[str, int | None]]:
+    """The DAG runs of a bench, each ``(key, rows_per_partition)``: the DAG's defaults first (the
+    figure of target 1; ``None`` sends no ``rows_per_partition``), then the other of one partition
+    and four (four mapped tasks, the scheduler's parallelism), whichever the default does not plan."""
+    planned = max(1, min(DEFAULT_MAX_PARTITIONS, math.ceil(rows / DEFAULT_ROWS_PER_PARTITION)))
+    other = ("dag_one_partition", max(100, rows)) if planned != 1 else ("dag_partitions", max(100, math.ceil(rows / 4)))
+    return [("dag_default", None), other]
 
 
 def _drop_databases(pg: EmbeddedPostgres, names: list[str]) -> None:
@@ -350,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             home = workdir / f"airflow-home-{rows}"
             shutil.rmtree(home, ignore_errors=True)
             stack.callback(shutil.rmtree, home, ignore_errors=True)
-            quarter = max(100, math.ceil(rows / 4))
-            for key, per_partition in (("dag_partitions", quarter), ("dag_one_partition", max(100, rows))):
+            for key, per_partition in dag_variants(rows):
                 dsn = fresh_db()
                 env = airflow_env(
                     home,
@@ -365,14 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if not (home / "airflow.db").exists():
                     prepare_airflow_home(env)  # not timed: a deployment migrates once
-                conf = {
-                    "rows_per_partition": per_partition,
-                    "chunk_size": DEFAULT_SETTING.chunk_size,
-                    "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
-                }
+                # The DAG's own chunk and sub-batch; the partitions its default plans, or another count.
+                conf = {} if per_partition is None else {"rows_per_partition": per_partition}
                 spec = {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows}
                 bench.child("dag", key, spec, conf=conf)
-                if key == "dag_partitions":
+                if key == "dag_default":
                     # The same DAG again on the loaded database: a run that finds nothing new.
                     bench.child("dag_noop", "dag_noop", spec, module="bench.queryable", conf=conf)
 
@@ -389,11 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cache_target": api.target,
                     "connections": DEFAULT_SETTING.connections,
                     "rows": rows,
-                    "conf": {
-                        "rows_per_partition": max(100, math.ceil(rows / 4)),
-                        "chunk_size": DEFAULT_SETTING.chunk_size,
-                        "sub_batch_size": DEFAULT_SETTING.sub_batch_size,
-                    },
+                    "conf": {},  # the DAG's defaults, as a scheduled run has them
                 },
                 module="bench.scheduler",
             )

@@ -30,7 +30,7 @@ from airflow_embedding_provider.operators.embedding_stream import (
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
-from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
@@ -89,7 +89,10 @@ with DAG(
             DEFAULT_SUB_BATCH_SIZE, type="integer", minimum=1, maximum=10000, description="Rows a DB transaction."
         ),
         "rows_per_partition": Param(
-            20000, type="integer", minimum=100, description="Aim of rows a mapped task (fewer, larger tasks: higher)."
+            DEFAULT_ROWS_PER_PARTITION,
+            type="integer",
+            minimum=100,
+            description="Aim of rows a mapped task (fewer, larger tasks: higher).",
         ),
         "max_partitions": Param(
             DEFAULT_MAX_PARTITIONS, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."

@@ -29,7 +29,7 @@ from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
 from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none, value_or_none
-from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, Partition
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION, Partition
 from airflow_embedding_provider.pipeline import (
     DEFAULT_SUB_BATCH_SIZE,
     IngestStats,
@@ -154,7 +154,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         postgres_conn_id: str = "postgres_default",
         last_processed_uuid: str | None = None,
         full_refresh: bool | str = False,
-        rows_per_partition: int | str = 20_000,
+        rows_per_partition: int | str = DEFAULT_ROWS_PER_PARTITION,
         max_partitions: int | str = DEFAULT_MAX_PARTITIONS,
         max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         dimension: int = DEFAULT_DIMENSION,

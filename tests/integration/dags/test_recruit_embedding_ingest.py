@@ -10,6 +10,8 @@ import psycopg
 import pytest
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
+from airflow_embedding_provider.operators.embedding_stream import EmbeddingStreamPlanOperator
+from airflow_embedding_provider.partitions import DEFAULT_ROWS_PER_PARTITION
 from dev.api_server.service import read_stats
 from dev.stack import DAGS_FOLDER, ServerProcess, dags_test, task_result
 from dev.verify import compare, table_digest
@@ -97,6 +99,13 @@ def test_chunk_size_param_reaches_the_stream(dag_env: dict[str, str], airflow_ho
     # Not the default (1000 at 384-d, which would also give 3 chunks): 500 a message gives 6.
     dags_test(DAG_ID, dag_env, conf={"chunk_size": 500})
     assert task_result(airflow_home, DAG_ID, "finalize")["chunks"] == 6
+
+
+def test_the_partition_size_has_one_default_for_the_form_and_the_operator() -> None:
+    # One definition (partitions.py, which says why): what the form offers is what the operator does untold.
+    dag = runpy.run_path(str(DAGS_FOLDER / f"{DAG_ID}.py"))["dag"]
+    assert dag.params["rows_per_partition"] == DEFAULT_ROWS_PER_PARTITION
+    assert EmbeddingStreamPlanOperator(task_id="plan").rows_per_partition == DEFAULT_ROWS_PER_PARTITION
 
 
 def test_a_chunk_size_no_message_can_hold_is_refused_by_the_form(dag_env: dict[str, str], pg_dsn: str) -> None:
