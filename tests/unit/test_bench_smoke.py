@@ -79,3 +79,11 @@ def test_the_ladder_runs_every_step_and_each_stores_every_row() -> None:
         assert sum("PostgreSQL" in line for line in steps) == 3  # the steps that write
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_dag_runs_are_the_defaults_and_the_partition_count_they_do_not_plan() -> None:
+    from bench.run import dag_variants
+
+    # 141,897 rows are one partition by default, so the other run has four; 1M rows are four, so one.
+    assert dag_variants(141_897) == [("dag_default", None), ("dag_partitions", 35_475)]
+    assert dag_variants(1_000_000) == [("dag_default", None), ("dag_one_partition", 1_000_000)]

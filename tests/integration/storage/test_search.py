@@ -89,6 +89,18 @@ def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connectio
     assert report.value == first
 
 
+def test_the_gate_measures_settings_above_its_choice_at_most_once(conn: psycopg.Connection) -> None:
+    # A setting costs what it probes: from below, at most the stride that passed lies above the
+    # choice (from the middle of these 40, 20 and 10 and 5 would all be measured first).
+    values = list(range(1, 41))  # beyond the table's 6 lists every value probes them all
+    report = tune_search(conn, min_recall=0.95, queries=40, values=values)
+    assert report is not None and report.reached
+    above = [v for v in report.tried if v > report.value]
+    assert len(above) <= 1, report.tried
+    below = [v for v in values if v < report.value]
+    assert not below or (below[-1] in report.tried and report.tried[below[-1]] < report.recall_at_10)
+
+
 def _measured(report: RecallReport | None) -> dict[str, object]:
     """What a report says of recall and the choice: everything but the latencies, which are timed."""
     assert report is not None
