@@ -18,8 +18,9 @@ plan outlives the setting it was made under.
 Settings are tried cheaply: a candidate is given up as soon as, after at least
 :data:`SCREEN_QUERIES` queries, even the upper 95 % bound of its recall is below the target, and for ivfflat, whose recall cannot
 fall as ``probes`` grows (more lists probed is a superset of candidates), the smallest passing
-setting is found by a search from below (strides that double, then bisection of the last), so
-that the costly high settings are measured only when the cheap ones miss. Neither can choose a setting that did not pass on every query of
+setting is found from the candidate nearest ``sqrt(lists)`` (pgvector's advice): up by strides
+that double while they miss, then bisection, so that the costly high settings are measured only
+when the cheaper ones miss. Neither can choose a setting that did not pass on every query of
 the sample; at worst they choose a larger one.
 
 PostgreSQL answers each query on one core: given more connections, a setting's queries are dealt
@@ -32,6 +33,7 @@ of the time between the index build and a queryable table.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -446,17 +448,23 @@ def tune_search(
     order = list(values or candidates(conn, tables, method))
     if method == "ivfflat":
         # Recall cannot fall as probes grow, and a setting costs about what it probes (a query reads
-        # probes/lists of the table): step up from the smallest by doubling strides, where a miss
-        # is cheap and stops after SCREEN_QUERIES, then bisect the last stride. Bisecting all the
-        # candidates from the middle measured 160, 80 and 50 probes in full before choosing 40 at
-        # 1M rows: 13.9 s of a 79.5 s finalize (bench/RESULTS.md).
-        lo, hi, stride = 0, len(order), 1  # every candidate below lo missed; order[hi] passed
-        while lo < hi:
-            step = min(lo + stride, hi) - 1
-            if measure(order[step]) >= min_recall:
-                hi = step
-                break
-            lo, stride = step + 1, 2 * stride
+        # probes/lists of the table). First the candidate nearest sqrt(lists), where pgvector's
+        # README starts; when it misses, up by doubling strides; then bisect below the first pass.
+        # Bisecting from the middle of the upper half instead, a miss at 30 of 1000 lists went on to
+        # measure 160, 80 and 50 in full before 40: 13.9 s of a 79.5 s finalize (bench/RESULTS.md).
+        root = math.sqrt(ivfflat_lists(conn, tables))
+        start = min(range(len(order)), key=lambda i: abs(order[i] - root))
+        # Below lo every candidate missed (or is left to the bisection); order[hi] passed.
+        if measure(order[start]) >= min_recall:
+            lo, hi = 0, start
+        else:
+            lo, hi, stride = start + 1, len(order), 1
+            while lo < hi:
+                step = min(lo + stride, hi) - 1
+                if measure(order[step]) >= min_recall:
+                    hi = step
+                    break
+                lo, stride = step + 1, 2 * stride
         while lo < hi:
             middle = (lo + hi) // 2
             if measure(order[middle]) >= min_recall:

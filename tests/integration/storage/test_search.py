@@ -89,16 +89,17 @@ def test_the_gate_picks_a_setting_every_search_then_uses(conn: psycopg.Connectio
     assert report.value == first
 
 
-def test_the_gate_measures_settings_above_its_choice_at_most_once(conn: psycopg.Connection) -> None:
-    # A setting costs what it probes: from below, at most the stride that passed lies above the
-    # choice (from the middle of these 40, 20 and 10 and 5 would all be measured first).
+def test_the_gate_starts_near_the_root_of_the_lists_not_in_the_middle(conn: psycopg.Connection) -> None:
+    # A setting costs what it probes. On these 6 lists the gate starts at 2 (sqrt 6 = 2.4) and
+    # goes up by strides from there; from the middle of these 40 it would measure 20 first.
     values = list(range(1, 41))  # beyond the table's 6 lists every value probes them all
     report = tune_search(conn, min_recall=0.95, queries=40, values=values)
-    assert report is not None and report.reached
-    above = [v for v in report.tried if v > report.value]
-    assert len(above) <= 1, report.tried
+    assert report is not None and report.reached and 2 in report.tried
+    assert max(report.tried) <= 6, report.tried  # 6 probes every list: exact, it passes
     below = [v for v in values if v < report.value]
     assert not below or (below[-1] in report.tried and report.tried[below[-1]] < report.recall_at_10)
+    each = {v: tune_search(conn, min_recall=0.95, queries=40, values=[v]) for v in range(1, 7)}
+    assert report.value == next(v for v in range(1, 7) if each[v] is not None and each[v].reached)  # type: ignore[union-attr]
 
 
 def _measured(report: RecallReport | None) -> dict[str, object]:
