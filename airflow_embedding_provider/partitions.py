@@ -25,6 +25,12 @@ EVERY_ROW = "every_row"
 SYNC_MODES = (DIFFERING_ROWS, EVERY_ROW)
 
 
+def partition_count(rows: int, rows_per_partition: int, max_partitions: int) -> int:
+    """How many ranges a plan cuts ``rows`` rows into: ``ceil(rows / rows_per_partition)``, at least
+    one, at most ``max_partitions`` (the AI server's ``PlanPartitions``)."""
+    return max(1, min(max_partitions, -(-rows // max(1, rows_per_partition))))
+
+
 @dataclass(frozen=True)
 class Partition:
     """One id range of a run: rows strictly after ``after_uuid`` up to ``until_uuid`` inclusive.

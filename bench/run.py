@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION, partition_count
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.chart import write_chart
@@ -188,7 +188,7 @@ def dag_variants(rows: int) -> list[tuple[str, int | None]]:
     """The DAG runs of a bench, each ``(key, rows_per_partition)``: the DAG's defaults first (the
     figure of target 1; ``None`` sends no ``rows_per_partition``), then the other of one partition
     and four (four mapped tasks, the scheduler's parallelism), whichever the default does not plan."""
-    planned = max(1, min(DEFAULT_MAX_PARTITIONS, math.ceil(rows / DEFAULT_ROWS_PER_PARTITION)))
+    planned = partition_count(rows, DEFAULT_ROWS_PER_PARTITION, DEFAULT_MAX_PARTITIONS)
     other = ("dag_one_partition", max(100, rows)) if planned != 1 else ("dag_partitions", max(100, math.ceil(rows / 4)))
     return [("dag_default", None), other]
 

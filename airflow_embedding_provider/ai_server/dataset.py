@@ -41,6 +41,7 @@ from airflow_embedding_provider.ai_server.cells import (
     years_column,
 )
 from airflow_embedding_provider.digest import HASH_BYTES, HASH_VERSION, Hashes, pack_hashes, row_hash, row_hashes
+from airflow_embedding_provider.partitions import partition_count
 from airflow_embedding_provider.rows import PKL_COLUMNS, CellDefect, FloatMatrix
 from airflow_embedding_provider.validation import MAX_TEXT_LENGTH
 from airflow_embedding_provider.wire.codec import MAX_CHUNK_BYTES, encode_rows
@@ -151,7 +152,7 @@ class EmbeddingDataset:
         remaining = len(self.ids) - start
         if remaining <= 0:
             return []
-        count = max(1, min(max_partitions, -(-remaining // max(1, rows_per_partition))))
+        count = partition_count(remaining, rows_per_partition, max_partitions)
         size = -(-remaining // count)
         ranges: list[tuple[int, int]] = []
         begin = start
