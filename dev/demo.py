@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pg = stack.enter_context(EmbeddedPostgres(workdir / "pgdata"))
             dsn = pg.create_database("recruit_demo")  # anew each time: two demos give the same tables
-            print(f"PostgreSQL: embedded 16 + pgvector at {dsn}")
+            with psycopg.connect(dsn) as conn:  # the wheel's own versions, not a number written here
+                versions = conn.execute(
+                    "SELECT current_setting('server_version'), "
+                    "(SELECT default_version FROM pg_available_extensions WHERE name = 'vector')"
+                ).fetchone()
+            assert versions is not None
+            print(f"PostgreSQL: embedded {versions[0]} + pgvector {versions[1]} at {dsn}")
         pkl = workdir / f"sample-djinni-{args.rows}.pkl"
         if not pkl.exists():
             write_sample(pkl, args.rows, odd_cell=True)
