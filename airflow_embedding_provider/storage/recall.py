@@ -10,8 +10,14 @@ Queries are new points in the neighbourhoods of random stored rows (a stored row
 itself and, in HNSW, its own links: measured, that overstates recall). Exact answers come from one
 sequential read of the table per step, distances computed client-side for every query at once
 (:func:`exact_top`): one scan instead of one per query, which at 141,897 rows was most of the
-gate's time. The queries and their answers (:class:`RecallSample`) need no ANN index, so they can
-be taken while it builds. The ANN answers use the same SQL a search runs, with ``enable_seqscan = off`` so
+gate's time. Each read is narrowed where that pays: every query gets an upper bound on the
+distance of its k-th nearest row from k rows already read (a small random subset of the table
+for the first step, the sampled rows' neighbours for the second), and PostgreSQL returns only
+the rows some bound admits, with a margin for its float32 distances (:func:`_admitting`); the
+answers are the same, and at 1M rows each read streams a few thousand rows, not the table. The
+steps and the subset share one snapshot, so every bound is made of rows the reads see. The
+queries and their answers (:class:`RecallSample`) need no ANN index, so they can be taken while
+it builds. The ANN answers use the same SQL a search runs, with ``enable_seqscan = off`` so
 that the planner cannot answer a high setting by an exact scan, and unprepared, so that no cached
 plan outlives the setting it was made under.
 
@@ -65,6 +71,16 @@ _SCAN_ROWS = 8192
 #: re-rank: a margin for float32 rounding that also keeps the check in :func:`_pre_rank` from
 #: firing on all but near-ties.
 _PRE_RANK_EXTRA = 32
+#: The most queries a read is narrowed for: PostgreSQL tests a row against each query's bound in
+#: turn (about 60 ns a query at 384-d), while a row streamed out and pre-ranked costs about 6.8 us
+#: (bench/RESULTS.md, "The recall sample"); past about 100 queries the whole read is as cheap.
+_NARROW_MAX_QUERIES = 100
+#: The share of the subset the bounds may admit for a narrowed read: above it, so would the read.
+_NARROW_MAX_ADMITTED = 0.5
+#: Bounds at or above this are not narrowed: a float32 squared distance past 3.4e38 is infinite
+#: in pgvector, and would leave out a row that belongs.
+_NARROW_MAX_BOUND = 1e18
+_EVERY_ROW = sql.SQL("")
 
 
 @dataclass(frozen=True)
@@ -116,16 +132,19 @@ def _upper_bound(hits: Sequence[float]) -> float:
     return mean + 1.645 * float(np.std(hits, ddof=1)) / np.sqrt(len(hits)) if len(hits) > 1 else mean
 
 
-def _stored_rows(conn: psycopg.Connection, tables: TableNames, width: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The table's ids (16-byte keys) and vectors in blocks of about :data:`_SCAN_ROWS` rows, read
-    by one ``COPY ... TO STDOUT (FORMAT BINARY)``: every row has the same layout (a uuid and a
-    vector of ``width``), so a block is parsed by numpy at once rather than by a loader a row."""
+def _stored_rows(
+    conn: psycopg.Connection, tables: TableNames, width: int, where: sql.Composable = _EVERY_ROW
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The ids (16-byte keys) and vectors of the table's rows, ``where`` (a clause) narrowing them,
+    in blocks of about :data:`_SCAN_ROWS` rows, read by one ``COPY ... TO STDOUT (FORMAT BINARY)``:
+    every row has the same layout (a uuid and a vector of ``width``), so a block is parsed by numpy
+    at once rather than by a loader a row."""
     row = np.dtype(
         [("fields", ">i2"), ("id_len", ">i4"), ("id", "V16"), ("vector_len", ">i4"), ("dim", ">i2"),
          ("unused", ">i2"), ("vector", ">f4", (width,))]
     )  # fmt: skip
-    statement = sql.SQL("COPY (SELECT id, vector FROM {}) TO STDOUT (FORMAT BINARY)").format(
-        tables.identifiers()["embedding"]
+    statement = sql.SQL("COPY (SELECT id, vector FROM {} {}) TO STDOUT (FORMAT BINARY)").format(
+        tables.identifiers()["embedding"], where
     )
     buffer = bytearray()
     header = 19  # signature (11), flags (4), header extension length (4): always 0 from PostgreSQL
@@ -155,7 +174,13 @@ def _parse_rows(buffer: bytearray, offset: int, count: int, row: np.dtype, width
 
 
 def exact_top(
-    conn: psycopg.Connection, tables: TableNames, queries: np.ndarray, k: int, *, vectors: bool = False
+    conn: psycopg.Connection,
+    tables: TableNames,
+    queries: np.ndarray,
+    k: int,
+    *,
+    vectors: bool = False,
+    within: np.ndarray | None = None,
 ) -> list[tuple[list[str], np.ndarray]]:
     """Each query's ``k`` nearest stored rows by L2 distance, nearest first, with their vectors
     (empty unless ``vectors``): exact search for every query in one sequential read of the table.
@@ -166,6 +191,10 @@ def exact_top(
     out of those (its bound, :func:`_rounding_bound`, exceeds the gap the pre-rank left) is ranked
     in float64 whole for that query, so the order is exact up to ties either way; memory stays at
     :data:`_SCAN_ROWS` rows plus ``k`` candidates a query.
+
+    :param within: for each query, an upper bound on the distance of its ``k``-th nearest row, from
+        ``k`` distinct rows the read sees (:func:`narrowing`): the read is then of the rows some
+        bound admits (:func:`_admitting`), which hold every answer.
     """
     q64 = np.asarray(queries, dtype=np.float64)
     q32 = q64.astype(np.float32)
@@ -173,7 +202,8 @@ def exact_top(
     best_d = np.empty((len(q64), 0))
     best_keys = np.empty((len(q64), 0), dtype="V16")
     best_v = np.empty((len(q64), 0, width if vectors else 0), dtype=np.float32)
-    for keys, stored in _stored_rows(conn, tables, width):
+    where = _EVERY_ROW if within is None else _admitting(q32, within)
+    for keys, stored in _stored_rows(conn, tables, width, where):
         picked = _pre_rank(q32, q64, stored, k + _PRE_RANK_EXTRA)
         near = stored[picked]  # (queries, candidates, width)
         pool_d = np.concatenate([best_d, ((near.astype(np.float64) - q64[:, None, :]) ** 2).sum(axis=2)], axis=1)
@@ -219,6 +249,75 @@ def _pre_rank(q32: np.ndarray, q64: np.ndarray, stored: np.ndarray, take: int) -
     return picked
 
 
+def _admitting(q32: np.ndarray, within: np.ndarray) -> sql.Composed:
+    """A ``WHERE`` clause that keeps every row within some query's bound by exact distance.
+
+    pgvector computes ``<->`` in float32: each of the ``n`` squared differences errs by at most
+    3u and their sum by (n - 1)u more (u = 2^-24, any summation order, the terms being
+    non-negative), so its distance is at most ``(n + 2) u / 2`` above the exact one; the margin
+    is twice that, for the second-order terms."""
+    margin = 1.0 + (q32.shape[1] + 2) * float(np.finfo(np.float32).eps) / 2
+    arms = [
+        sql.SQL("vector <-> {}::vector <= {}").format(
+            sql.Literal("[" + ",".join(repr(float(x)) for x in query) + "]"), sql.Literal(float(bound) * margin)
+        )
+        for query, bound in zip(q32, within, strict=True)
+    ]
+    return sql.SQL("WHERE ") + sql.SQL(" OR ").join(arms)
+
+
+def _kth_distance(queries: np.ndarray, keys: np.ndarray, stored: np.ndarray, k: int) -> np.ndarray:
+    """Each query's float64 distance to its ``k``-th nearest of the distinct rows ``keys`` (the
+    first of a key repeated counts once), ``inf`` where there are fewer than ``k``: an upper
+    bound on the distance of its ``k``-th nearest stored row."""
+    _, first = np.unique(keys, return_index=True)
+    rows = np.asarray(stored, dtype=np.float64)[np.sort(first)]
+    if len(rows) < k:
+        return np.full(len(queries), np.inf)
+    q = np.asarray(queries, dtype=np.float64)
+    # Ranked by the expanded form, one matrix product; the k nearest measured again directly.
+    rough = (rows * rows).sum(axis=1)[None, :] - 2.0 * (q @ rows.T)
+    nearest = np.argpartition(rough, k - 1, axis=1)[:, : min(len(rows), k + _PRE_RANK_EXTRA)]
+    exact = np.sqrt(((rows[nearest] - q[:, None, :]) ** 2).sum(axis=2))
+    return np.sort(exact, axis=1)[:, k - 1]
+
+
+def narrowing(queries: np.ndarray, within: np.ndarray, subset: np.ndarray) -> np.ndarray | None:
+    """``within`` when a read narrowed by it (:func:`_admitting`) is worth it, else ``None`` (read
+    everything): at most :data:`_NARROW_MAX_QUERIES` queries, finite bounds below
+    :data:`_NARROW_MAX_BOUND`, and at most :data:`_NARROW_MAX_ADMITTED` of ``subset`` (a random
+    part of the table) admitted, as it estimates the share of the table the read would stream."""
+    if len(queries) > _NARROW_MAX_QUERIES or len(subset) == 0 or not np.all(within < _NARROW_MAX_BOUND):
+        return None
+    q = np.asarray(queries, dtype=np.float64)
+    rows = np.asarray(subset, dtype=np.float64)
+    distances = np.sqrt(
+        np.maximum((rows * rows).sum(axis=1)[None, :] + (q * q).sum(axis=1)[:, None] - 2.0 * (q @ rows.T), 0.0)
+    )
+    admitted = float((distances <= np.asarray(within)[:, None] * (1 + 1e-6)).any(axis=0).mean())
+    return np.asarray(within, dtype=np.float64) if admitted <= _NARROW_MAX_ADMITTED else None
+
+
+def _subset_rows(count: int, queries: int, k: int) -> int:
+    """The subset a first read's bounds come from: ``sqrt(queries * k * count)`` rows, where the
+    subset's own rows and those its bounds admit (about ``queries * k * count / subset``) cost the
+    least together."""
+    return math.isqrt(queries * k * count)
+
+
+def _subset(
+    conn: psycopg.Connection, tables: TableNames, width: int, rows: int, count: int, seed: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """About ``rows`` of the table's ``count`` rows, whole pages at random (``TABLESAMPLE SYSTEM``,
+    repeatable by ``seed``): ids (16-byte keys) and vectors."""
+    percent = min(100.0, 100.0 * rows / max(count, 1))
+    where = sql.SQL("TABLESAMPLE SYSTEM ({}) REPEATABLE ({})").format(sql.Literal(percent), sql.Literal(seed))
+    blocks = list(_stored_rows(conn, tables, width, where))
+    if not blocks:
+        return np.empty(0, dtype="V16"), np.empty((0, width), dtype=np.float32)
+    return np.concatenate([keys for keys, _ in blocks]), np.concatenate([stored for _, stored in blocks])
+
+
 @dataclass(frozen=True)
 class RecallSample:
     """The gate's queries and their exact top-10 (ids), on the table as it was read: what every
@@ -241,29 +340,52 @@ def recall_sample(
     (module docstring); ``None`` for an empty table. ``conn`` is autocommit."""
     register_vector(conn)
     ids = tables.identifiers()
+    # One snapshot for the sample, the subset and both reads: a bound is made of rows the reads see.
     with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute("SELECT setseed(%s)", (seed,))
         sample = conn.execute(
-            sql.SQL("SELECT id::text, vector FROM {} ORDER BY random() LIMIT %s").format(ids["embedding"]), (queries,)
+            sql.SQL("SELECT id, vector FROM {} ORDER BY random() LIMIT %s").format(ids["embedding"]), (queries,)
         ).fetchall()
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
-    if not sample:
-        return None
-    # A stored row is a node of the HNSW graph linked to its own neighbours (and sits in the
-    # ivfflat list of its neighbours), so it finds them more easily than a new vector does. The
-    # queries are new points of the sampled rows' neighbourhoods instead: the mean of a row's 11
-    # nearest rows plus a random offset as long as the row's own distance from that mean.
-    rows = np.stack([_array(vector) for _, vector in sample])
-    near = exact_top(conn, tables, rows, RECALL_K + 1, vectors=True)
-    rng = np.random.default_rng(int(seed * 2**31))
-    made = []
-    for row, (_, neighbours) in zip(rows, near, strict=True):
-        centre = neighbours.mean(axis=0)
-        direction = rng.standard_normal(centre.shape).astype(np.float32)
-        direction /= np.linalg.norm(direction)
-        made.append((centre + direction * np.linalg.norm(row - centre)).astype(np.float32))
-    truth = tuple(frozenset(found) for found, _ in exact_top(conn, tables, np.stack(made), RECALL_K))
-    return RecallSample(queries=tuple(made), truth=truth, rows_indexed=int(count[0]) if count else 0)
+        if not sample:
+            return None
+        found = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ids["embedding"])).fetchone()
+        count = int(found[0]) if found else 0
+        # A stored row is a node of the HNSW graph linked to its own neighbours (and sits in the
+        # ivfflat list of its neighbours), so it finds them more easily than a new vector does. The
+        # queries are new points of the sampled rows' neighbourhoods instead: the mean of a row's 11
+        # nearest rows plus a random offset as long as the row's own distance from that mean.
+        rows = np.stack([_array(vector) for _, vector in sample])
+        keys = np.array([row_id.bytes for row_id, _ in sample], dtype="V16")
+        size = _subset_rows(count, len(rows), RECALL_K + 1)
+        subset_keys, subset = (
+            _subset(conn, tables, rows.shape[1], size, count, seed) if size < count else (keys[:0], rows[:0])
+        )
+        pool_keys, pool = np.concatenate([keys, subset_keys]), np.concatenate([rows, subset])
+        within = narrowing(rows, _kth_distance(rows, pool_keys, pool, RECALL_K + 1), subset)
+        near = exact_top(conn, tables, rows, RECALL_K + 1, vectors=True, within=within)
+        rng = np.random.default_rng(int(seed * 2**31))
+        made = []
+        for row, (_, neighbours) in zip(rows, near, strict=True):
+            centre = neighbours.mean(axis=0)
+            direction = rng.standard_normal(centre.shape).astype(np.float32)
+            direction /= np.linalg.norm(direction)
+            made.append((centre + direction * np.linalg.norm(row - centre)).astype(np.float32))
+        # Each query's 10th nearest of its row's 11 neighbours bounds its 10th nearest stored row.
+        bounds = np.array(
+            [
+                np.sort(np.sqrt(((neighbours.astype(np.float64) - query.astype(np.float64)) ** 2).sum(axis=1)))[
+                    RECALL_K - 1
+                ]
+                if len(neighbours) >= RECALL_K
+                else np.inf
+                for query, (_, neighbours) in zip(made, near, strict=True)
+            ]
+        )
+        queried = np.stack(made)
+        answers = exact_top(conn, tables, queried, RECALL_K, within=narrowing(queried, bounds, subset))
+    truth = tuple(frozenset(found) for found, _ in answers)
+    return RecallSample(queries=tuple(made), truth=truth, rows_indexed=count)
 
 
 class _Answers:

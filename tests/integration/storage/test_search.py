@@ -209,6 +209,66 @@ def test_the_float32_pre_rank_hands_near_ties_to_float64(conn: psycopg.Connectio
     assert found == [ids[i] for i in np.argsort(offsets)[:11]]
 
 
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows each read of the recall sample streams, counted around the real reader."""
+    counts: list[int] = []
+    real = recall._stored_rows
+
+    def counted(*args: object, **kwargs: object) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        counts.append(0)
+        for keys, stored in real(*args, **kwargs):  # type: ignore[arg-type]
+            counts[-1] += len(keys)
+            yield keys, stored
+
+    monkeypatch.setattr(recall, "_stored_rows", counted)
+    return counts
+
+
+def test_the_narrowed_sample_is_the_one_whole_table_reads_give(
+    conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same seed, the reads narrowed by the bounds or of every row: the same queries (made from
+    # the sampled rows' exact neighbours) and the same exact answers, from far fewer rows.
+    reads = _counting_reads(monkeypatch)
+    narrowed = recall_sample(conn, queries=40)
+    subset, first, second = reads
+    assert 0 < subset < ROWS and first < ROWS / 4 and second < ROWS / 4
+    reads.clear()
+    monkeypatch.setattr(recall, "narrowing", lambda *_: None)
+    whole = recall_sample(conn, queries=40)
+    assert reads[1:] == [ROWS, ROWS]
+    assert narrowed is not None and whole is not None
+    assert all(np.array_equal(a, b) for a, b in zip(narrowed.queries, whole.queries, strict=True))
+    assert narrowed.truth == whole.truth and narrowed.rows_indexed == whole.rows_indexed == ROWS
+
+
+def test_a_narrowed_read_keeps_the_row_at_the_bound_though_pgvector_rounds_its_distance_up(
+    conn: psycopg.Connection, frame: pd.DataFrame
+) -> None:
+    # pgvector's float32 distance can exceed the exact one; a read narrowed to the exact 11th
+    # distance must still return the 11th row. Queries are kept where the rounding goes up.
+    register_vector(conn)
+    stored = np.stack(list(frame["job_post_vectors"])).astype(np.float64)
+    rng = np.random.default_rng(11)
+    kept, bounds = [], []
+    for _ in range(400):
+        query = (stored[rng.integers(ROWS)] + rng.standard_normal(DIMENSION) * 0.05).astype(np.float32)
+        exact = np.sqrt(((stored - query.astype(np.float64)) ** 2).sum(axis=1))
+        eleventh = int(np.argsort(exact, kind="stable")[10])
+        rounded = conn.execute(
+            "SELECT vector <-> %s FROM recruit_embedding WHERE id = %s", (query, frame["id"][eleventh])
+        ).fetchone()
+        if rounded is not None and rounded[0] > exact[eleventh]:
+            kept.append(query)
+            bounds.append(exact[eleventh])
+        if len(kept) == 10:
+            break
+    assert len(kept) == 10
+    queries = np.stack(kept)
+    narrowed = exact_top(conn, DEFAULT_TABLES, queries, 11, within=np.array(bounds))
+    assert [found for found, _ in narrowed] == [found for found, _ in exact_top(conn, DEFAULT_TABLES, queries, 11)]
+
+
 def test_the_one_scan_exact_search_refuses_queries_of_another_dimension(conn: psycopg.Connection) -> None:
     # The table's COPY rows are parsed by their fixed layout: a width that is not the table's must
     # stop with one clear line, not rank bytes of the wrong rows.
