@@ -266,6 +266,12 @@ def _admitting(q32: np.ndarray, within: np.ndarray) -> sql.Composed:
     return sql.SQL("WHERE ") + sql.SQL(" OR ").join(arms)
 
 
+def _expanded(q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``|x|^2 - 2 q.x`` for every query and row (float64): the squared distance less ``|q|^2``,
+    one matrix product; cheap to rank by, but it loses digits where ``|x|`` dwarfs the distance."""
+    return (rows * rows).sum(axis=1)[None, :] - 2.0 * (q @ rows.T)
+
+
 def _kth_distance(queries: np.ndarray, keys: np.ndarray, stored: np.ndarray, k: int) -> np.ndarray:
     """Each query's float64 distance to its ``k``-th nearest of the distinct rows ``keys`` (the
     first of a key repeated counts once), ``inf`` where there are fewer than ``k``: an upper
@@ -276,8 +282,7 @@ def _kth_distance(queries: np.ndarray, keys: np.ndarray, stored: np.ndarray, k: 
         return np.full(len(queries), np.inf)
     q = np.asarray(queries, dtype=np.float64)
     # Ranked by the expanded form, one matrix product; the k nearest measured again directly.
-    rough = (rows * rows).sum(axis=1)[None, :] - 2.0 * (q @ rows.T)
-    nearest = np.argpartition(rough, k - 1, axis=1)[:, : min(len(rows), k + _PRE_RANK_EXTRA)]
+    nearest = np.argpartition(_expanded(q, rows), k - 1, axis=1)[:, : min(len(rows), k + _PRE_RANK_EXTRA)]
     exact = np.sqrt(((rows[nearest] - q[:, None, :]) ** 2).sum(axis=2))
     return np.sort(exact, axis=1)[:, k - 1]
 
@@ -290,9 +295,8 @@ def narrowing(queries: np.ndarray, within: np.ndarray, subset: np.ndarray) -> np
     if len(queries) > _NARROW_MAX_QUERIES or len(subset) == 0 or not np.all(within < _NARROW_MAX_BOUND):
         return None
     q = np.asarray(queries, dtype=np.float64)
-    rows = np.asarray(subset, dtype=np.float64)
     distances = np.sqrt(
-        np.maximum((rows * rows).sum(axis=1)[None, :] + (q * q).sum(axis=1)[:, None] - 2.0 * (q @ rows.T), 0.0)
+        np.maximum(_expanded(q, np.asarray(subset, dtype=np.float64)) + (q * q).sum(axis=1)[:, None], 0.0)
     )
     admitted = float((distances <= np.asarray(within)[:, None] * (1 + 1e-6)).any(axis=0).mean())
     return np.asarray(within, dtype=np.float64) if admitted <= _NARROW_MAX_ADMITTED else None
@@ -372,14 +376,12 @@ def recall_sample(
             direction /= np.linalg.norm(direction)
             made.append((centre + direction * np.linalg.norm(row - centre)).astype(np.float32))
         # Each query's 10th nearest of its row's 11 neighbours bounds its 10th nearest stored row.
-        bounds = np.array(
+        bounds = np.concatenate(
             [
-                np.sort(np.sqrt(((neighbours.astype(np.float64) - query.astype(np.float64)) ** 2).sum(axis=1)))[
-                    RECALL_K - 1
-                ]
-                if len(neighbours) >= RECALL_K
-                else np.inf
-                for query, (_, neighbours) in zip(made, near, strict=True)
+                _kth_distance(
+                    query[None, :], np.array([uuid.UUID(f).bytes for f in found], dtype="V16"), vectors, RECALL_K
+                )
+                for query, (found, vectors) in zip(made, near, strict=True)
             ]
         )
         queried = np.stack(made)
