@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # no display: the bench runs headless
 
 import matplotlib.pyplot as plt
 
-from bench.queryable import marginal
+from bench.queryable import median_round
 
 _COLOURS = {"ceiling": "#4c72b0", "queryable": "#4c72b0", "naive": "#c44e52", "dag": "#8172b2", "scheduler": "#937860"}
 
@@ -47,10 +47,15 @@ def bars(result: dict[str, Any]) -> list[tuple[str, float, str]]:
     engine, index = result["measurements"].get(result["default_engine"]), result["measurements"].get("ivfflat_build")
     if engine and index:
         out.append(("engine + ivfflat build", rows / (engine["seconds"] + index["seconds"]), "#55a868"))
-    figures = marginal(result)
-    if figures and figures["marginal_seconds"] > 0:
+    figures = median_round(result)  # target 1's figure: the median round's
+    if figures:
         out.append(("DAG marginal: first load - no-op run", rows / figures["marginal_seconds"], _COLOURS["dag"]))
     return out
+
+
+def _rounds(m: dict[str, Any], name: str) -> list[float]:
+    """rows/s of measurement ``name`` and its repeats (``name_2``, ``name_3``, ...)."""
+    return [r["rows_per_second"] for k, r in m.items() if k == name or k.removeprefix(name + "_").isdigit()]
 
 
 def write_chart(result: dict[str, Any], path: Path) -> Path:
@@ -64,10 +69,15 @@ def write_chart(result: dict[str, Any], path: Path) -> Path:
     ax.invert_yaxis()  # first measured on top
     # The COPY ceiling's rounds (ceiling, ceiling_2, ...) can differ by 3x on a loaded machine: the
     # line is their median, as c/a takes the median round.
-    rounds = [r["rows_per_second"] for k, r in m.items() if (k == "ceiling" or k.startswith("ceiling_"))]
+    rounds = _rounds(m, "ceiling")
+    queryable = _rounds(m, "queryable_ceiling")
     for rate, style, name in (
         (statistics.median(rounds) if rounds else None, "-", f"COPY ceiling (median of {len(rounds)} rounds)"),
-        (m.get("queryable_ceiling", {}).get("rows_per_second"), "--", "load-until-queryable ceiling (COPY + ivfflat)"),
+        (
+            statistics.median(queryable) if queryable else None,
+            "--",
+            f"load-until-queryable ceiling (COPY + ivfflat; median of {len(queryable)} rounds)",
+        ),
     ):
         if rate:
             ax.axvline(rate, color="black", linestyle=style, linewidth=1.2, label=f"{name}: {rate:,.0f} rows/s")

@@ -163,6 +163,9 @@ def render(result: dict[str, Any]) -> str:
         if "rows_per_second" not in r:
             continue
         name, settings = _LABELS.get(key, ("(c) engine", r.get("setting", "")))
+        base, _, k = key.rpartition("_")
+        if k.isdigit() and base in ("queryable_ceiling", queryable.DAG_RUNS[0]):  # target 1's later rounds
+            name, settings = _LABELS[base][0], _LABELS[base][1] + f", round {k}"
         if key.startswith("sync_"):  # the range-sync runs: named by what each one does
             name, settings = "range sync", key.removeprefix("sync_").replace("_", " ")
         for baseline in ("ceiling", "naive"):

@@ -4,7 +4,8 @@ Everything runs on one embedded PostgreSQL, a fresh database a measurement, agai
 process over the same sample. Absolute seconds on a shared machine are noise; the ratios between
 measurements taken minutes apart in the same run are the figures to read.
 
-    python -m bench.run [--rows N] [--quick] [--pairs N] [--hnsw] [--skip naive,settings,dag,incremental,sync]
+    python -m bench.run [--rows N] [--quick] [--pairs N] [--dag-rounds N] [--noop-rounds N] [--hnsw]
+                        [--skip naive,settings,dag,incremental,sync,scheduler]
 
 The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
@@ -36,6 +37,7 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.chart import write_chart
 from bench.measure import TINY_ROWS
 from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
+from bench.queryable import round_keys
 from bench.report import render, rss_runs, targets
 from dev.embedded_postgres import EmbeddedPostgres
 from dev.stack import REPO_ROOT, ServerProcess, airflow_env, prepare_airflow_home
@@ -232,6 +234,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="extra (ceiling, naive, default engine) rounds measured back to back; c/a and c/b take the median",
     )
     parser.add_argument(
+        "--dag-rounds",
+        type=int,
+        default=3,
+        help="rounds of target 1 (load-until-queryable ceiling, first load, no-op run back to back); "
+        "the target takes the median",
+    )
+    parser.add_argument(
+        "--noop-rounds",
+        type=int,
+        default=3,
+        help="scheduled minutes of target 3's no-op run and empty DAG; the target takes the median",
+    )
+    parser.add_argument(
         "--hnsw", action="store_true", help="also time an HNSW build at the end (90 to 120 s at 141,897 rows here)"
     )
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
@@ -245,6 +260,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.skip |= {"settings", "dag"}
     if args.pairs < 0:
         parser.error("--pairs must be 0 or more")
+    if args.dag_rounds < 1 or args.noop_rounds < 1:
+        parser.error("--dag-rounds and --noop-rounds must be 1 or more")
     if args.rows < 1000:
         parser.error("--rows must be at least 1000")
     return args
@@ -361,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             home = workdir / f"airflow-home-{rows}"
             shutil.rmtree(home, ignore_errors=True)
             stack.callback(shutil.rmtree, home, ignore_errors=True)
-            for key, per_partition in dag_variants(rows):
+
+            def dag_spec(conf: dict[str, Any]) -> dict[str, Any]:
+                """A DAG run's spec on a fresh database; the throwaway home is migrated once."""
                 dsn = fresh_db()
                 env = airflow_env(
                     home,
@@ -375,13 +394,28 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if not (home / "airflow.db").exists():
                     prepare_airflow_home(env)  # not timed: a deployment migrates once
+                return {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows}
+
+            for key, per_partition in dag_variants(rows):
                 # The DAG's own chunk and sub-batch; the partitions its default plans, or another count.
                 conf = {} if per_partition is None else {"rows_per_partition": per_partition}
-                spec = {"env": env, "dag_id": DAG_ID, "conf": conf, "dsn": dsn, "rows": rows}
+                spec = dag_spec(conf)
                 bench.child("dag", key, spec, conf=conf)
                 if key == "dag_default":
                     # The same DAG again on the loaded database: a run that finds nothing new.
                     bench.child("dag_noop", "dag_noop", spec, module="bench.queryable", conf=conf)
+            # Target 1's later rounds, each back to back: the ceiling, a first load, its no-op run.
+            for k in range(2, 1 + args.dag_rounds):
+                ceiling_key, load_key, noop_key = round_keys(k)
+                bench.child(
+                    "queryable_ceiling",
+                    ceiling_key,
+                    {"dsn": fresh_db(), "pkl": str(pkl), "workdir": str(workdir)},
+                    module="bench.queryable",
+                )
+                spec = dag_spec({})
+                bench.child("dag", load_key, spec, conf={})
+                bench.child("dag_noop", noop_key, spec, module="bench.queryable", conf={})
 
         if "scheduler" not in args.skip:
             bench.child(
@@ -397,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     "connections": DEFAULT_SETTING.connections,
                     "rows": rows,
                     "conf": {},  # the DAG's defaults, as a scheduled run has them
+                    "noop_rounds": args.noop_rounds,
                 },
                 module="bench.scheduler",
             )

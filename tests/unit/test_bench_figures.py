@@ -1,0 +1,119 @@
+"""The bench's figures for targets 1 and 3: medians over rounds, and late task exits read from logs.
+
+The bench measures these for real (``make bench``); here only the arithmetic and the log reading,
+on results and log lines in the layout the bench and Airflow write them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench import queryable, scheduler
+
+
+def _result(rounds: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """A bench result holding target 1's rounds, each (ceiling s, first load s, no-op run s)."""
+    measurements: dict[str, Any] = {}
+    for k, (top, load, noop) in enumerate(rounds, 1):
+        ceiling_key, load_key, noop_key = queryable.round_keys(k)
+        measurements[ceiling_key] = {"seconds": top, "copy_seconds": top / 2, "index_seconds": top / 2}
+        measurements[load_key] = {"seconds": load, "finalize": {"partitions": 1}}
+        measurements[noop_key] = {"seconds": noop}
+    return {"measurements": measurements, "default_engine": "engine"}
+
+
+def test_target_1_is_the_median_round_and_names_every_round() -> None:
+    # Ratios 1.5, 1.0 and 1.2: the median is round 3's 1.2, not round 1's 1.5.
+    result = _result([(10.0, 25.0, 10.0), (10.0, 20.0, 10.0), (10.0, 22.0, 10.0)])
+    (target,) = queryable.targets(result)
+    assert target["value"] == 1.2
+    assert target["status"] == "MISS"
+    assert target["note"].startswith("median of 3 rounds (1.50, 1.00, 1.20); round 3: 12.00 s over 10.00 s")
+    assert queryable.median_round(result)["round"] == 3  # type: ignore[index]
+    assert any("median of 3 rounds" in line and "1.20x" in line for line in queryable.lines(result))
+
+
+def test_a_round_whose_no_op_run_took_longer_is_no_figure() -> None:
+    # Round 2's no-op run outlasted its first load: the median is taken over rounds 1 and 3 (lower middle).
+    result = _result([(10.0, 21.0, 10.0), (10.0, 9.0, 10.0), (10.0, 20.5, 10.0)])
+    (target,) = queryable.targets(result)
+    assert target["value"] == 1.05 and target["status"] == "PASS"
+    assert "no figure (the no-op run took longer)" in target["note"]
+    only_noise = _result([(10.0, 9.0, 10.0)])
+    assert queryable.targets(only_noise)[0]["status"] == "n/a"
+
+
+def test_one_round_reads_as_before() -> None:
+    (target,) = queryable.targets(_result([(8.0, 18.0, 9.2)]))
+    assert target["value"] == 1.1 and target["status"] == "PASS"
+    assert target["note"].startswith("8.80 s over 8.00 s;")
+
+
+def _timing(seconds: float) -> dict[str, Any]:
+    return {"seconds": seconds, "tasks": {"plan_partitions": 0.2}, "late_exits": [0.1, 5.2]}
+
+
+def test_target_3_no_op_is_the_median_minute() -> None:
+    pairs = [
+        {"noop": _timing(11.0), "empty": _timing(4.9)},  # 2.24x: one late exit in the no-op run
+        {"noop": _timing(5.0), "empty": _timing(4.6)},  # 1.09x
+        {"noop": _timing(4.8), "empty": _timing(9.0)},  # 0.53x: the late exit in the empty run
+    ]
+    for pair in pairs:
+        pair["ratio"] = pair["noop"]["seconds"] / pair["empty"]["seconds"]
+    result = {
+        "measurements": {"scheduler": {"seconds": 10.0, "first": {"tasks": {}}, "pairs": pairs}},
+        "default_engine": "engine",
+    }
+    _, noop = scheduler.targets(result)
+    assert noop["value"] == round(5.0 / 4.6, 3) and noop["status"] == "PASS"
+    assert noop["target"].endswith("median of 3 minutes")
+    lines = scheduler.lines(result)
+    assert sum("minute" in line for line in lines) == 4  # each minute, then the median
+    assert "1 late exit(s) (5.2 s)" in lines[0]
+
+
+class _Cluster:
+    """What ``late_exits`` reads of an ``AirflowCluster``: its log folder and a run's task instances."""
+
+    def __init__(self, log_dir: Path, task_instances: list[dict[str, Any]]) -> None:
+        self.log_dir = log_dir
+        self._tis = task_instances
+
+    def log_path(self, component: str) -> Path:
+        return self.log_dir / f"{component}.log"
+
+    def task_instances(self, run: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._tis
+
+
+def _task_log(log_dir: Path, ti: dict[str, Any], stamps: list[str]) -> None:
+    folder = log_dir / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
+    if ti["map_index"] >= 0:
+        folder /= f"map_index={ti['map_index']}"
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"timestamp": s, "event": "::endgroup::"}) for s in stamps]
+    (folder / f"attempt={ti['try_number']}.log").write_text("\n".join(lines) + "\n")
+
+
+def test_late_exits_are_the_gap_from_a_task_last_log_line_to_its_workload_end(tmp_path: Path) -> None:
+    run = "scheduled__2026-12-02T04:03:00+00:00"
+    prompt = {"id": "01a234ec-5c35-7995-88d5-ba0cfd5494b9", "task_id": "finalize", "map_index": -1}
+    late = {"id": "01a234ec-5c25-78d5-a382-0342ba8a39bf", "task_id": "ingest", "map_index": 2}
+    never_ran = {"id": "01a234ec-5c22-732a-9c92-79bd2dacd55d", "task_id": "announce_change", "map_index": -1}
+    tis = [ti | {"dag_id": "recruit_embedding_ingest", "dag_run_id": run, "try_number": 1} for ti in (prompt, late, never_ran)]
+    _task_log(tmp_path, tis[0], ["2026-12-02T04:03:57.491420Z", "2026-12-02T04:03:57.835389Z"])
+    _task_log(tmp_path, tis[1], ["2026-12-02T04:04:00.429058Z", "2026-12-02T04:04:00.702766Z"])
+    (tmp_path / "scheduler.log").write_text(
+        "2026-12-02T04:03:57.850812Z [info     ] Workload finished              [supervisor] "
+        "duration=0.40344402099998433 exit_code=0 final_state=success loc=supervisor.py:2658 "
+        f"workload_id={prompt['id']} workload_type=ExecuteTask\n"
+        "2026-12-02T04:04:05.737517Z [info     ] Workload finished              [supervisor] "
+        "duration=5.504729015999999 exit_code=0 final_state=skipped loc=supervisor.py:2658 "
+        f"workload_id={late['id']} workload_type=ExecuteTask\n"
+    )
+    gaps = scheduler.late_exits(_Cluster(tmp_path, tis), {"dag_run_id": run})
+    assert gaps == [0.02, 5.03]
+    assert [g > scheduler.LATE_EXIT_SECONDS for g in gaps] == [False, True]
