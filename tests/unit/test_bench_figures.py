@@ -103,7 +103,10 @@ def test_late_exits_are_the_gap_from_a_task_last_log_line_to_its_workload_end(tm
     prompt = {"id": "01a234ec-5c35-7995-88d5-ba0cfd5494b9", "task_id": "finalize", "map_index": -1}
     late = {"id": "01a234ec-5c25-78d5-a382-0342ba8a39bf", "task_id": "ingest", "map_index": 2}
     never_ran = {"id": "01a234ec-5c22-732a-9c92-79bd2dacd55d", "task_id": "announce_change", "map_index": -1}
-    tis = [ti | {"dag_id": "recruit_embedding_ingest", "dag_run_id": run, "try_number": 1} for ti in (prompt, late, never_ran)]
+    tis = [
+        ti | {"dag_id": "recruit_embedding_ingest", "dag_run_id": run, "try_number": 1}
+        for ti in (prompt, late, never_ran)
+    ]
     _task_log(tmp_path, tis[0], ["2026-12-02T04:03:57.491420Z", "2026-12-02T04:03:57.835389Z"])
     _task_log(tmp_path, tis[1], ["2026-12-02T04:04:00.429058Z", "2026-12-02T04:04:00.702766Z"])
     (tmp_path / "scheduler.log").write_text(
