@@ -42,7 +42,6 @@ PARALLELISM = 4
 EVERY_MINUTE = "* * * * *"
 FIRST_LOAD_VS_ENGINE_AND_INDEX = 1.2  # issue 18, target 3
 NOOP_VS_EMPTY = 1.3
-DEFAULT_NOOP_ROUNDS = 3
 #: A workload ending this long after its task's last log line was noticed late (the supervisor
 #: wakes every 5 s; a prompt exit is noticed within about 0.1 s).
 LATE_EXIT_SECONDS = 2.0
@@ -179,7 +178,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
         cluster.restart(
             "dag-processor", {"RECRUIT_EMBEDDING_SCHEDULE": EVERY_MINUTE, "BENCH_EMPTY_DAG_SCHEDULE": EVERY_MINUTE}
         )
-        count = int(spec.get("noop_rounds", DEFAULT_NOOP_ROUNDS))
+        count = int(spec["noop_rounds"])  # bench.run --noop-rounds
         wait = 90.0 * (count + 1)  # a run a minute, and the first one's minute to come
         noops = _scheduled_runs(cluster, INGEST_DAG, count, timeout=wait)
         empties = _scheduled_runs(cluster, EMPTY_DAG, count, timeout=wait)
