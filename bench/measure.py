@@ -12,9 +12,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -28,6 +28,14 @@ TINY_ROWS = 1000
 SERVICE = "/recruit.embedding.v1.EmbeddingStreamService/GetEmbeddings"
 
 Spec = dict[str, Any]
+_T = TypeVar("_T")
+
+
+def lower_median(items: Sequence[_T], key: Callable[[_T], float]) -> _T:
+    """The item whose ``key`` is the median (the lower middle one of an even count): a round that
+    was measured, not an average of two. ``items`` must not be empty."""
+    ranked = sorted(items, key=key)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _count(dsn: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from bench.measure import Spec, ceiling, dag
+from bench.measure import Spec, ceiling, dag, lower_median
 from bench.measure import main as run_mode
 
 QUERYABLE_VS_DAG = 1.1  # issue 18, target 1: marginal DAG cost at most 1.1x the ceiling
@@ -133,8 +133,8 @@ def median_round(result: dict[str, Any]) -> dict[str, float] | None:
 
     A round whose no-op run took longer than its first load measured only the fixed cost's noise
     and counts as no figure."""
-    valid = sorted((r for r in rounds(result) if r["marginal_seconds"] > 0), key=lambda r: r["ratio"])
-    return valid[(len(valid) - 1) // 2] if valid else None
+    valid = [r for r in rounds(result) if r["marginal_seconds"] > 0]
+    return lower_median(valid, key=lambda r: r["ratio"]) if valid else None
 
 
 def lines(result: dict[str, Any]) -> list[str]:

@@ -27,13 +27,12 @@ import datetime as dt
 import json
 import re
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import Spec, _check_stored
+from bench.measure import Spec, _check_stored, lower_median
 
 INGEST_DAG = "recruit_embedding_ingest"
 EMPTY_DAG = "bench_empty_ingest_shape"
@@ -111,13 +110,19 @@ def _last_log_line(cluster: Any, ti: dict[str, Any]) -> dt.datetime | None:
     return dt.datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
 
 
-def late_exits(cluster: Any, run: dict[str, Any]) -> list[float]:
-    """Seconds from each task's last log line to the end of its workload (scheduler.log), for the
-    task instances of ``run`` that ran; a prompt exit is a fraction of a second."""
+def workloads_done(cluster: Any) -> dict[str, dt.datetime]:
+    """When each task instance's workload ended (``Workload finished`` in scheduler.log), by its id."""
     done: dict[str, dt.datetime] = {}
     for line in cluster.log_path("scheduler").read_text(errors="replace").splitlines():
         if match := _WORKLOAD_DONE.match(line):
             done[match.group(2)] = dt.datetime.fromisoformat(match.group(1).replace("Z", "+00:00"))
+    return done
+
+
+def late_exits(cluster: Any, run: dict[str, Any], done: dict[str, dt.datetime]) -> list[float]:
+    """Seconds from each task's last log line to the end of its workload (``done``, from
+    :func:`workloads_done`), for the task instances of ``run`` that ran; a prompt exit is a
+    fraction of a second."""
     gaps = []
     for ti in cluster.task_instances(run):
         last = _last_log_line(cluster, ti)
@@ -185,22 +190,24 @@ def scheduler(spec: Spec) -> dict[str, Any]:
         for dag_id in (INGEST_DAG, EMPTY_DAG):
             cluster.set_paused(dag_id, True)  # no further runs while the cluster stops
         _check_stored(spec["dsn"], rows)
+        done = workloads_done(cluster)
         pairs = []
         for noop, empty in zip(noops, empties, strict=True):
             states = cluster.task_states(noop)
             if states.get("finalize") != "success":
                 raise SystemExit(f"the scheduled no-op run {noop['dag_run_id']} did not finish: {states}")
-            timings = {
-                "noop": _timing(cluster, noop) | {"states": states, "late_exits": late_exits(cluster, noop)},
-                "empty": _timing(cluster, empty) | {"late_exits": late_exits(cluster, empty)},
-            }
-            pairs.append(timings | {"ratio": timings["noop"]["seconds"] / timings["empty"]["seconds"]})
+            pairs.append(
+                {
+                    "noop": _timing(cluster, noop) | {"states": states, "late_exits": late_exits(cluster, noop, done)},
+                    "empty": _timing(cluster, empty) | {"late_exits": late_exits(cluster, empty, done)},
+                }
+            )
         middle = _median_pair(pairs)
         result = {
             "rows": rows,
             "seconds": _timing(cluster, first)["seconds"],
             "first": _timing(cluster, first)
-            | {"trigger_to_seen_done_seconds": first_wall, "late_exits": late_exits(cluster, first)},
+            | {"trigger_to_seen_done_seconds": first_wall, "late_exits": late_exits(cluster, first, done)},
             "pairs": pairs,
             "noop": middle["noop"],
             "empty": middle["empty"],
@@ -221,10 +228,14 @@ def scheduler(spec: Spec) -> dict[str, Any]:
 # -- figures (plain data in, text out; bench.report calls these) ------------------------------
 
 
+def _pair_ratio(pair: dict[str, Any]) -> float:
+    """One scheduled minute's figure: the no-op run's duration over the empty DAG's."""
+    return float(pair["noop"]["seconds"]) / float(pair["empty"]["seconds"])
+
+
 def _median_pair(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The (no-op, empty) pair whose ratio is the median (the lower middle one of an even count)."""
-    ranked = sorted(pairs, key=lambda p: float(p["ratio"]))
-    return ranked[(len(ranked) - 1) // 2]
+    """The (no-op, empty) pair whose ratio is the median (:func:`bench.measure.lower_median`)."""
+    return lower_median(pairs, key=_pair_ratio)
 
 
 def _pairs(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -236,7 +247,7 @@ def _ratios(result: dict[str, Any]) -> tuple[float | None, float | None]:
     m = result["measurements"]
     s, engine, index = m.get("scheduler"), m.get(result["default_engine"]), m.get("ivfflat_build")
     first = s["seconds"] / (engine["seconds"] + index["seconds"]) if s and engine and index else None
-    noop = statistics.median(p["noop"]["seconds"] / p["empty"]["seconds"] for p in _pairs(s)) if s else None
+    noop = _pair_ratio(_median_pair(_pairs(s))) if s else None
     return first, noop
 
 
@@ -267,7 +278,7 @@ def lines(result: dict[str, Any]) -> list[str]:
         out.append(
             f"| scheduled no-op run / empty DAG of the same shape, minute {k} (no-op {no['seconds']:.2f} s: "
             f"{noop_tasks}{_late(no)}; empty {empty['seconds']:.2f} s: {empty_tasks}{_late(empty)}) "
-            f"| {no['seconds'] / empty['seconds']:.2f}x |"
+            f"| {_pair_ratio(pair):.2f}x |"
         )
     if len(pairs) > 1 and noop is not None:
         out.append(
