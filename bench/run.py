@@ -4,8 +4,8 @@ Everything runs on one embedded PostgreSQL, a fresh database a measurement, agai
 process over the same sample. Absolute seconds on a shared machine are noise; the ratios between
 measurements taken minutes apart in the same run are the figures to read.
 
-    python -m bench.run [--rows N] [--quick] [--pairs N] [--dag-rounds N] [--noop-rounds N] [--hnsw]
-                        [--skip naive,settings,dag,incremental,sync,scheduler]
+    python -m bench.run [--rows N] [--quick] [--pairs N] [--dag-rounds N] [--load-rounds N] [--noop-rounds N]
+                        [--hnsw] [--skip naive,settings,dag,incremental,sync,scheduler]
 
 The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
@@ -243,6 +243,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         f"the target takes the median (default {DEFAULT_ROUNDS}, 1 with --quick)",
     )
     parser.add_argument(
+        "--load-rounds",
+        type=int,
+        default=None,
+        help="first loads of target 3 under the real scheduler, each into an empty database; the "
+        f"target takes the median (default {DEFAULT_ROUNDS}, 1 with --quick)",
+    )
+    parser.add_argument(
         "--noop-rounds",
         type=int,
         default=None,
@@ -264,11 +271,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.pairs < 0:
         parser.error("--pairs must be 0 or more")
     # A quick run measures each figure once: a scheduled minute a round is a minute of waiting.
-    for name in ("dag_rounds", "noop_rounds"):
+    for name in ("dag_rounds", "load_rounds", "noop_rounds"):
         if getattr(args, name) is None:
             setattr(args, name, 1 if args.quick else DEFAULT_ROUNDS)
-    if args.dag_rounds < 1 or args.noop_rounds < 1:
-        parser.error("--dag-rounds and --noop-rounds must be 1 or more")
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be 1 or more")
     if args.rows < 1000:
         parser.error("--rows must be at least 1000")
     return args
@@ -451,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                     "connections": DEFAULT_SETTING.connections,
                     "rows": rows,
                     "conf": {},  # the DAG's defaults, as a scheduled run has them
+                    "load_rounds": args.load_rounds,
                     "noop_rounds": args.noop_rounds,
                 },
                 module="bench.scheduler",

@@ -29,6 +29,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dev.stack import free_port
 
@@ -207,16 +208,22 @@ class EmbeddedPostgres:
 
     def create_database(self, name: str) -> str:
         """Create (anew) database ``name``; returns its DSN."""
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return self.dsn(name)
+        return recreate_database(self.dsn(name))
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def recreate_database(dsn: str) -> str:
+    """Drop the database ``dsn`` names (closing its sessions) and create it empty; returns ``dsn``."""
+    name = str(conninfo_to_dict(dsn)["dbname"])
+    with psycopg.connect(make_conninfo(dsn, dbname="postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return dsn
 
 
 def _port_busy(port: int) -> bool:

@@ -73,6 +73,29 @@ def test_target_3_no_op_is_the_median_minute() -> None:
     assert "1 late exit(s) (5.2 s)" in lines[0]
 
 
+def test_target_3_first_load_is_the_median_round() -> None:
+    # Over an engine + build of 50 s: 1.30x (the plan's exit noticed 5 s late), 1.20x, 1.24x.
+    loads = [_timing(65.0), _timing(60.0), _timing(62.0)]
+    pairs = [{"noop": _timing(5.0), "empty": _timing(5.0)}]
+    result = {
+        "measurements": {
+            "scheduler": {"seconds": 62.0, "first": loads[2], "loads": loads, "pairs": pairs},
+            "engine": {"seconds": 15.0},
+            "ivfflat_build": {"seconds": 35.0},
+        },
+        "default_engine": "engine",
+    }
+    first, _ = scheduler.targets(result)
+    assert first["value"] == 1.24 and first["status"] == "MISS"
+    assert first["target"].endswith("median of 3 rounds")
+    lines = scheduler.lines(result)
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[:4]] == ["1.30x", "1.20x", "1.24x", "1.24x"]
+    assert "round 1 (run 65.00 s" in lines[0] and "1 late exit(s) (5.2 s)" in lines[0]
+    # A result from before the rounds: one load, read as before.
+    del result["measurements"]["scheduler"]["loads"]
+    assert scheduler.targets(result)[0]["target"] == "scheduler first load vs engine + ivfflat build"
+
+
 class _Cluster:
     """What ``late_exits`` reads of an ``AirflowCluster``: its log folder and a run's task instances."""
 
