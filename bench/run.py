@@ -5,7 +5,7 @@ process over the same sample. Absolute seconds on a shared machine are noise; th
 measurements taken minutes apart in the same run are the figures to read.
 
     python -m bench.run [--rows N] [--quick] [--pairs N] [--dag-rounds N] [--load-rounds N] [--noop-rounds N]
-                        [--hnsw] [--skip naive,settings,dag,incremental,sync,scheduler]
+                        [--scheduler-connections N] [--hnsw] [--skip naive,settings,dag,incremental,sync,scheduler]
 
 The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
@@ -250,6 +250,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         f"target takes the median (default {DEFAULT_ROUNDS}, 1 with --quick)",
     )
     parser.add_argument(
+        "--scheduler-connections",
+        type=int,
+        default=DEFAULT_SETTING.connections,
+        help="RECRUIT_EMBEDDING_DB_CONNECTIONS under the real scheduler: writers a mapped task "
+        f"(default {DEFAULT_SETTING.connections}, the DAG's; the four tasks of a 1M load run side by side)",
+    )
+    parser.add_argument(
         "--noop-rounds",
         type=int,
         default=None,
@@ -268,6 +275,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown --skip part(s) {sorted(unknown)}; choose from {', '.join(SKIPPABLE)}")
     if args.quick:
         args.skip |= {"settings", "dag"}
+    if args.scheduler_connections < 1:
+        parser.error("--scheduler-connections must be 1 or more")
     if args.pairs < 0:
         parser.error("--pairs must be 0 or more")
     # A quick run measures each figure once: a scheduled minute a round is a minute of waiting.
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                     "metadata_dsn": fresh_db(retire=False).replace("postgresql://", "postgresql+psycopg://"),
                     "target": ai.target,
                     "cache_target": api.target,
-                    "connections": DEFAULT_SETTING.connections,
+                    "connections": args.scheduler_connections,
                     "rows": rows,
                     "conf": {},  # the DAG's defaults, as a scheduled run has them
                     "load_rounds": args.load_rounds,

@@ -227,6 +227,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             "cluster_ready_seconds": ready,
             "warm_up_seconds": warm_up,
             "parallelism": PARALLELISM,
+            "connections": int(spec["connections"]),
             "conf": spec["conf"],
             "peak_rss_mib": None,
         }
