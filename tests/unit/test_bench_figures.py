@@ -77,12 +77,9 @@ def test_target_3_first_load_is_the_median_round() -> None:
     # Over an engine + build of 50 s: 1.30x (the plan's exit noticed 5 s late), 1.20x, 1.24x.
     loads = [_timing(65.0), _timing(60.0), _timing(62.0)]
     pairs = [{"noop": _timing(5.0), "empty": _timing(5.0)}]
+    measured: dict[str, Any] = {"seconds": 62.0, "first": loads[2], "loads": loads, "pairs": pairs}
     result = {
-        "measurements": {
-            "scheduler": {"seconds": 62.0, "first": loads[2], "loads": loads, "pairs": pairs},
-            "engine": {"seconds": 15.0},
-            "ivfflat_build": {"seconds": 35.0},
-        },
+        "measurements": {"scheduler": measured, "engine": {"seconds": 15.0}, "ivfflat_build": {"seconds": 35.0}},
         "default_engine": "engine",
     }
     first, _ = scheduler.targets(result)
@@ -92,7 +89,7 @@ def test_target_3_first_load_is_the_median_round() -> None:
     assert [line.rsplit("|", 2)[1].strip() for line in lines[:4]] == ["1.30x", "1.20x", "1.24x", "1.24x"]
     assert "round 1 (run 65.00 s" in lines[0] and "1 late exit(s) (5.2 s)" in lines[0]
     # A result from before the rounds: one load, read as before.
-    del result["measurements"]["scheduler"]["loads"]
+    del measured["loads"]
     assert scheduler.targets(result)[0]["target"] == "scheduler first load vs engine + ivfflat build"
 
 
