@@ -172,7 +172,7 @@ def render(result: dict[str, Any]) -> str:
             if key.startswith(baseline + "_"):
                 name, settings = _LABELS[baseline][0], _LABELS[baseline][1] + f", pair {key.split('_')[1]}"
         if key == "scheduler" and "connections" in r:
-            settings += f", {r['connections']} conn a task, median of {len(r.get('loads') or [r])} first loads"
+            settings += f", {r['connections']} conn a task, median of {len(scheduler.first_loads(r))} first loads"
         if key == default:
             name += " [default]"
         if key.startswith("dag"):

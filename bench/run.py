@@ -46,7 +46,8 @@ DEFAULT_ROWS = 141_897  # the seed's own figure
 DAG_ID = "recruit_embedding_ingest"
 SEED = 7
 CHANGED_FRACTION = 0.10
-#: Rounds of targets 1 and 3's no-op figure, each read as the median (bench/queryable.py, bench/scheduler.py).
+#: Rounds of target 1 and of target 3's first load and no-op figure, each read as the median
+#: (bench/queryable.py, bench/scheduler.py).
 DEFAULT_ROUNDS = 3
 SKIPPABLE = ("naive", "settings", "dag", "incremental", "sync", "scheduler")
 #: The range-sync measurement's source: this share of rows changed and as many removed.

@@ -19,8 +19,9 @@ Why rounds: Airflow's task supervisor sometimes notices its task process's exit 
 wake-up, ``[workers] min_heartbeat_interval`` (5 s) later. Until then the executor slot stays
 taken, and a task that skips reports its state only then, so a run of this shape takes 4-5 s or
 9-10 s by chance (bench/RESULTS.md). In a first load of four partitions on four slots, a late
-exit of ``plan_partitions`` holds back the fourth ``ingest`` by up to 5 s. Each timing counts its ``late_exits``: task processes whose
-workload ended more than ``LATE_EXIT_SECONDS`` after the task's last log line.
+exit of ``plan_partitions`` holds back the fourth ``ingest`` by up to 5 s. Each timing counts its
+``late_exits``: task processes whose workload ended more than ``LATE_EXIT_SECONDS`` after the
+task's last log line.
 """
 
 from __future__ import annotations
@@ -215,11 +216,9 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             _timing(cluster, run) | {"trigger_to_seen_done_seconds": wall, "late_exits": late_exits(cluster, run, done)}
             for run, wall in loads
         ]
-        first = lower_median(firsts, key=lambda timing: float(timing["seconds"]))
         result = {
             "rows": rows,
-            "seconds": first["seconds"],
-            "first": first,
+            "seconds": lower_median(firsts, key=lambda timing: float(timing["seconds"]))["seconds"],
             "loads": firsts,
             "pairs": pairs,
             "noop": middle["noop"],
@@ -257,7 +256,8 @@ def _pairs(s: dict[str, Any]) -> list[dict[str, Any]]:
     return list(s.get("pairs") or [{"noop": s["noop"], "empty": s["empty"]}])
 
 
-def _loads(s: dict[str, Any]) -> list[dict[str, Any]]:
+def first_loads(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scheduler measurement's first loads, in round order; ``seconds`` is the median one's."""
     # A result from before the first load's rounds holds one load, as ``first``.
     return list(s.get("loads") or [s["first"]])
 
@@ -287,7 +287,7 @@ def lines(result: dict[str, Any]) -> list[str]:
         return []
     first, noop = _ratios(result)
     yardstick = _engine_and_index(result)
-    loads = _loads(s)
+    loads = first_loads(s)
     out = []
     for k, load in enumerate(loads, 1):
         # Wall spans where recorded (mapped tasks side by side), else summed task seconds.
@@ -322,7 +322,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     first, noop = _ratios(result)
     s = result["measurements"].get("scheduler")
     minutes = len(_pairs(s)) if s else 0
-    rounds = len(_loads(s)) if s else 0
+    rounds = len(first_loads(s)) if s else 0
     out = []
     for name, value, limit in (
         (
