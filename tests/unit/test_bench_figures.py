@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import queryable, scheduler
 
 
@@ -139,3 +141,14 @@ def test_late_exits_are_the_gap_from_a_task_last_log_line_to_its_workload_end(tm
     gaps = scheduler.late_exits(cluster, {"dag_run_id": run}, scheduler.workloads_done(cluster))
     assert gaps == [0.02, 5.03]
     assert [g > scheduler.LATE_EXIT_SECONDS for g in gaps] == [False, True]
+
+
+def test_rounds_and_scheduler_connections_below_one_are_refused_in_one_line(capsys: Any) -> None:
+    from bench.run import _parse
+
+    assert _parse(["--quick"]).load_rounds == 1 and _parse([]).load_rounds == 3
+    for flag in ("--dag-rounds", "--load-rounds", "--noop-rounds", "--scheduler-connections"):
+        with pytest.raises(SystemExit) as exc:
+            _parse([flag, "0"])
+        assert exc.value.code == 2
+        assert f"{flag} must be 1 or more" in capsys.readouterr().err.splitlines()[-1]
