@@ -54,6 +54,7 @@ def _upload_server(args: argparse.Namespace) -> int:
         dimension=args.dimension,
         sub_batch_size=args.sub_batch_size,
         db_connections=args.db_connections,
+        db_writer_budget=args.db_writer_budget,
         max_concurrent_uploads=args.max_concurrent_uploads,
         stream_name=args.stream_name,
         cache_target=args.cache_target,
@@ -219,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
     up.add_argument("--sub-batch-size", type=int, default=DEFAULT_SUB_BATCH_SIZE, help="rows a transaction")
     up.add_argument("--db-connections", type=int, default=2, help="connections (writers) an upload uses")
+    up.add_argument(
+        "--db-writer-budget",
+        type=int,
+        default=0,
+        help="the most writers of all ingest tasks and uploads on the database at once, shared among them "
+        "(0: none; README, 'Sizing a deployment')",
+    )
     up.add_argument("--max-concurrent-uploads", type=int, default=4, help="more are refused (RESOURCE_EXHAUSTED)")
     up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
     up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -244,6 +244,44 @@ class _IdOrder:
                 del owner[i]
 
 
+class _WriterGate:
+    """At most ``limit`` writes at once, a limit the main thread may change between chunks (a
+    writer budget's share, storage/writer_budget.py). Writes wait here after the earlier writes of
+    their ids (:class:`_IdOrder`), so a write holding the gate never waits on one queued behind it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._limit = max(1, limit)
+        self._busy = 0
+        self._closed = False
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self._limit = max(1, limit)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Writes still waiting give up (the ingest is being stopped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._busy < self._limit)
+            if self._closed:
+                raise RuntimeError("the ingest stopped before this sub-batch was written")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+
 def _max_id(a: str | None, b: str | None) -> str | None:
     return b if a is None else a if b is None else max(a, b)
 
@@ -276,6 +314,7 @@ def ingest_chunks(
     origin: Mapping[str, Any] | None = None,
     partition: PartitionKey | None = None,
     reconcile: RangeSync | None = None,
+    writer_share: Callable[[], int] | None = None,
     log_every: int = 50,
 ) -> IngestStats:
     """Validate and store every chunk; returns the counts.
@@ -288,6 +327,9 @@ def ingest_chunks(
         it the stream's checkpoint advances directly.
     :param reconcile: once everything is stored, delete the range's rows the source no longer
         has, in the transaction that marks the partition done (storage/sync.py).
+    :param writer_share: how many of ``writers`` may write at once, asked before each chunk (a
+        :meth:`~airflow_embedding_provider.storage.writer_budget.WriterBudget.share`); all of
+        them without it.
     """
     if not writers:
         raise ValueError("ingest needs at least one writer")
@@ -301,6 +343,7 @@ def ingest_chunks(
     for writer in writers:
         idle.put(writer)
     slots = threading.BoundedSemaphore(2 * len(writers))
+    gate = _WriterGate(len(writers))
     began = time.monotonic()
 
     def store(
@@ -310,19 +353,22 @@ def ingest_chunks(
         # already (the pool starts tasks in order): waiting here cannot deadlock. A failed one
         # fails the ingest through _collect; this write may then go ahead.
         wait(earlier)
-        writer = idle.get()
         try:
-            result = writer.write(
-                batch,
-                rejected,
-                checkpoint=frontier.claim(seq),
-                partition=partition,
-                origin={**(origin or {}), "chunk": chunk_no},
-            )
-            frontier.committed(seq)
-            return result
+            with gate.held():
+                writer = idle.get()
+                try:
+                    result = writer.write(
+                        batch,
+                        rejected,
+                        checkpoint=frontier.claim(seq),
+                        partition=partition,
+                        origin={**(origin or {}), "chunk": chunk_no},
+                    )
+                    frontier.committed(seq)
+                    return result
+                finally:
+                    idle.put(writer)
         finally:
-            idle.put(writer)
             slots.release()
 
     pending: set[Future[WriteResult]] = set()
@@ -348,6 +394,8 @@ def ingest_chunks(
                     raise
                 stats.rows_received += len(chunk)
                 stats.chunks += 1
+                if writer_share is not None:
+                    gate.set_limit(writer_share())
                 for start, stop in _sub_batches(chunk.ids, sub_batch_size):
                     batch, rejected = validate_chunk(chunk.slice(start, stop), dimension)
                     _report(chunk_no, rejected)
@@ -371,6 +419,7 @@ def ingest_chunks(
                     )
             pending = _collect(pending, stats, block=True, order=order)
         except BaseException as exc:
+            gate.close()
             for future in pending:
                 future.cancel()
             if not isinstance(exc, Exception) and any(future.running() for future in pending):

@@ -172,7 +172,11 @@ def render(result: dict[str, Any]) -> str:
             if key.startswith(baseline + "_"):
                 name, settings = _LABELS[baseline][0], _LABELS[baseline][1] + f", pair {key.split('_')[1]}"
         if key == "scheduler" and "connections" in r:
-            settings += f", {r['connections']} conn a task, median of {len(scheduler.first_loads(r))} first loads"
+            budget = r.get("writer_budget")  # results before the budget have none: every task wrote on all
+            settings += f", {r['connections']} conn a task" + (
+                f", a budget of {budget} writers" if budget else ", no writer budget"
+            )
+            settings += f", median of {len(scheduler.first_loads(r))} first loads"
         if key == default:
             name += " [default]"
         if key.startswith("dag"):

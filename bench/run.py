@@ -5,7 +5,7 @@ process over the same sample. Absolute seconds on a shared machine are noise; th
 measurements taken minutes apart in the same run are the figures to read.
 
     python -m bench.run [--rows N] [--quick] [--pairs N] [--dag-rounds N] [--load-rounds N] [--noop-rounds N]
-                        [--scheduler-connections N] [--hnsw] [--skip naive,settings,dag,incremental,sync,scheduler]
+                        [--scheduler-connections N] [--scheduler-budget N] [--hnsw] [--skip naive,settings,dag,incremental,sync,scheduler]
 
 The RSS target compares WORKDIR/result-100000.json with result-1000000.json (this run or stored).
 """
@@ -258,6 +258,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         f"(default {DEFAULT_SETTING.connections}, the DAG's; the four tasks of a 1M load run side by side)",
     )
     parser.add_argument(
+        "--scheduler-budget",
+        type=int,
+        default=None,
+        help="RECRUIT_EMBEDDING_DB_WRITER_BUDGET under the real scheduler: the most writers of all "
+        "tasks at once (default the DAG's, one task's writers: --scheduler-connections; 0 = none)",
+    )
+    parser.add_argument(
         "--noop-rounds",
         type=int,
         default=None,
@@ -278,6 +285,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.skip |= {"settings", "dag"}
     if args.scheduler_connections < 1:
         parser.error("--scheduler-connections must be 1 or more")
+    if args.scheduler_budget is None:
+        args.scheduler_budget = args.scheduler_connections
+    if args.scheduler_budget < 0:
+        parser.error("--scheduler-budget must be 0 (none) or more")
     if args.pairs < 0:
         parser.error("--pairs must be 0 or more")
     # A quick run measures each figure once: a scheduled minute a round is a minute of waiting.
@@ -466,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                     "target": ai.target,
                     "cache_target": api.target,
                     "connections": args.scheduler_connections,
+                    "writer_budget": args.scheduler_budget,
                     "rows": rows,
                     "conf": {},  # the DAG's defaults, as a scheduled run has them
                     "load_rounds": args.load_rounds,

@@ -134,6 +134,11 @@ def late_exits(cluster: Any, run: dict[str, Any], done: dict[str, dt.datetime]) 
     return gaps
 
 
+def _writer_budget(spec: Spec) -> int:
+    """The most writers of all tasks at once (0 = none); one task's writers, as the DAG has it, when not given."""
+    return int(spec["writer_budget"] if "writer_budget" in spec else spec["connections"])
+
+
 def scheduler(spec: Spec) -> dict[str, Any]:
     from dev.airflow_cluster import AirflowCluster
     from dev.embedded_postgres import recreate_database
@@ -156,6 +161,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": spec["metadata_dsn"],
             "RECRUIT_EMBEDDING_RETRIES": "0",  # a failure shows at once, not after back-off
             "RECRUIT_EMBEDDING_DB_CONNECTIONS": str(spec["connections"]),
+            "RECRUIT_EMBEDDING_DB_WRITER_BUDGET": str(_writer_budget(spec)),
         },
     )
     cluster = AirflowCluster(env, log_dir=home / "logs", parallelism=PARALLELISM)
@@ -227,6 +233,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             "warm_up_seconds": warm_up,
             "parallelism": PARALLELISM,
             "connections": int(spec["connections"]),
+            "writer_budget": _writer_budget(spec),
             "conf": spec["conf"],
             "peak_rss_mib": None,
         }

@@ -43,6 +43,9 @@ DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION)
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
+# The most writers of all ingest tasks on the database at once, shared among the tasks running
+# (storage/writer_budget.py); by default one task's writers; 0 = no budget. README, "Sizing".
+DB_WRITER_BUDGET = int(os.environ.get("RECRUIT_EMBEDDING_DB_WRITER_BUDGET", str(DB_CONNECTIONS)))
 # A task that runs longer fails (and retries) instead of holding its slot for ever; 0 = no limit.
 # Generous by default: finalize's HNSW build at 1M rows takes many minutes.
 TASK_TIMEOUT = float(os.environ.get("RECRUIT_EMBEDDING_TASK_TIMEOUT", "7200"))
@@ -132,6 +135,7 @@ with DAG(
         chunk_size="{{ params.chunk_size }}",
         sub_batch_size="{{ params.sub_batch_size }}",
         db_connections=DB_CONNECTIONS,
+        db_writer_budget=DB_WRITER_BUDGET,
         dimension=DIMENSION,
         map_index_template="{{ partition_label }}",
     ).expand(partition=plan.output)

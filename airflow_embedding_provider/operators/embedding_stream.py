@@ -72,6 +72,7 @@ from airflow_embedding_provider.storage.search import read_search_setting
 from airflow_embedding_provider.storage.session import without_statement_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.storage.writer_budget import WriterBudget
 from airflow_embedding_provider.wire.contract import MAX_CHUNK_BYTES, max_chunk_size
 
 if TYPE_CHECKING:
@@ -246,6 +247,10 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         fewer where a message cannot hold that many vectors of ``dimension`` (``default_chunk_size``).
     :param sub_batch_size: rows a database transaction (templated).
     :param db_connections: database connections (and writer threads) of this task.
+    :param db_writer_budget: the most writers that all ingest tasks on this database run at once
+        (storage/writer_budget.py); the task writes on its share of it, between 1 and
+        ``db_connections``, on one more connection that holds its place. ``None`` or 0: no
+        budget, every task writes on all of its connections.
     :param dimension: the vector dimension the tables are declared with.
     :param stream_name: the checkpoint row this ingest advances.
     :param cache_target: the API server cache that changed rows make stale (outbox entry).
@@ -275,6 +280,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         chunk_size: int | str | None = None,
         sub_batch_size: int | str = DEFAULT_SUB_BATCH_SIZE,
         db_connections: int = 4,
+        db_writer_budget: int | None = None,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
         cache_target: str | None = "recruit",
@@ -292,6 +298,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         self.chunk_size = chunk_size
         self.sub_batch_size = sub_batch_size
         self.db_connections = db_connections
+        self.db_writer_budget = db_writer_budget
         self.dimension = dimension
         self.stream_name = stream_name
         self.cache_target = cache_target
@@ -324,9 +331,17 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 f"chunk_size {chunk_size} is above {limit}, the most rows of dimension {self.dimension} that keep a "
                 f"gRPC message under {MAX_CHUNK_BYTES // 2**20} MiB: lower the chunk_size Param"
             )
+        budget = int(self.db_writer_budget or 0)
+        if budget < 0:
+            raise AirflowFailException(f"db_writer_budget must be at least 1 writer (or 0 for none), got {budget}")
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
-        with self.postgres_hook.connections(max(1, int(self.db_connections))) as conns:
+        width = max(1, int(self.db_connections))
+        with (
+            self.postgres_hook.connections(width + (1 if budget else 0)) as opened,
+            WriterBudget(opened[width], budget=budget, writers=width) if budget else contextlib.nullcontext() as place,
+        ):
+            conns = opened[:width]
             conn = conns[0]
             key: PartitionKey | None = None
             if part is None:
@@ -378,6 +393,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                     origin=origin,
                     partition=key,
                     reconcile=reconcile,
+                    writer_share=place.share if place is not None else None,
                 )
                 _report_rejects(self, hook, source if part is None else f"{source} ({part.label})", stats)
             if part is None and self.build_ann_index:

@@ -63,6 +63,7 @@ from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_sche
 from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, RangeSync, stored_count
 from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.storage.writer_budget import WriterBudget
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
 from airflow_embedding_provider.wire.contract import EMBEDDING_SERVICE, MAX_RECEIVE_MESSAGE_BYTES
@@ -116,6 +117,9 @@ class UploadSettings:
     :param dimension: the configured vector dimension; other lengths go to the DLQ.
     :param sub_batch_size: rows a transaction.
     :param db_connections: writers (connections) an upload uses; each upload opens its own.
+    :param db_writer_budget: the most writers of all ingest tasks and uploads on the database at
+        once (storage/writer_budget.py); an upload writes on its share, on one more connection that
+        holds its place. 0: no budget.
     :param prefetch_depth: decoded chunks held ahead of the writers; with the writers' queue this
         bounds what an upload holds in memory.
     :param max_concurrent_uploads: uploads served at once; more are refused with RESOURCE_EXHAUSTED,
@@ -132,6 +136,7 @@ class UploadSettings:
     dimension: int = DEFAULT_DIMENSION
     sub_batch_size: int = DEFAULT_SUB_BATCH_SIZE
     db_connections: int = 2
+    db_writer_budget: int = 0
     prefetch_depth: int = 4
     max_concurrent_uploads: int = 4
     stream_name: str = DEFAULT_UPLOAD_STREAM
@@ -143,6 +148,8 @@ class UploadSettings:
         for name in ("sub_batch_size", "db_connections", "prefetch_depth", "max_concurrent_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.db_writer_budget < 0:
+            raise ValueError("db_writer_budget must be at least 1 writer (or 0 for none)")
         for name in ("idle_timeout", "keepalive"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
@@ -308,6 +315,17 @@ class UploadServicer:
         with ExitStack() as stack:
             try:
                 conns = [stack.enter_context(self._connect()) for _ in range(settings.db_connections)]
+                place = (
+                    stack.enter_context(
+                        WriterBudget(
+                            stack.enter_context(self._connect()),
+                            budget=settings.db_writer_budget,
+                            writers=settings.db_connections,
+                        )
+                    )
+                    if settings.db_writer_budget
+                    else None
+                )
             except (psycopg.Error, RuntimeError) as exc:
                 log.error("upload %s from %s: cannot connect to PostgreSQL: %s", upload_id, peer, exc)
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"the upload server cannot reach PostgreSQL: {exc}")
@@ -324,6 +342,7 @@ class UploadServicer:
                     dimension=settings.dimension,
                     sub_batch_size=settings.sub_batch_size,
                     origin={"upload": upload_id, "peer": peer},
+                    writer_share=place.share if place is not None else None,
                 )
             except (grpc.RpcError, IdleTimeoutError):
                 raise

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,7 +25,7 @@ from airflow_embedding_provider.storage.checkpoint import (
     save_plan,
 )
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
-from airflow_embedding_provider.storage.writer import ChunkWriter
+from airflow_embedding_provider.storage.writer import ChunkWriter, WriteResult
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk
 from dev.verify import compare
 
@@ -188,3 +189,65 @@ def test_the_stored_row_hashes_are_those_of_the_stored_rows(
     mine = row_hashes([r[0] for r in rows], company, years, english, keyword, vectors)
     assert [r[5] for r in rows] == mine.tolist()
     assert mine.tolist() == data.row_hashes.tolist()  # ids unique and in order: the dataset's own order
+
+
+class _CountingWriter(ChunkWriter):
+    """A real writer that records how many writes of its group run at once; each write holds on
+    a little so that writes allowed to overlap do overlap."""
+
+    def __init__(self, conn: psycopg.Connection, group: dict[str, int], lock: threading.Lock) -> None:
+        super().__init__(conn, dimension=384)
+        self._group, self._lock = group, lock
+
+    def write(self, *args: object, **kwargs: object) -> WriteResult:
+        with self._lock:
+            self._group["now"] += 1
+            self._group["most"] = max(self._group["most"], self._group["now"])
+        try:
+            time.sleep(0.05)
+            return super().write(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with self._lock:
+                self._group["now"] -= 1
+
+
+@pytest.mark.parametrize(("share", "most"), [(None, 3), (1, 1), (2, 2)])
+def test_the_writer_share_caps_the_writes_at_once_and_everything_is_stored(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset, share: int | None, most: int
+) -> None:
+    group, lock = {"now": 0, "most": 0}, threading.Lock()
+    writers = [_CountingWriter(c, group, lock) for c in conns]
+    stats = ingest_chunks(
+        chunks_of(sample_dataset, 0, 1500, 300),
+        writers,
+        dimension=384,
+        sub_batch_size=50,
+        writer_share=None if share is None else (lambda: share),
+    )
+    assert stats.inserted == 1500
+    assert group["most"] == most
+    check = compare(conns[0], sample_dataset, ignore=sample_dataset.ids[1500:])
+    assert check.equal, check.summary()
+
+
+def test_a_share_that_changes_between_chunks_takes_effect(
+    conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    # One writer while a neighbour task runs (the first two chunks), all three once it has finished.
+    group, lock = {"now": 0, "most": 0}, threading.Lock()
+    writers = [_CountingWriter(c, group, lock) for c in conns]
+    asked = itertools.count()
+    seen: list[int] = []
+
+    def share() -> int:
+        if next(asked) < 2:
+            return 1
+        if not seen:
+            seen.append(group["most"])  # the most writes at once while the share was 1
+        return 3
+
+    stats = ingest_chunks(
+        chunks_of(sample_dataset, 0, 1500, 300), writers, dimension=384, sub_batch_size=50, writer_share=share
+    )
+    assert stats.inserted == 1500
+    assert seen == [1] and group["most"] == 3

@@ -152,3 +152,15 @@ def test_rounds_and_scheduler_connections_below_one_are_refused_in_one_line(caps
             _parse([flag, "0"])
         assert exc.value.code == 2
         assert f"{flag} must be 1 or more" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_scheduler_budget_defaults_to_one_tasks_writers_and_refuses_a_negative_one(capsys: Any) -> None:
+    from bench.run import _parse
+
+    assert _parse([]).scheduler_budget == 4
+    assert _parse(["--scheduler-connections", "2"]).scheduler_budget == 2
+    assert _parse(["--scheduler-budget", "0"]).scheduler_budget == 0
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--scheduler-budget", "-1"])
+    assert exc.value.code == 2
+    assert "--scheduler-budget must be 0 (none) or more" in capsys.readouterr().err.splitlines()[-1]

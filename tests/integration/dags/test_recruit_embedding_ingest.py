@@ -12,6 +12,7 @@ import pytest
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.operators.embedding_stream import EmbeddingStreamPlanOperator
 from airflow_embedding_provider.partitions import DEFAULT_ROWS_PER_PARTITION
+from airflow_embedding_provider.storage.writer_budget import WriterBudget
 from dev.api_server.service import read_stats
 from dev.stack import DAGS_FOLDER, ServerProcess, dags_test, task_result
 from dev.verify import compare, table_digest
@@ -161,3 +162,19 @@ def test_an_unknown_ann_index_setting_stops_the_dag_file_with_its_name(monkeypat
     monkeypatch.setenv("RECRUIT_EMBEDDING_ANN_INDEX", "diskann")
     with pytest.raises(ValueError, match="RECRUIT_EMBEDDING_ANN_INDEX must be one of ivfflat, hnsw, got 'diskann'"):
         runpy.run_path(str(DAGS_FOLDER / f"{DAG_ID}.py"))
+
+
+def test_each_ingest_task_writes_on_its_share_of_the_databases_writer_budget(
+    dag_env: dict[str, str], airflow_home: Path, pg_dsn: str, sample_dataset: EmbeddingDataset
+) -> None:
+    # Another ingest task of this database holds its place (a real registration, on its own
+    # session) while the DAG runs: each of the DAG's tasks gets half of a budget of 2 writers.
+    env = {**dag_env, "RECRUIT_EMBEDDING_DB_WRITER_BUDGET": "2", "RECRUIT_EMBEDDING_DB_CONNECTIONS": "4"}
+    with psycopg.connect(pg_dsn, autocommit=True) as neighbour, WriterBudget(neighbour, budget=2, writers=4):
+        result = dags_test(DAG_ID, env, conf={"rows_per_partition": 1000})
+    out = result.stdout + result.stderr
+    assert out.count("writing on 1 of 4 connection(s) at once: a budget of 2 writer(s) over 2 ingest task(s)") == 3
+    assert task_result(airflow_home, DAG_ID, "finalize")["inserted"] == len(sample_dataset)
+    with psycopg.connect(pg_dsn) as conn:
+        check = compare(conn, sample_dataset)
+        assert check.equal, check.summary()

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset, load_dataset
 from airflow_embedding_provider.digest import pack_hashes, unpack_hashes
+from airflow_embedding_provider.storage.writer_budget import WriterBudget
 from airflow_embedding_provider.upload_server.client import UploadError, dataset_chunks, upload
 from airflow_embedding_provider.upload_server.service import SERVICE_NAME
 from airflow_embedding_provider.wire import embedding_pb2
@@ -297,3 +298,36 @@ def test_a_pushers_row_hashes_are_not_stored_on_trust(upload_server: StartServer
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         stored: dict[str, int] = dict(conn.execute("SELECT id::text, row_hash FROM recruit_metadata").fetchall())
     assert stored == dict(zip(dataset.ids, dataset.row_hashes.tolist(), strict=True))
+
+
+def test_an_upload_writes_on_its_share_of_the_databases_writer_budget(
+    upload_server: StartServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    # An ingest task of the DAG holds its place on this database (a real registration on its own
+    # session): the upload gets half of a budget of 2 writers.
+    pkl = write_sample(tmp_path / "budget.pkl", 3000, seed=31)
+    server = upload_server("--db-connections", "3", "--db-writer-budget", "2")
+    with psycopg.connect(pg_dsn, autocommit=True) as neighbour, WriterBudget(neighbour, budget=2, writers=4):
+        result = push(pkl, server.target)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stored 3000 (3000 new, 0 changed, 0 unchanged); 0 to the DLQ" in result.stdout
+    wait_for_log(
+        server, r"writing on 1 of 3 connection\(s\) at once: a budget of 2 writer\(s\) over 2 ingest task\(s\)"
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        comparison = compare(conn, load_dataset(pkl))
+        assert comparison.equal, comparison.summary()
+
+
+def test_a_negative_writer_budget_stops_the_server_with_one_line(pg_dsn: str) -> None:
+    command = ["upload-server", "--postgres-dsn", pg_dsn, "--port", str(free_port()), "--db-writer-budget", "-1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow_embedding_provider.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "airflow-embedding upload-server: error: db_writer_budget must be at least 1 writer (or 0 for none)"
+    ]
