@@ -48,6 +48,7 @@ NOOP_VS_EMPTY = 1.3
 #: wakes every 5 s; a prompt exit is noticed within about 0.1 s).
 LATE_EXIT_SECONDS = 2.0
 _WORKLOAD_DONE = re.compile(r"^(\S+) .*Workload finished.*workload_id=([0-9a-f-]{36})")
+_SHARE = re.compile(r"writing on (\d+) of \d+ connection")
 
 
 def _seconds(run: dict[str, Any], start: str = "start_date") -> float:
@@ -99,18 +100,20 @@ def _scheduled_runs(cluster: Any, dag_id: str, count: int, timeout: float) -> li
 
 
 def _last_log_line(cluster: Any, ti: dict[str, Any]) -> dt.datetime | None:
-    """When a task instance's own log (``logs/dag_id=.../attempt=N.log``, JSON lines) last wrote."""
-    folder = cluster.log_dir / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
-    if ti["map_index"] >= 0:
-        folder /= f"map_index={ti['map_index']}"
-    path = folder / f"attempt={ti['try_number']}.log"
-    last = None
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                stamp = json.loads(line).get("timestamp")
-                last = stamp or last
+    """When a task instance's own log last wrote."""
+    last = next((line["timestamp"] for line in reversed(cluster.task_log(ti)) if line.get("timestamp")), None)
     return dt.datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
+
+
+def writer_shares(cluster: Any, run: dict[str, Any]) -> dict[int, list[int]]:
+    """The writers each mapped ``ingest`` task of ``run`` wrote on at once, every change of its
+    share in order (its ``writing on N of M connection(s)`` lines, storage/writer_budget.py)."""
+    shares: dict[int, list[int]] = {}
+    for ti in cluster.task_instances(run):
+        if ti["task_id"] == "ingest":
+            events = (str(line.get("event", "")) for line in cluster.task_log(ti))
+            shares[ti["map_index"]] = [int(m.group(1)) for e in events if (m := _SHARE.search(e))]
+    return dict(sorted(shares.items()))
 
 
 def workloads_done(cluster: Any) -> dict[str, dt.datetime]:
@@ -219,7 +222,12 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             )
         middle = _median_pair(pairs)
         firsts = [
-            _timing(cluster, run) | {"trigger_to_seen_done_seconds": wall, "late_exits": late_exits(cluster, run, done)}
+            _timing(cluster, run)
+            | {
+                "trigger_to_seen_done_seconds": wall,
+                "late_exits": late_exits(cluster, run, done),
+                "writer_shares": writer_shares(cluster, run),
+            }
             for run, wall in loads
         ]
         result = {
@@ -301,6 +309,9 @@ def lines(result: dict[str, Any]) -> list[str]:
         tasks = ", ".join(f"{t} {v:.1f} s" for t, v in load.get("spans", load["tasks"]).items())
         if "between_tasks_seconds" in load:
             tasks += f", between tasks {load['between_tasks_seconds']:.1f} s"
+        if load.get("writer_shares"):  # each ingest task's writers at once, every change in order
+            shares = "; ".join(f"#{i} {'>'.join(map(str, v))}" for i, v in load["writer_shares"].items())
+            tasks += f", writers at once {shares}"
         name = "scheduler first load / (engine + ivfflat build)" + (f", round {k}" if len(loads) > 1 else "")
         if yardstick:
             out.append(

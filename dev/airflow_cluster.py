@@ -45,7 +45,7 @@ WORKER_NAME_ENV = "EMBEDDING_DEVKIT_WORKER_NAME"
 #: The Celery settings the cluster test proves, and docker-compose.yaml's celery profile repeats
 #: (tests/unit/test_docker_compose.py compares them). Each worker process takes one task at a time
 #: (prefetch 1), so a queue of mapped partitions spreads over the workers instead of piling onto
-#: the first one to ask; two processes a worker, each task holding RECRUIT_EMBEDDING_DB_CONNECTIONS
+#: the first one to ask; two processes a worker, each task holding RECRUIT_EMBEDDING_DB_CONNECTIONS + 1
 #: connections. Redis hands a task not acknowledged within ``visibility_timeout`` seconds to another
 #: worker, and Airflow acknowledges after the task: 6 h is far above an ingest partition (seconds to
 #: minutes, README "Scaling out with Celery") and silences Airflow's warning about Celery's 24 h default.
@@ -347,6 +347,18 @@ class AirflowCluster:
             f"{ti['task_id']}" + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): ti["state"]
             for ti in self.task_instances(run)
         }
+
+    def task_log(self, ti: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The lines of a task instance's own log (``dag_id=.../attempt=N.log``, JSON lines with
+        ``timestamp`` and ``event``), as :meth:`task_instances` gives the instance; ``[]`` when none."""
+        folder = self.log_dir / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
+        if ti["map_index"] >= 0:
+            folder /= f"map_index={ti['map_index']}"
+        path = folder / f"attempt={ti['try_number']}.log"
+        if not path.exists():
+            return []
+        lines = path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def xcom(self, run: Mapping[str, Any], task_id: str, key: str = "return_value", *, map_index: int = -1) -> Any:
         """A task's XCom value in ``run`` (of mapped task instance ``map_index``); a dict or list given

@@ -337,10 +337,7 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         origin = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         source = f"{ti.dag_id}/{ti.run_id}/{ti.map_index}"
         width = max(1, int(self.db_connections))
-        with (
-            self.postgres_hook.connections(width + (1 if budget else 0)) as opened,
-            WriterBudget(opened[width], budget=budget, writers=width) if budget else contextlib.nullcontext() as place,
-        ):
+        with self.postgres_hook.connections(width + (1 if budget else 0)) as opened:
             conns = opened[:width]
             conn = conns[0]
             key: PartitionKey | None = None
@@ -379,7 +376,9 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 )
                 for i, c in enumerate(conns)
             ]
-            with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook:
+            # The task holds its place in the budget while it writes, not during the index build.
+            place = WriterBudget(opened[width], budget=budget, writers=width) if budget else None
+            with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook, place or contextlib.nullcontext():
                 reconcile, only_ids = (
                     range_inputs(conn, hook, part, tables=self.postgres_hook.tables, log=self.log)
                     if part is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,14 @@ def test_a_sub_batch_size_below_one_fails_the_task_without_retries(sub_batch_siz
     # 0 rows a transaction used to loop for ever; a negative one raised deep inside the writer.
     operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", sub_batch_size=sub_batch_size)
     with pytest.raises(AirflowFailException, match=f"sub_batch_size must be at least 1 row, got {sub_batch_size}"):
+        operator.execute(cast("Context", {"ti": None}))
+
+
+def test_a_negative_writer_budget_fails_the_task_without_retries() -> None:
+    operator = EmbeddingStreamToPgvectorOperator(task_id="ingest", db_writer_budget=-2)
+    with pytest.raises(
+        AirflowFailException, match=re.escape("db_writer_budget must be at least 1 writer (or 0 for none), got -2")
+    ):
         operator.execute(cast("Context", {"ti": None}))
 
 

@@ -140,6 +140,12 @@ def test_scheduler_runs_the_triggered_and_the_scheduled_ingest(
             "plan_partitions",
         ]
         assert set(states.values()) == {"success"}
+        # Each wrote on its share of the database's writer budget (the DAG's default, 4 writers),
+        # as its own log says: the setting reaches tasks the scheduler runs side by side.
+        ingests = [ti for ti in cluster.task_instances(run) if ti["task_id"] == "ingest"]
+        for ti in ingests:
+            events = [str(line.get("event", "")) for line in cluster.task_log(ti)]
+            assert any("connection(s) at once: a budget of 4 writer(s) over" in e for e in events), events[-20:]
         _exactly(pg_dsn, dataset, ids[RESUME_AFTER + 1 : FIRST])
         assert _checkpoint(pg_dsn) == ids[FIRST - 1]
         assert _invalidations(api_server) == invalidations + 1
