@@ -309,7 +309,7 @@ def lines(result: dict[str, Any]) -> list[str]:
         tasks = ", ".join(f"{t} {v:.1f} s" for t, v in load.get("spans", load["tasks"]).items())
         if "between_tasks_seconds" in load:
             tasks += f", between tasks {load['between_tasks_seconds']:.1f} s"
-        if load.get("writer_shares"):  # each ingest task's writers at once, every change in order
+        if any(load.get("writer_shares", {}).values()):  # each ingest task's writers at once, every change in order
             shares = "; ".join(f"#{i} {'>'.join(map(str, v))}" for i, v in load["writer_shares"].items())
             tasks += f", writers at once {shares}"
         name = "scheduler first load / (engine + ivfflat build)" + (f", round {k}" if len(loads) > 1 else "")

@@ -349,9 +349,11 @@ class AirflowCluster:
         }
 
     def task_log(self, ti: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The lines of a task instance's own log (``dag_id=.../attempt=N.log``, JSON lines with
-        ``timestamp`` and ``event``), as :meth:`task_instances` gives the instance; ``[]`` when none."""
-        folder = self.log_dir / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
+        """The lines of a task instance's own log (``dag_id=.../attempt=N.log`` under Airflow's
+        ``[logging] base_log_folder``, JSON lines with ``timestamp`` and ``event``), as
+        :meth:`task_instances` gives the instance; ``[]`` when none."""
+        base = self.env.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER") or str(Path(self.env["AIRFLOW_HOME"]) / "logs")
+        folder = Path(base) / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
         if ti["map_index"] >= 0:
             folder /= f"map_index={ti['map_index']}"
         path = folder / f"attempt={ti['try_number']}.log"
