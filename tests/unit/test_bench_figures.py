@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bench import queryable, scheduler
+from dev.airflow_cluster import AirflowCluster
 
 
 def _result(rounds: list[tuple[float, float, float]]) -> dict[str, Any]:
@@ -96,10 +97,14 @@ def test_target_3_first_load_is_the_median_round() -> None:
 
 
 class _Cluster:
-    """What ``late_exits`` reads of an ``AirflowCluster``: its log folder and a run's task instances."""
+    """What ``late_exits`` reads of an ``AirflowCluster``: its log folder, a run's task instances and
+    their logs (read by the cluster's own ``task_log``)."""
+
+    task_log = AirflowCluster.task_log
 
     def __init__(self, log_dir: Path, task_instances: list[dict[str, Any]]) -> None:
         self.log_dir = log_dir
+        self.env = {"AIRFLOW_HOME": str(log_dir.parent), "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(log_dir)}
         self._tis = task_instances
 
     def log_path(self, component: str) -> Path:
@@ -109,13 +114,30 @@ class _Cluster:
         return self._tis
 
 
-def _task_log(log_dir: Path, ti: dict[str, Any], stamps: list[str]) -> None:
+def _task_log(log_dir: Path, ti: dict[str, Any], stamps: list[str], events: list[str] | None = None) -> None:
     folder = log_dir / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}" / f"task_id={ti['task_id']}"
     if ti["map_index"] >= 0:
         folder /= f"map_index={ti['map_index']}"
     folder.mkdir(parents=True)
-    lines = [json.dumps({"timestamp": s, "event": "::endgroup::"}) for s in stamps]
+    texts = events or ["::endgroup::"] * len(stamps)
+    lines = [json.dumps({"timestamp": s, "event": e}) for s, e in zip(stamps, texts, strict=True)]
     (folder / f"attempt={ti['try_number']}.log").write_text("\n".join(lines) + "\n")
+
+
+def test_writer_shares_are_read_in_order_from_each_ingest_tasks_log(tmp_path: Path) -> None:
+    run = "manual__2026-12-03T08:55:00+00:00"
+    base = {"dag_id": "recruit_embedding_ingest", "dag_run_id": run, "try_number": 1}
+    tis = [
+        base | {"task_id": "ingest", "map_index": 0},
+        base | {"task_id": "ingest", "map_index": 1},
+        base | {"task_id": "finalize", "map_index": -1},
+    ]
+    line = "writing on {} of 4 connection(s) at once: a budget of 4 writer(s) over {} ingest task(s) on this database"
+    stamps = ["2026-12-03T08:55:01.000000Z", "2026-12-03T08:55:02.000000Z", "2026-12-03T08:55:03.000000Z"]
+    _task_log(tmp_path, tis[0], stamps, [line.format(4, 1), "1000 chunks", line.format(1, 4)])
+    _task_log(tmp_path, tis[1], stamps[:1], [line.format(1, 4)])
+    _task_log(tmp_path, tis[2], stamps[:1], [line.format(9, 9)])  # not an ingest task: not read
+    assert scheduler.writer_shares(_Cluster(tmp_path, tis), {"dag_run_id": run}) == {0: [4, 1], 1: [1]}
 
 
 def test_late_exits_are_the_gap_from_a_task_last_log_line_to_its_workload_end(tmp_path: Path) -> None:
