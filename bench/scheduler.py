@@ -137,11 +137,6 @@ def late_exits(cluster: Any, run: dict[str, Any], done: dict[str, dt.datetime]) 
     return gaps
 
 
-def _writer_budget(spec: Spec) -> int:
-    """The most writers of all tasks at once (0 = none); one task's writers, as the DAG has it, when not given."""
-    return int(spec["writer_budget"] if "writer_budget" in spec else spec["connections"])
-
-
 def scheduler(spec: Spec) -> dict[str, Any]:
     from dev.airflow_cluster import AirflowCluster
     from dev.embedded_postgres import recreate_database
@@ -164,7 +159,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": spec["metadata_dsn"],
             "RECRUIT_EMBEDDING_RETRIES": "0",  # a failure shows at once, not after back-off
             "RECRUIT_EMBEDDING_DB_CONNECTIONS": str(spec["connections"]),
-            "RECRUIT_EMBEDDING_DB_WRITER_BUDGET": str(_writer_budget(spec)),
+            "RECRUIT_EMBEDDING_DB_WRITER_BUDGET": str(spec["writer_budget"]),
         },
     )
     cluster = AirflowCluster(env, log_dir=home / "logs", parallelism=PARALLELISM)
@@ -241,7 +236,7 @@ def scheduler(spec: Spec) -> dict[str, Any]:
             "warm_up_seconds": warm_up,
             "parallelism": PARALLELISM,
             "connections": int(spec["connections"]),
-            "writer_budget": _writer_budget(spec),
+            "writer_budget": int(spec["writer_budget"]),
             "conf": spec["conf"],
             "peak_rss_mib": None,
         }
