@@ -251,3 +251,70 @@ def test_a_share_that_changes_between_chunks_takes_effect(
     )
     assert stats.inserted == 1500
     assert seen == [1] and group["most"] == 3
+
+
+def test_a_writer_that_fails_stops_the_writes_waiting_at_the_gate_and_a_rerun_completes(
+    pg_dsn: str, conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
+) -> None:
+    # A share of 1 of 3 writers: the other sub-batches wait at the gate. The server ends the second
+    # writer's session (a real fault, pg_terminate_backend), so the second write fails. The ingest
+    # must fail with that error, not hang, and the writes still waiting must give up rather than run.
+    data = sample_dataset
+    group, lock = {"now": 0, "most": 0, "started": 0, "failed": 0, "after": 0}, threading.Lock()
+
+    class Starting(_CountingWriter):
+        def write(self, *args: object, **kwargs: object) -> WriteResult:
+            with lock:
+                group["started"] += 1
+                group["after"] += group["failed"]
+            try:
+                return super().write(*args, **kwargs)
+            except Exception:
+                with lock:
+                    group["failed"] = 1
+                raise
+
+    writers = [Starting(c, group, lock) for c in conns]
+    doomed = conns[1].info.backend_pid
+    conns[0].execute("SELECT pg_terminate_backend(%s)", [doomed])
+    for _ in range(100):
+        if not conns[0].execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [doomed]).fetchone():
+            break
+        time.sleep(0.05)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ingest_chunks(
+                chunks_of(data, 0, 1500, 300), writers, dimension=384, sub_batch_size=50, writer_share=lambda: 1
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the ingest hangs after a writer failed with writes waiting at the gate"
+    assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
+    assert group["most"] == 1 and group["failed"] == 1
+    # The gate frees on the failure, and one waiting write may take it before the ingest closes it
+    # (that write then holds it for its 50 ms); every other waiting write gives up without writing.
+    assert group["after"] <= 1 and group["started"] < 30, group
+    stored = {r[0] for r in conns[0].execute("SELECT id::text FROM recruit_metadata").fetchall()}
+    assert len(stored) < 1500
+    # Nothing lost: every row up to the checkpoint is stored, and a run from it completes the tables.
+    position = read_checkpoint(conns[0])
+    covered = [i for i in data.ids[:1500] if position is not None and i <= position]
+    assert set(covered) <= stored
+    with psycopg.connect(pg_dsn, autocommit=True) as fresh:
+        start = len(covered)
+        rest = ingest_chunks(
+            chunks_of(data, start, 1500, 300),
+            [ChunkWriter(conns[0], dimension=384), ChunkWriter(fresh, dimension=384)],
+            dimension=384,
+            sub_batch_size=50,
+        )
+    assert rest.rows_received == 1500 - start
+    assert read_checkpoint(conns[0]) == data.ids[1499]
+    check = compare(conns[0], data, ignore=data.ids[1500:])
+    assert check.equal, check.summary()
