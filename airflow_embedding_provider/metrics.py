@@ -12,6 +12,9 @@ when ``statsd_influxdb_enabled`` is on:
 ``embedding.rows_deleted``             counter  rows deleted (when the ingest reports deletions)
 ``embedding.rows_per_second``          gauge    rows received a second over the whole run
 ``embedding.recall``                   gauge    recall of the ANN index, 0..1 (:func:`record_recall`)
+``embedding.writers``                  gauge    writers one ingest task runs at once, its share of
+                                                the writer budget; 0 when it leaves (also tagged
+                                                ``map_index``; only with a budget)
 ``embedding.cache_invalidations.delivered``  counter  outbox entries delivered to the API server
 ``embedding.cache_invalidations.pending``    gauge    outbox entries still pending after a delivery
 =====================================  =======  =================================================
@@ -34,6 +37,7 @@ ROWS_DEAD_LETTERED = f"{PREFIX}.rows_dead_lettered"
 ROWS_DELETED = f"{PREFIX}.rows_deleted"
 ROWS_PER_SECOND = f"{PREFIX}.rows_per_second"
 RECALL = f"{PREFIX}.recall"
+WRITERS = f"{PREFIX}.writers"
 CACHE_DELIVERED = f"{PREFIX}.cache_invalidations.delivered"
 CACHE_PENDING = f"{PREFIX}.cache_invalidations.pending"
 
@@ -62,6 +66,13 @@ def record_recall(recall: float, *, dag_id: str, stream: str) -> None:
     if not 0.0 <= recall <= 1.0:
         raise ValueError(f"recall must be between 0 and 1, got {recall}")
     Stats.gauge(RECALL, float(recall), tags=_tags(dag_id, stream=stream))
+
+
+def record_writers(writers: int, *, dag_id: str, stream: str, map_index: int | None) -> None:
+    """Writers an ingest task runs at once, on each change of its share (gauge;
+    storage/writer_budget.py): summed over the tasks, the writers on the database now."""
+    index = -1 if map_index is None else map_index  # Airflow's map_index of an unmapped task
+    Stats.gauge(WRITERS, int(writers), tags=_tags(dag_id, stream=stream, map_index=str(index)))
 
 
 def record_cache_delivery(delivered: int, pending: int, *, dag_id: str, target: str) -> None:

@@ -9,6 +9,7 @@ checkpoint, sums its totals, builds the ANN index and checks the DLQ budget.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import warnings
@@ -27,7 +28,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.lineage import ingest_lineage, openlineage_available
-from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows
+from airflow_embedding_provider.metrics import record_rate, record_recall, record_rows, record_writers
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none, value_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION, Partition
 from airflow_embedding_provider.pipeline import (
@@ -377,7 +378,18 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
                 for i, c in enumerate(conns)
             ]
             # The task holds its place in the budget while it writes, not during the index build.
-            place = WriterBudget(opened[width], budget=budget, writers=width) if budget else None
+            place = (
+                WriterBudget(
+                    opened[width],
+                    budget=budget,
+                    writers=width,
+                    on_change=functools.partial(
+                        record_writers, dag_id=ti.dag_id, stream=self.stream_name, map_index=ti.map_index
+                    ),
+                )
+                if budget
+                else None
+            )
             with contextlib.closing(GrpcEmbeddingHook(self.grpc_conn_id)) as hook, place or contextlib.nullcontext():
                 reconcile, only_ids = (
                     range_inputs(conn, hook, part, tables=self.postgres_hook.tables, log=self.log)

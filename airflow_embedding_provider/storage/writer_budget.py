@@ -59,6 +59,8 @@ class WriterBudget:
     :param budget: the most writers of all registered tasks at once (at least 1).
     :param writers: this task's writers (its share never exceeds them).
     :param refresh: seconds between two reads of the registered tasks.
+    :param on_change: called with each new share, and with 0 when the task leaves the budget
+        (the operator sends it as a metric).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class WriterBudget:
         writers: int,
         refresh: float = DEFAULT_REFRESH_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int], None] | None = None,
     ) -> None:
         share_of(budget, writers, 0, 1)  # refuses a budget or writers below 1, before registering
         self._conn = conn
@@ -76,6 +79,7 @@ class WriterBudget:
         self.writers = writers
         self._refresh = refresh
         self._clock = clock
+        self._on_change = on_change
         self._pid = 0
         self._share = 0
         self._read_at = float("-inf")
@@ -93,6 +97,9 @@ class WriterBudget:
     def __exit__(self, *exc: object) -> None:
         if not self._conn.closed:
             self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (WRITER_BUDGET_LOCK_CLASS, self._pid))
+        if self._on_change is not None and self._share:
+            self._share = 0
+            self._on_change(0)
 
     def share(self) -> int:
         """Writers this task may run at once now; reads the registered tasks when the last read
@@ -117,4 +124,6 @@ class WriterBudget:
                 self.tasks,
             )
             self._share = share
+            if self._on_change is not None:
+                self._on_change(share)
         return share

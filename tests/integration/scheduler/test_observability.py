@@ -35,6 +35,7 @@ from airflow_embedding_provider.metrics import (
     ROWS_PER_SECOND,
     ROWS_RECEIVED,
     ROWS_STORED,
+    WRITERS,
 )
 from dev.airflow_cluster import AirflowCluster
 from dev.embedded_postgres import EmbeddedPostgres
@@ -251,6 +252,7 @@ def test_statsd_metrics_of_one_run(observed: Observed) -> None:
         p + ROWS_DELETED,
         p + ROWS_PER_SECOND,
         p + RECALL,
+        p + WRITERS,
         p + CACHE_DELIVERED,
         p + CACHE_PENDING,
     }, names
@@ -268,8 +270,20 @@ def test_statsd_metrics_of_one_run(observed: Observed) -> None:
     # The first load built the ANN index: the recall gate measured it (storage/recall.py).
     (recall,) = [m for m in metrics if m.name == p + RECALL]
     assert recall.kind == "g" and 0.95 <= recall.value <= 1.0, recall
+    # Each ingest task reports its share of the DAG's writer budget (4 writers by default) as it
+    # changes, and 0 when it leaves: summed over the tasks, the writers on the database now.
+    writers: dict[str, list[float]] = {}
     for m in metrics:
-        if m.name.startswith((p + "embedding.rows", p + RECALL)):
+        if m.name == p + WRITERS:
+            assert m.kind == "g" and set(m.tags) == {"dag_id", "stream", "map_index"}, m
+            writers.setdefault(m.tags["map_index"], []).append(m.value)
+    assert set(writers) == {"0", "1"}, writers
+    for values in writers.values():
+        assert values[-1] == 0 and values[:-1] and all(1 <= v <= 4 for v in values[:-1]), writers
+    for m in metrics:
+        if m.name == p + WRITERS:
+            assert (m.tags["dag_id"], m.tags["stream"]) == (INGEST, "recruit"), m
+        elif m.name.startswith((p + "embedding.rows", p + RECALL)):
             assert m.tags == {"dag_id": INGEST, "stream": "recruit"}, m
         else:
             assert m.tags == {"dag_id": INGEST, "target": "recruit"}, m

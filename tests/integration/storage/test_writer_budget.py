@@ -86,6 +86,18 @@ def test_leaving_releases_the_lock_and_each_change_is_logged(pg_dsn: str, caplog
     assert "writing on 2 of 2 connection(s) at once: a budget of 3 writer(s) over 1 ingest task(s)" in caplog.text
 
 
+def test_each_change_of_the_share_and_the_leave_are_reported(pg_dsn: str) -> None:
+    seen: list[int] = []
+    with _session(pg_dsn) as mine, _session(pg_dsn) as other:
+        with WriterBudget(mine, budget=4, writers=4, refresh=0, on_change=seen.append) as budget:
+            assert budget.share() == 4
+            assert budget.share() == 4  # no change, nothing reported
+            with WriterBudget(other, budget=4, writers=4):
+                assert budget.share() == 2
+            assert budget.share() == 4
+        assert seen == [4, 2, 4, 0]
+
+
 def test_a_budget_below_one_is_refused_before_registering(pg_dsn: str) -> None:
     with _session(pg_dsn) as mine, pytest.raises(ValueError, match="must be at least 1"):
         WriterBudget(mine, budget=0, writers=4)
