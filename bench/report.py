@@ -146,6 +146,13 @@ def _cpu(r: dict[str, Any]) -> str:
     return " / ".join("-" if p is None else f"{p / r['rows'] * 1e6:.0f}" for p in parts)
 
 
+def _probes(r: dict[str, Any]) -> str:
+    """The machine's speed before and after a measurement (bench/host_speed.py; lower is faster);
+    results of runs before the probe have none."""
+    before, after = r.get("probe_ms_before"), r.get("probe_ms_after")
+    return "-" if before is None or after is None else f"{before:.1f} / {after:.1f}"
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["measurements"]
     a, b = _rate(m.get("ceiling")), _rate(m.get("naive"))
@@ -156,8 +163,8 @@ def render(result: dict[str, Any]) -> str:
         f"at end {result['machine']['load_at_end']}",
         "",
         "| measurement | settings | rows | seconds | rows/s | x ceiling | x naive | worker peak RSS MiB "
-        "| CPU us/row worker / AI server / PostgreSQL | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU us/row worker / AI server / PostgreSQL | load | probe ms before / after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in m.items():
         if "rows_per_second" not in r:
@@ -192,7 +199,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {settings} | {r['rows']:,} | {r['seconds']:.2f} | {rate:,.0f} | "
             f"{_fmt(vs_a)} | {_fmt(vs_b, '.1f', 'x')} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
-            f"{_cpu(r)} | {r['load_before']:.1f} |"
+            f"{_cpu(r)} | {r['load_before']:.1f} | {_probes(r)} |"
         )
     engine = m.get(default)
     lines += ["", "| ratio | value |", "|---|---:|"]

@@ -35,6 +35,7 @@ from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAUL
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from bench.chart import write_chart
+from bench.host_speed import probe_ms
 from bench.measure import TINY_ROWS
 from bench.procmem import peak_rss_mib, rss_mib, tree_cpu_seconds
 from bench.queryable import round_keys
@@ -97,6 +98,7 @@ class Bench:
         out = self.workdir / f"{key}.json"
         out.unlink(missing_ok=True)
         load = os.getloadavg()[0]
+        speed_before = probe_ms()
         cpu_before = {name: tree_cpu_seconds(pid) for name, pid in self.cpu_pids.items()}
         with open(self.log_path, "ab") as log:
             log.write(f"\n== {key} ({mode}) ==\n".encode())
@@ -118,6 +120,8 @@ class Bench:
             if before is not None and after is not None:
                 result[f"{name}_cpu_seconds"] = after - before
         result.update(extra, mode=mode, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
+        # The machine's speed around the measurement (bench/host_speed.py): lower is faster.
+        result.update(probe_ms_before=round(speed_before, 1), probe_ms_after=round(probe_ms(), 1))
         if "seconds" in result and result.get("rows"):
             result["rows_per_second"] = result["rows"] / result["seconds"]
             print(

@@ -63,6 +63,11 @@ def test_bench_quick_run_writes_a_result_with_every_measurement() -> None:
         statuses = {t["target"]: t["status"] for t in result["targets"]}
         assert set(statuses.values()) <= {"PASS", "MISS", "n/a"}
         assert "| (c) engine [default] |" in proc.stdout
+        # The machine's speed around every measurement (bench/host_speed.py), printed beside it.
+        for r in measured.values():
+            assert r["probe_ms_before"] > 0 and r["probe_ms_after"] > 0, r
+        ceiling = measured["ceiling"]
+        assert f"| {ceiling['probe_ms_before']:.1f} / {ceiling['probe_ms_after']:.1f} |" in proc.stdout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
