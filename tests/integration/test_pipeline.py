@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -44,6 +45,25 @@ def conns(pg_dsn: str) -> Iterator[list[psycopg.Connection]]:
     yield opened
     for conn in opened:
         conn.close()
+
+
+def _ingest_failure(seconds: float, hang: str, *args: Any, **kwargs: Any) -> BaseException:
+    """What ``ingest_chunks(*args, **kwargs)`` raised, run on a thread of its own so that a hang
+    fails the test (``hang`` says how) instead of stopping the suite."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ingest_chunks(*args, **kwargs)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), hang
+    assert len(outcome) == 1, outcome
+    return outcome[0]
 
 
 def _plan(conn: psycopg.Connection, data: EmbeddingDataset, cuts: list[int]) -> list[Partition]:
@@ -146,25 +166,16 @@ def test_a_plan_is_stored_once_per_run(conns: list[psycopg.Connection], sample_d
 def test_a_sub_batch_size_below_one_is_refused_instead_of_looping(
     conns: list[psycopg.Connection], sample_dataset: EmbeddingDataset
 ) -> None:
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            ingest_chunks(
-                chunks_of(sample_dataset, 0, 300, 300),
-                [ChunkWriter(conns[0], dimension=384)],
-                dimension=384,
-                sub_batch_size=0,
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(20)
-    assert not worker.is_alive(), "ingest_chunks loops for ever on sub_batch_size 0"
-    assert len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
-    assert str(outcome[0]) == "sub_batch_size must be at least 1, got 0"
+    failure = _ingest_failure(
+        20,
+        "ingest_chunks loops for ever on sub_batch_size 0",
+        chunks_of(sample_dataset, 0, 300, 300),
+        [ChunkWriter(conns[0], dimension=384)],
+        dimension=384,
+        sub_batch_size=0,
+    )
+    assert isinstance(failure, ValueError), failure
+    assert str(failure) == "sub_batch_size must be at least 1, got 0"
 
 
 def test_the_stored_row_hashes_are_those_of_the_stored_rows(
@@ -281,21 +292,16 @@ def test_a_writer_that_fails_stops_the_writes_waiting_at_the_gate_and_a_rerun_co
         if not conns[0].execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [doomed]).fetchone():
             break
         time.sleep(0.05)
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            ingest_chunks(
-                chunks_of(data, 0, 1500, 300), writers, dimension=384, sub_batch_size=50, writer_share=lambda: 1
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive(), "the ingest hangs after a writer failed with writes waiting at the gate"
-    assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
+    failure = _ingest_failure(
+        60,
+        "the ingest hangs after a writer failed with writes waiting at the gate",
+        chunks_of(data, 0, 1500, 300),
+        writers,
+        dimension=384,
+        sub_batch_size=50,
+        writer_share=lambda: 1,
+    )
+    assert isinstance(failure, psycopg.OperationalError), failure
     assert group["most"] == 1 and group["failed"] == 1
     # The gate frees on the failure, and one waiting write may take it before the ingest closes it
     # (that write then holds it for its 50 ms); every other waiting write gives up without writing.
