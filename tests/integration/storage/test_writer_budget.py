@@ -39,7 +39,8 @@ def test_a_task_whose_session_dies_leaves_the_budget(pg_dsn: str) -> None:
     ):
         WriterBudget(other, budget=4, writers=4).__enter__()
         assert budget.share() == 2
-        admin.execute("SELECT pg_terminate_backend(%s)", (other.info.backend_pid,))
+        # With a timeout, pg_terminate_backend returns once the session (and its lock) has ended.
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (other.info.backend_pid,)).fetchone() == (True,)
         assert budget.share() == 4
         assert budget.tasks == 1
 
