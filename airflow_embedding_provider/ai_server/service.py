@@ -15,7 +15,7 @@ from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.digest import DatasetDigests, selected_chunks
 from airflow_embedding_provider.digest import HASH_VERSION, pack_hashes
 from airflow_embedding_provider.grpc_server import CallSlots, add_health, bind_port, new_server, wait_for_stop_signal
-from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS as DAG_MAX_PARTITIONS
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
 from airflow_embedding_provider.security import ServerSecurity
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.contract import (
@@ -30,11 +30,9 @@ from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkByt
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = EMBEDDING_SERVICE
-DEFAULT_ROWS_PER_PARTITION = 50_000
-DEFAULT_MAX_PARTITIONS = 256
 #: Streams served at once: the fan-out of the ingest DAG (its ``max_partitions``), each mapped task
 #: one stream. More are refused with RESOURCE_EXHAUSTED (the task's hook retries with backoff).
-DEFAULT_MAX_STREAMS = DAG_MAX_PARTITIONS
+DEFAULT_MAX_STREAMS = DEFAULT_MAX_PARTITIONS
 #: Threads beyond the streams' for health checks, PlanPartitions and refusals: a stream that waits
 #: on a slow reader holds its thread, and these calls must still be answered then.
 UNARY_THREADS = 8
@@ -43,7 +41,7 @@ DEFAULT_DIGEST_PAGE_ROWS = 65_536
 
 
 class RejectLedger:
-    """What the batch side reported rejecting (docs/design.md §11: "report the error to the Python side").
+    """What the batch side reported rejecting (docs/design.md §11: a rejected row is reported to the AI server).
 
     Counted per distinct row id, the latest report winning, so a retried partition that reports
     the same rows again counts them once; rows without a valid id are counted per report.

@@ -4,7 +4,7 @@ Without them a writer that queues behind another session's lock (a long ``ALTER 
 forgotten open transaction, a manual ``LOCK TABLE``) waits for ever, and so does its task. Every
 connection the provider opens gets both; a statement that runs out fails with a message that says
 which limit, where to look and how to change it, so the task fails (and its retry resumes) instead
-of hanging (docs/design.md §9: "deadlock risk on shared locks").
+of hanging (docs/design.md §9).
 """
 
 from __future__ import annotations

@@ -97,8 +97,8 @@ class EmbeddingStreamServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportRejects(self, request, context):
-        """Added: after each partition the batch side reports the rows it rejected and why (docs/design.md §11:
-        "report the error to the Python side"); the AI server logs a summary and counts them.
+        """Added: after each partition the batch side reports the rows it rejected and why (docs/design.md
+        §11); the AI server logs a summary and counts them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS {checkpoint} (
     last_processed_uuid UUID,
     updated_at TIMESTAMP DEFAULT NOW()
 );
--- One row a stream, updated in place and never moved backwards (storage/writer.py: advance_checkpoint).
+-- One row a stream, updated in place and never moved backwards (storage/checkpoint.py: advance_checkpoint).
 ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS stream_name TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS {checkpoint_stream_index} ON {checkpoint} (stream_name);
 

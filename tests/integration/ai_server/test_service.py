@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
-from airflow_embedding_provider.ai_server.service import SERVICE_NAME
+from airflow_embedding_provider.ai_server.service import DEFAULT_MAX_STREAMS, SERVICE_NAME
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.contract import max_chunk_size
 from dev.stack import ServerProcess
@@ -70,6 +71,16 @@ def test_largest_chunk_stays_under_the_default_4_mib_limit(ai_server: str, sampl
         stub = embedding_pb2_grpc.EmbeddingStreamServiceStub(channel)
         first = next(iter(stub.GetEmbeddings(embedding_pb2.StreamEmbeddingRequest(chunk_size=biggest))))
     assert len(first.rows) == biggest and first.ByteSize() < 4 * 1024 * 1024
+
+
+def test_a_plan_request_that_leaves_its_sizes_unset_gets_the_ingest_dags_defaults(ai_server: str) -> None:
+    with grpc.insecure_channel(ai_server) as channel:
+        stub = embedding_pb2_grpc.EmbeddingStreamServiceStub(channel)
+        capped = stub.PlanPartitions(embedding_pb2.PartitionPlanRequest(rows_per_partition=1), timeout=5)
+        whole = stub.PlanPartitions(embedding_pb2.PartitionPlanRequest(), timeout=5)
+    # 3,000 rows at one a partition: the cap decides, and it is the DAG's (and the server's streams').
+    assert len(capped.partitions) == DEFAULT_MAX_PARTITIONS == DEFAULT_MAX_STREAMS
+    assert [p.rows for p in whole.partitions] == [3000] < [DEFAULT_ROWS_PER_PARTITION]
 
 
 def test_health_reports_serving(ai_server: str) -> None:
