@@ -13,13 +13,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from airflow_embedding_provider.grpc_server import KEEPALIVE_SECONDS
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.security import TOKEN_ENV, add_cli_options
-from airflow_embedding_provider.upload_server.service import DEFAULT_IDLE_TIMEOUT
-from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, DEFAULT_CHUNK_SIZE, UPLOAD_SERVER_PORT
+from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
+from airflow_embedding_provider.upload_server.service import DEFAULT_GRACE, DEFAULT_IDLE_TIMEOUT, UploadSettings
+from airflow_embedding_provider.wire.contract import (
+    AI_SERVER_PORT,
+    DEFAULT_CHUNK_SIZE,
+    KEEPALIVE_SECONDS,
+    KEEPALIVE_TIMEOUT_SECONDS,
+    UPLOAD_SERVER_PORT,
+)
 
 #: Environment variable the upload server reads its DSN from when no option names one.
 POSTGRES_DSN_ENV = "EMBEDDING_POSTGRES_DSN"
@@ -219,18 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--postgres-conn-id", help="an Airflow connection id instead of a DSN")
     up.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION)
     up.add_argument("--sub-batch-size", type=int, default=DEFAULT_SUB_BATCH_SIZE, help="rows a transaction")
-    up.add_argument("--db-connections", type=int, default=2, help="connections (writers) an upload uses")
+    up.add_argument(
+        "--db-connections", type=int, default=UploadSettings.db_connections, help="connections (writers) an upload uses"
+    )
     up.add_argument(
         "--db-writer-budget",
         type=int,
-        default=0,
+        default=UploadSettings.db_writer_budget,
         help="the most writers of all ingest tasks and uploads on the database at once, shared among them "
         "(0: none; README, 'Sizing a deployment')",
     )
-    up.add_argument("--max-concurrent-uploads", type=int, default=4, help="more are refused (RESOURCE_EXHAUSTED)")
-    up.add_argument("--stream-name", default="recruit_upload", help="the checkpoint row uploads advance")
-    up.add_argument("--cache-target", default="recruit", help="cache marked stale in the outbox on changes")
-    up.add_argument("--grace", type=float, default=60.0, help="seconds SIGTERM waits for in-flight uploads")
+    up.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=UploadSettings.max_concurrent_uploads,
+        help="more are refused (RESOURCE_EXHAUSTED)",
+    )
+    up.add_argument("--stream-name", default=UploadSettings.stream_name, help="the checkpoint row uploads advance")
+    up.add_argument(
+        "--cache-target", default=UploadSettings.cache_target, help="cache marked stale in the outbox on changes"
+    )
+    up.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="seconds SIGTERM waits for in-flight uploads")
     up.add_argument(
         "--idle-timeout",
         type=float,
@@ -243,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=KEEPALIVE_SECONDS,
         metavar="SECONDS",
-        help="ping quiet clients this often; one that does not answer within 10 s is dropped",
+        help=f"ping quiet clients this often; one that does not answer within {KEEPALIVE_TIMEOUT_SECONDS:g} s is dropped",
     )
     add_cli_options(up)
     up.set_defaults(func=_upload_server)
@@ -260,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-delete-fraction",
         type=float,
         metavar="F",
-        help="with --sync: delete nothing and fail when more than this share of the stored rows would go (0.2)",
+        help="with --sync: delete nothing and fail when more than this share of the stored rows would go "
+        f"({DEFAULT_MAX_DELETE_FRACTION:g})",
     )
     push.add_argument("--tls-ca", metavar="PEM", help="TLS on: verify the server with this CA")
     push.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_embedding_provider import __version__
-from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, API_SERVER_PORT
+from airflow_embedding_provider.wire.contract import AI_SERVER_PORT, API_SERVER_PORT, DEFAULT_CALL_TIMEOUT
 
 # Names, not imports of the hooks: Airflow's providers manager calls this while the hooks' own
 # imports (airflow.sdk) are still loading it. A unit test keeps them equal to the hooks'.
@@ -58,7 +58,7 @@ _GRPC_FIELDS: dict[str, Any] = {
     "timeout": {
         "label": "Timeout (s)",
         "description": "Deadline for unary calls and for connecting",
-        "schema": {"type": ["number", "null"], "default": 30, "minimum": 0},
+        "schema": {"type": ["number", "null"], "default": DEFAULT_CALL_TIMEOUT, "minimum": 0},
     },
 }
 
@@ -68,7 +68,7 @@ def _grpc_behaviour(port: int) -> dict[str, Any]:
     return {
         "hidden-fields": ["schema", "login", "password"],
         "relabeling": {"host": "gRPC host"},
-        "placeholders": {"host": "127.0.0.1", "port": str(port), "timeout": "30"},
+        "placeholders": {"host": "127.0.0.1", "port": str(port), "timeout": f"{DEFAULT_CALL_TIMEOUT:g}"},
     }
 
 

@@ -19,17 +19,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.security import ServerSecurity
-
-#: Seconds between a server's HTTP/2 pings on a quiet connection, and how long it waits for the answer.
-KEEPALIVE_SECONDS = 30.0
-KEEPALIVE_TIMEOUT_SECONDS = 10.0
+from airflow_embedding_provider.wire.contract import KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT_SECONDS
 
 
 def keepalive_options(keepalive: float = KEEPALIVE_SECONDS) -> list[tuple[str, int]]:
     """Channel arguments every server runs with: it pings a quiet peer every ``keepalive`` seconds
     and drops a connection whose ping goes unanswered for :data:`KEEPALIVE_TIMEOUT_SECONDS`, so a
     dead client (host gone, network cut, process frozen) does not hold a call for ever; and it
-    accepts the clients' own keepalive pings (``hooks/grpc_channel.py`` sends one every 30 s)."""
+    accepts the clients' own keepalive pings (``hooks/grpc_channel.py`` sends them as often)."""
     return [
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),

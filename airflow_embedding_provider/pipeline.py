@@ -35,6 +35,9 @@ T = TypeVar("T")
 #: 1000 rows a message and a transaction the engine ran 11 % faster than at 300 and 300, which in
 #: turn was 1.2-1.6x faster than 100 (bench/RESULTS.md).
 DEFAULT_SUB_BATCH_SIZE = 1000
+#: Writers (database connections) of one ingest task: on 2 cores 4 did 1.4-1.7x the rows/s of one
+#: (bench/RESULTS.md, the settings table); the writer budget shares them among tasks.
+DEFAULT_DB_CONNECTIONS = 4
 
 
 def default_chunk_size(dimension: int) -> int:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
-from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 from airflow_embedding_provider.partitions import DIFFERING_ROWS, EVERY_ROW, Partition
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 from airflow_embedding_provider.storage.sync import (
@@ -29,6 +28,9 @@ from airflow_embedding_provider.storage.sync import (
     stored_count,
     stored_digests,
 )
+
+if TYPE_CHECKING:  # a type only: the hook's own imports (airflow.sdk) stay out of this module
+    from airflow_embedding_provider.hooks.grpc_embedding import GrpcEmbeddingHook
 
 _log = logging.getLogger(__name__)
 

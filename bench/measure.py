@@ -25,7 +25,6 @@ COPY_READ_BYTES = 4 * 1024 * 1024
 ENCODE_BLOCK_ROWS = 50_000
 #: Rows of the sample whose AI server gives the process's fixed RSS (interpreter, gRPC, pandas).
 TINY_ROWS = 1000
-SERVICE = "/recruit.embedding.v1.EmbeddingStreamService/GetEmbeddings"
 
 Spec = dict[str, Any]
 _T = TypeVar("_T")

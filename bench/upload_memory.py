@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
+from airflow_embedding_provider.storage.schema import DEFAULT_TABLES
 from airflow_embedding_provider.upload_server.client import upload
 from airflow_embedding_provider.wire.codec import encode_rows
 from airflow_embedding_provider.wire.embedding_bytes_view_pb2 import RowChunkBytes
@@ -191,10 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 dsn = args.dsn
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute(
-                        "DROP TABLE IF EXISTS recruit_embedding, recruit_metadata, recruit_embedding_dlq, "
-                        "embedding_batch_checkpoint, embedding_cache_outbox, embedding_partition_progress CASCADE"
-                    )
+                    names = (getattr(DEFAULT_TABLES, f.name) for f in dataclasses.fields(DEFAULT_TABLES))
+                    tables = sql.SQL(", ").join(map(sql.Identifier, names))
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(tables))
             runs.append(measure(dsn, rows, log_dir))
             print(f"{rows:,} rows: done in {runs[-1].seconds:.1f} s", flush=True)
     print(report(runs))

@@ -29,6 +29,7 @@ from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 SCHEDULE = os.environ.get("RECRUIT_DLQ_REPLAY_SCHEDULE", "none")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
+RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
 
 with DAG(
     dag_id="recruit_embedding_dlq_replay",
@@ -38,7 +39,7 @@ with DAG(
     max_active_runs=1,
     tags=["embedding", "pgvector", "dlq"],
     # Each batch of entries commits with its rows, so a retry replays only what is still pending.
-    default_args={"retries": RETRIES, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    default_args={"retries": RETRIES, "retry_delay": timedelta(seconds=RETRY_DELAY), "retry_exponential_backoff": True},
     params={
         "ids": Param(
             [],

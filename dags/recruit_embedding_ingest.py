@@ -26,15 +26,17 @@ from airflow.sdk import DAG, Param
 from airflow_embedding_provider.operators.cache_invalidate import CacheInvalidateOperator
 from airflow_embedding_provider.operators.embedding_asset import EmbeddingAssetEventOperator
 from airflow_embedding_provider.operators.embedding_stream import (
+    DEFAULT_MAX_DLQ_FRACTION,
+    MAX_MAP_LENGTH,
     EmbeddingFinalizeOperator,
     EmbeddingStreamPlanOperator,
     EmbeddingStreamToPgvectorOperator,
 )
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
-from airflow_embedding_provider.pipeline import DEFAULT_SUB_BATCH_SIZE, default_chunk_size
+from airflow_embedding_provider.pipeline import DEFAULT_DB_CONNECTIONS, DEFAULT_SUB_BATCH_SIZE, default_chunk_size
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION
 from airflow_embedding_provider.storage.recall import DEFAULT_MIN_RECALL
-from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_MAX_BUILD_MEMORY
+from airflow_embedding_provider.storage.schema import ANN_METHODS, DEFAULT_ANN_METHOD, DEFAULT_MAX_BUILD_MEMORY
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION
 from airflow_embedding_provider.wire.contract import max_chunk_size
 
@@ -42,7 +44,7 @@ SCHEDULE = os.environ.get("RECRUIT_EMBEDDING_SCHEDULE", "@hourly")
 DIMENSION = int(os.environ.get("RECRUIT_EMBEDDING_DIMENSION", DEFAULT_DIMENSION))
 RETRIES = int(os.environ.get("RECRUIT_EMBEDDING_RETRIES", "2"))
 RETRY_DELAY = float(os.environ.get("RECRUIT_EMBEDDING_RETRY_DELAY", "30"))
-DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", "4"))
+DB_CONNECTIONS = int(os.environ.get("RECRUIT_EMBEDDING_DB_CONNECTIONS", str(DEFAULT_DB_CONNECTIONS)))
 # The most writers of all ingest tasks on the database at once, shared among the tasks running
 # (storage/writer_budget.py); by default one task's writers; 0 = no budget. README, "Sizing".
 DB_WRITER_BUDGET = int(os.environ.get("RECRUIT_EMBEDDING_DB_WRITER_BUDGET", str(DB_CONNECTIONS)))
@@ -51,7 +53,7 @@ DB_WRITER_BUDGET = int(os.environ.get("RECRUIT_EMBEDDING_DB_WRITER_BUDGET", str(
 TASK_TIMEOUT = float(os.environ.get("RECRUIT_EMBEDDING_TASK_TIMEOUT", "7200"))
 # A deployment setting, not a per-run Param: the index outlives the run, and a Param's default
 # in the next scheduled run would switch it straight back.
-ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", "ivfflat").strip().lower()
+ANN_INDEX = os.environ.get("RECRUIT_EMBEDDING_ANN_INDEX", DEFAULT_ANN_METHOD).strip().lower()
 if ANN_INDEX not in ANN_METHODS:
     raise ValueError(f"RECRUIT_EMBEDDING_ANN_INDEX must be one of {', '.join(ANN_METHODS)}, got {ANN_INDEX!r}")
 # The most maintenance_work_mem the index build sets for its own transaction (a PostgreSQL size).
@@ -98,10 +100,18 @@ with DAG(
             description="Aim of rows a mapped task (fewer, larger tasks: higher).",
         ),
         "max_partitions": Param(
-            DEFAULT_MAX_PARTITIONS, type="integer", minimum=1, maximum=1024, description="Cap on mapped tasks."
+            DEFAULT_MAX_PARTITIONS,
+            type="integer",
+            minimum=1,
+            maximum=MAX_MAP_LENGTH,
+            description="Cap on mapped tasks.",
         ),
         "max_dlq_fraction": Param(
-            0.05, type="number", minimum=0, maximum=1, description="Fail the run above this share of DLQ rows."
+            DEFAULT_MAX_DLQ_FRACTION,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Fail the run above this share of DLQ rows.",
         ),
         "min_recall": Param(
             DEFAULT_MIN_RECALL,
@@ -153,7 +163,6 @@ with DAG(
     # pending for recruit_cache_invalidate_retry and this run still succeeds.
     invalidate = CacheInvalidateOperator(
         task_id="invalidate_cache",
-        target="recruit",
         postgres_conn_id="postgres_default",
         grpc_conn_id="cache_grpc_default",
     )

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from airflow_embedding_provider.wire.contract import DEFAULT_CALL_TIMEOUT
 from dev.cli import COMMANDS as DEV_COMMANDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +181,7 @@ def airflow_env(
                     "conn_type": "embedding_grpc",
                     "host": host,
                     "port": int(port),
-                    "extra": {"timeout": 30, **(grpc_extra or {})},
+                    "extra": {"timeout": DEFAULT_CALL_TIMEOUT, **(grpc_extra or {})},
                 }
             ),
             "RECRUIT_EMBEDDING_SCHEDULE": "none",

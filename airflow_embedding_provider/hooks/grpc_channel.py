@@ -9,7 +9,12 @@ from typing import Any
 
 import grpc
 
-from airflow_embedding_provider.wire.contract import MAX_RECEIVE_MESSAGE_BYTES
+from airflow_embedding_provider.wire.contract import (
+    DEFAULT_CALL_TIMEOUT,
+    KEEPALIVE_SECONDS,
+    KEEPALIVE_TIMEOUT_SECONDS,
+    MAX_RECEIVE_MESSAGE_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class ChannelSettings:
     client_cert: str | None = None
     client_key: str | None = None
     token: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
+    timeout: float = DEFAULT_CALL_TIMEOUT
     tls_server_name: str | None = None
 
     @classmethod
@@ -60,7 +65,7 @@ class ChannelSettings:
             client_cert=extra.get("client_cert") or None,
             client_key=extra.get("client_key") or None,
             token=token,
-            timeout=float(timeout) if timeout not in (None, "") else 30.0,
+            timeout=float(timeout) if timeout not in (None, "") else DEFAULT_CALL_TIMEOUT,
             tls_server_name=extra.get("tls_server_name") or None,
         )
 
@@ -80,8 +85,8 @@ class ChannelSettings:
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             # Notice a dead peer on a long stream within about 40 s instead of hanging.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         if not self.use_tls:

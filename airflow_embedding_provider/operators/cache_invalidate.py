@@ -12,7 +12,7 @@ from tenacity import RetryCallState
 from airflow_embedding_provider.hooks.grpc_cache import CacheInvalidationError, GrpcCacheHook, RetryPolicy
 from airflow_embedding_provider.hooks.postgres import EmbeddingPostgresHook
 from airflow_embedding_provider.metrics import record_cache_delivery
-from airflow_embedding_provider.storage.outbox import deliver, pending_entries
+from airflow_embedding_provider.storage.outbox import DEFAULT_CACHE_TARGET, deliver, pending_entries
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -59,13 +59,13 @@ class CacheInvalidateOperator(BaseOperator):
     def __init__(
         self,
         *,
-        target: str = "recruit",
+        target: str = DEFAULT_CACHE_TARGET,
         grpc_conn_id: str = GrpcCacheHook.default_conn_name,
         postgres_conn_id: str | None = None,
-        attempts: int = 3,
+        attempts: int = RetryPolicy.attempts,
         call_timeout: float | None = None,
-        initial_backoff: float = 1.0,
-        max_backoff: float = 30.0,
+        initial_backoff: float = RetryPolicy.initial_backoff,
+        max_backoff: float = RetryPolicy.max_backoff,
         fail_on_pending: bool = False,
         **kwargs: Any,
     ) -> None:

@@ -22,7 +22,7 @@ from airflow_embedding_provider.replay import DEFAULT_BATCH_SIZE, replay_dlq
 from airflow_embedding_provider.rows import DEFAULT_DIMENSION, canonical_uuid
 from airflow_embedding_provider.storage.checkpoint import DEFAULT_STREAM
 from airflow_embedding_provider.storage.dlq import DlqScope
-from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.outbox import DEFAULT_CACHE_TARGET, CacheRequest
 from airflow_embedding_provider.storage.schema import apply_schema
 from airflow_embedding_provider.storage.writer import ChunkWriter
 
@@ -79,7 +79,7 @@ class EmbeddingDlqReplayOperator(BaseOperator):
     def __init__(
         self,
         *,
-        postgres_conn_id: str = "postgres_default",
+        postgres_conn_id: str = EmbeddingPostgresHook.default_conn_name,
         grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
         dimension: int = DEFAULT_DIMENSION,
         ids: Sequence[str] | str | None = None,
@@ -89,7 +89,7 @@ class EmbeddingDlqReplayOperator(BaseOperator):
         refetch: bool | str = False,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         delete_resolved: bool = False,
-        cache_target: str = "recruit",
+        cache_target: str = DEFAULT_CACHE_TARGET,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

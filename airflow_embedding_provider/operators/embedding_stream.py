@@ -32,6 +32,7 @@ from airflow_embedding_provider.metrics import record_rate, record_recall, recor
 from airflow_embedding_provider.operators._rendered import flag, uuid_or_none, value_or_none
 from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION, Partition
 from airflow_embedding_provider.pipeline import (
+    DEFAULT_DB_CONNECTIONS,
     DEFAULT_SUB_BATCH_SIZE,
     IngestStats,
     default_chunk_size,
@@ -51,7 +52,7 @@ from airflow_embedding_provider.storage.checkpoint import (
     resume_point,
     save_plan,
 )
-from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.outbox import DEFAULT_CACHE_TARGET, CacheRequest
 from airflow_embedding_provider.storage.recall import (
     DEFAULT_MIN_RECALL,
     DEFAULT_RECALL_QUERIES,
@@ -62,6 +63,7 @@ from airflow_embedding_provider.storage.recall import (
 )
 from airflow_embedding_provider.storage.schema import (
     ANN_METHODS,
+    DEFAULT_ANN_METHOD,
     DEFAULT_MAX_BUILD_MEMORY,
     DEFAULT_TABLES,
     TableNames,
@@ -82,6 +84,8 @@ if TYPE_CHECKING:
 
 #: Airflow's default ``[core] max_map_length``; a plan never maps wider.
 MAX_MAP_LENGTH = 1024
+#: ``finalize`` fails the run when more than this share of the received rows went to the DLQ.
+DEFAULT_MAX_DLQ_FRACTION = 0.05
 
 
 def _build_ann_index(
@@ -153,7 +157,7 @@ class EmbeddingStreamPlanOperator(BaseOperator):
         self,
         *,
         grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
-        postgres_conn_id: str = "postgres_default",
+        postgres_conn_id: str = EmbeddingPostgresHook.default_conn_name,
         last_processed_uuid: str | None = None,
         full_refresh: bool | str = False,
         rows_per_partition: int | str = DEFAULT_ROWS_PER_PARTITION,
@@ -275,18 +279,18 @@ class EmbeddingStreamToPgvectorOperator(BaseOperator):
         self,
         *,
         grpc_conn_id: str = GrpcEmbeddingHook.default_conn_name,
-        postgres_conn_id: str = "postgres_default",
+        postgres_conn_id: str = EmbeddingPostgresHook.default_conn_name,
         partition: dict[str, Any] | None = None,
         last_processed_uuid: str | None = None,
         chunk_size: int | str | None = None,
         sub_batch_size: int | str = DEFAULT_SUB_BATCH_SIZE,
-        db_connections: int = 4,
+        db_connections: int = DEFAULT_DB_CONNECTIONS,
         db_writer_budget: int | None = None,
         dimension: int = DEFAULT_DIMENSION,
         stream_name: str = DEFAULT_STREAM,
-        cache_target: str | None = "recruit",
+        cache_target: str | None = DEFAULT_CACHE_TARGET,
         build_ann_index: bool = True,
-        ann_index_method: str = "ivfflat",
+        ann_index_method: str = DEFAULT_ANN_METHOD,
         max_build_memory: str = DEFAULT_MAX_BUILD_MEMORY,
         **kwargs: Any,
     ) -> None:
@@ -490,13 +494,13 @@ class EmbeddingFinalizeOperator(BaseOperator):
     def __init__(
         self,
         *,
-        postgres_conn_id: str = "postgres_default",
+        postgres_conn_id: str = EmbeddingPostgresHook.default_conn_name,
         ingest_task_id: str = "ingest",
-        max_dlq_fraction: float | str = 0.05,
+        max_dlq_fraction: float | str = DEFAULT_MAX_DLQ_FRACTION,
         max_delete_fraction: float | str = DEFAULT_MAX_DELETE_FRACTION,
         stream_name: str = DEFAULT_STREAM,
         build_ann_index: bool = True,
-        ann_index_method: str = "ivfflat",
+        ann_index_method: str = DEFAULT_ANN_METHOD,
         max_build_memory: str = DEFAULT_MAX_BUILD_MEMORY,
         min_recall: float | str | None = DEFAULT_MIN_RECALL,
         recall_queries: int = DEFAULT_RECALL_QUERIES,

@@ -50,7 +50,6 @@ PENDING = "pending"
 RESOLVED = "resolved"
 SUPERSEDED = "superseded"
 WITHDRAWN = "withdrawn"
-_TEXT_FIELDS = ("company_name", "english_level", "primary_keyword")
 
 
 class PayloadError(ValueError):

@@ -11,6 +11,10 @@ from psycopg import sql
 
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, TableNames
 
+#: The API server's cache that the design's tables feed (docs/design.md §7.4): what the ingest,
+#: the DLQ replay and uploads mark stale, and what ``CacheInvalidateOperator`` drops by default.
+DEFAULT_CACHE_TARGET = "recruit"
+
 
 @dataclass(frozen=True)
 class CacheRequest:

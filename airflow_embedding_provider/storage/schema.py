@@ -21,6 +21,8 @@ _ANN_INDEX_LOCK = 0x7265637275697402
 #: pgvector's ANN index methods this package can build (see :func:`ensure_ann_index`).
 _ANN_ACCESS_METHODS = {"ivfflat": sql.SQL("ivfflat"), "hnsw": sql.SQL("hnsw")}
 ANN_METHODS = tuple(_ANN_ACCESS_METHODS)
+#: The index the ingest builds when not told: its build is seconds where HNSW's is minutes (README, Search).
+DEFAULT_ANN_METHOD = "ivfflat"
 
 
 # What the script creates; all must exist for it to be skipped.
@@ -157,7 +159,7 @@ def hnsw_build_bytes(rows: int, dimension: int, m: int = HNSW_M) -> int:
 def _size_build_memory(conn: psycopg.Connection, needed: int, max_build_memory: str | int) -> str:
     """``SET LOCAL maintenance_work_mem`` for this transaction's build: what it needs plus headroom,
     never less than the server's setting, never more than ``max_build_memory`` (a size PostgreSQL
-    reads, ``"1GB"``, or bytes); a user's server has PostgreSQL's 64 MB by default (issue 16 item 8)."""
+    reads, ``"1GB"``, or bytes); a user's server has PostgreSQL's 64 MB by default (README, Search)."""
     row = conn.execute(
         "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), pg_size_bytes(%s)", (str(max_build_memory),)
     ).fetchone()
@@ -180,7 +182,7 @@ def _size_build_memory(conn: psycopg.Connection, needed: int, max_build_memory: 
 def ensure_ann_index(
     conn: psycopg.Connection,
     tables: TableNames = DEFAULT_TABLES,
-    method: str = "ivfflat",
+    method: str = DEFAULT_ANN_METHOD,
     *,
     max_build_memory: str | int = DEFAULT_MAX_BUILD_MEMORY,
 ) -> bool:

@@ -156,7 +156,8 @@ def push(
 
     :param progress: a terminal to show :class:`PushProgress` on; none by default.
     :param sync: make the tables equal to the file: the server deletes stored rows the file does
-        not have, unless more than ``max_delete_fraction`` of them (the server's default 0.2).
+        not have, unless more than ``max_delete_fraction`` of them (by default the server's,
+        :data:`~airflow_embedding_provider.storage.sync.DEFAULT_MAX_DELETE_FRACTION`).
     """
     if sync and after:
         raise ValueError("--sync needs the whole file: it cannot be combined with --after")

@@ -42,7 +42,6 @@ from grpc_health.v1 import health
 
 from airflow_embedding_provider.digest import row_hash
 from airflow_embedding_provider.grpc_server import (
-    KEEPALIVE_SECONDS,
     CallSlots,
     add_health,
     bind_port,
@@ -58,7 +57,7 @@ from airflow_embedding_provider.pipeline import (
 )
 from airflow_embedding_provider.rows import CANONICAL_UUID, DEFAULT_DIMENSION, RowBatch
 from airflow_embedding_provider.security import ServerSecurity
-from airflow_embedding_provider.storage.outbox import CacheRequest
+from airflow_embedding_provider.storage.outbox import DEFAULT_CACHE_TARGET, CacheRequest
 from airflow_embedding_provider.storage.schema import DEFAULT_TABLES, apply_schema
 from airflow_embedding_provider.storage.session import SessionTimeouts, explain_timeout
 from airflow_embedding_provider.storage.sync import DEFAULT_MAX_DELETE_FRACTION, RangeSync, stored_count
@@ -66,7 +65,7 @@ from airflow_embedding_provider.storage.writer import ChunkWriter
 from airflow_embedding_provider.storage.writer_budget import WriterBudget
 from airflow_embedding_provider.wire import embedding_pb2
 from airflow_embedding_provider.wire.codec import WireChunk, parse_chunk_lenient
-from airflow_embedding_provider.wire.contract import EMBEDDING_SERVICE, MAX_RECEIVE_MESSAGE_BYTES
+from airflow_embedding_provider.wire.contract import EMBEDDING_SERVICE, KEEPALIVE_SECONDS, MAX_RECEIVE_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,10 @@ UPLOAD_METHOD = f"/{SERVICE_NAME}/UploadEmbeddings"
 #: The checkpoint row uploads advance. Not the scheduled pull's (``recruit``): a push of newer ids
 #: must not move the pull's resume point past rows the pull never received.
 DEFAULT_UPLOAD_STREAM = "recruit_upload"
-DEFAULT_CACHE_TARGET = "recruit"
 #: Seconds an upload may stay silent between messages (``--idle-timeout``).
 DEFAULT_IDLE_TIMEOUT = 60.0
+#: Seconds SIGTERM lets in-flight uploads finish before they are cancelled (``--grace``).
+DEFAULT_GRACE = 60.0
 #: Request metadata key naming an upload (the push command sends one); else the server picks one.
 UPLOAD_ID_KEY = "x-upload-id"
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -455,7 +455,12 @@ def build_server(
 
 
 def serve(
-    servicer: UploadServicer, *, host: str, port: int, grace: float = 60.0, security: ServerSecurity | None = None
+    servicer: UploadServicer,
+    *,
+    host: str,
+    port: int,
+    grace: float = DEFAULT_GRACE,
+    security: ServerSecurity | None = None,
 ) -> None:
     """Apply the schema, serve until SIGTERM or SIGINT, then drain in-flight uploads.
 

@@ -21,6 +21,14 @@ API_SERVER_PORT = 50052
 #: The upload server (``UploadEmbeddings``).
 UPLOAD_SERVER_PORT = 50053
 
+#: Seconds between HTTP/2 pings on a quiet connection, both ways, and how long a ping's answer may
+#: take before the peer counts as gone: a dead host or a cut network ends a call within about 40 s.
+KEEPALIVE_SECONDS = 30.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
+#: Seconds a unary call (and the wait for a channel to be ready) may take when the connection
+#: names no ``timeout``.
+DEFAULT_CALL_TIMEOUT = 30.0
+
 #: Rows a ``RowChunk`` message when the request names none (``StreamEmbeddingRequest.chunk_size``,
 #: docs/design.md §7.1).
 DEFAULT_CHUNK_SIZE = 300

@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.grpc_server import (
-    KEEPALIVE_TIMEOUT_SECONDS,
     CallSlots,
     add_health,
     bind_port,
     keepalive_options,
     new_server,
 )
+from airflow_embedding_provider.wire.contract import KEEPALIVE_TIMEOUT_SECONDS
 
 
 def test_keepalive_pings_quiet_peers_and_drops_dead_ones() -> None:
