@@ -3,9 +3,10 @@
 A row's hash is the first 8 bytes of SHA-256 (hardware-accelerated on common CPUs) over a
 canonical encoding of the row as it crosses the wire: the id's text, the metadata fields
 (``company_name``, ``exp_years``, ``english_level``, ``primary_keyword``, in that order, each
-marked absent or present with its length), and the vector's raw little-endian float32 bytes. The AI server hashes
-the rows of its file, the batch side hashes every row it stores (``row_hash`` column) and every
-row it dead-letters, so both sides compute the same value for the same row without talking.
+marked absent or present with its length), and the vector's raw little-endian float32 bytes. The
+AI server hashes the rows of its file, the batch side hashes every row it stores (``row_hash``
+column) and every row it dead-letters, so both sides compute the same value for the same row
+without talking.
 
 A range's digest is the number of rows and the sum of their hashes modulo 2^64: it does not depend
 on the order of the rows (UUID4 ids come in any order), and PostgreSQL computes it with ``sum`` over

@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 dsn = args.dsn
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    names = (getattr(DEFAULT_TABLES, f.name) for f in dataclasses.fields(DEFAULT_TABLES))
-                    tables = sql.SQL(", ").join(map(sql.Identifier, names))
+                    tables = sql.SQL(", ").join(map(sql.Identifier, dataclasses.astuple(DEFAULT_TABLES)))
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(tables))
             runs.append(measure(dsn, rows, log_dir))
             print(f"{rows:,} rows: done in {runs[-1].seconds:.1f} s", flush=True)

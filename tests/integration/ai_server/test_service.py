@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airflow_embedding_provider.ai_server.dataset import EmbeddingDataset
 from airflow_embedding_provider.ai_server.service import DEFAULT_MAX_STREAMS, SERVICE_NAME
-from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS, DEFAULT_ROWS_PER_PARTITION
+from airflow_embedding_provider.partitions import DEFAULT_MAX_PARTITIONS
 from airflow_embedding_provider.wire import embedding_pb2, embedding_pb2_grpc
 from airflow_embedding_provider.wire.contract import max_chunk_size
 from dev.stack import ServerProcess
@@ -80,7 +80,7 @@ def test_a_plan_request_that_leaves_its_sizes_unset_gets_the_ingest_dags_default
         whole = stub.PlanPartitions(embedding_pb2.PartitionPlanRequest(), timeout=5)
     # 3,000 rows at one a partition: the cap decides, and it is the DAG's (and the server's streams').
     assert len(capped.partitions) == DEFAULT_MAX_PARTITIONS == DEFAULT_MAX_STREAMS
-    assert [p.rows for p in whole.partitions] == [3000] < [DEFAULT_ROWS_PER_PARTITION]
+    assert [p.rows for p in whole.partitions] == [3000]
 
 
 def test_health_reports_serving(ai_server: str) -> None:
